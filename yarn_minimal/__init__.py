@@ -1,0 +1,23 @@
+"""yarn-minimal: a readable reference implementation of YaRN (arXiv 2309.00071) for Llama 2.
+
+Public API:
+    RopeConfig                      which RoPE extension method, and its parameters (rope.py)
+    ModelArgs, Transformer, KVCache the Llama 2 model (model.py)
+    Tokenizer                       sentencepiece wrapper (tokenizer.py)
+    load(path, rope=None, device="cpu", dtype=torch.float32) -> (model, tokenizer)
+    save(model, tokenizer, path, format="meta")
+"""
+import importlib
+
+# Imported on first use, so that `python -m yarn_minimal.rope` runs rope.py exactly once.
+_API = {
+    "RopeConfig": "rope", "ModelArgs": "model", "Transformer": "model", "KVCache": "model",
+    "Tokenizer": "tokenizer", "load": "checkpoint", "save": "checkpoint", "CheckpointError": "checkpoint",
+}
+__all__ = list(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models with random weights and a sentencepiece model trained here.
+
+No real Llama 2 weights exist on CI machines, so tests build synthetic checkpoints in the real
+layouts with tiny dimensions; Hugging Face transformers, a test-only dependency, is the
+independent oracle for logits."""
+import random
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+WORDS = ("the pass key is hidden inside a lot of irrelevant text grass green sky blue sun yellow "
+         "here we go there and back again rotary position embedding scale factor context window "
+         "extension interpolation frequency wavelength attention temperature llama model").split()
+
+
+def make_corpus(n_lines: int = 400, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 20))]
+        lines.append(" ".join(words).capitalize() + f". Number {rng.randint(0, 99999)}.")
+    return "\n".join(lines)
+
+
+def train_sentencepiece(folder, vocab_size: int = 384) -> str:
+    """A Llama-style tokenizer: BOS=1, EOS=2, UNK=0, byte fallback."""
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = folder / "corpus.txt"
+    text.write_text(make_corpus())
+    prefix = folder / "tokenizer"
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        minloglevel=2)
+    return str(prefix) + ".model"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    return train_sentencepiece(tmp_path_factory.mktemp("sp"))

@@ -1,0 +1,319 @@
+"""Rotary position embeddings and every context-extension method of the YaRN paper.
+
+Read beside Sections 2-3 of "YaRN: Efficient Context Window Extension of Large Language
+Models" (Peng et al., arXiv 2309.00071). Notation follows the paper:
+
+    |D|  head_dim (rotary dimension)     b   base (10000 for Llama 2)
+    L    original_length (4096)          s   scale = L'/L (Eq. 11)
+    d    frequency-pair index 0..|D|/2-1 theta_d = b^(-2d/|D|)   (Eq. 5)
+
+Every method is a function h(theta_d) that returns the frequencies actually used (Eq. 12),
+plus an attention factor sqrt(1/t) that multiplies cos and sin (Sec. 3.4). One function,
+`rope_tables`, turns them into the float32 cos/sin tables the model uses; the model never
+knows which method made them.
+
+This module imports nothing from the rest of the package.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+METHODS = ("none", "pi", "ntk", "ntk-by-parts", "yarn")
+RAMPS = ("code", "paper")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Which extension method to apply, and its parameters.
+
+    method          "none" | "pi" | "ntk" | "ntk-by-parts" | "yarn"
+    scale           s (Eq. 11). With dynamic=True it is the floor s0 of the dynamic scale:
+                    s = max(scale, l'/L) (1 for a model that was never fine-tuned).
+    original_length L, the context the model was pre-trained at.
+    base            b, the RoPE base (rope_theta in Hugging Face configs).
+    dynamic         Sec. 3.3 Dynamic Scaling: s follows the current sequence length.
+    alpha, beta     Eq. 18 ramp bounds (in rotations over L); the public code calls them
+                    beta_slow and beta_fast.
+    ramp            "code": linear in the pair index between floor/ceil correction dims (what
+                    the released YaRN checkpoints, transformers, vLLM and llama.cpp use);
+                    "paper": Eq. 18, linear in r.
+    attention_factor sqrt(1/t). None means Eq. 22 (0.1 ln(s) + 1) for "yarn", 1 otherwise.
+    truncate        ramp="code" only: round the correction dims to integers (HF's `truncate`).
+    """
+
+    method: str = "none"
+    scale: float = 1.0
+    original_length: int = 4096
+    base: float = 10000.0
+    dynamic: bool = False
+    alpha: float = 1.0
+    beta: float = 32.0
+    ramp: str = "code"
+    attention_factor: Optional[float] = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"RopeConfig.method: unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
+        if self.ramp not in RAMPS:
+            raise ValueError(f"RopeConfig.ramp: unknown ramp {self.ramp!r}; allowed: {', '.join(RAMPS)}")
+        if not (self.scale >= 1.0):  # also rejects NaN
+            raise ValueError(f"RopeConfig.scale: must be >= 1 (s = L'/L, Eq. 11), got {self.scale}")
+        if not (self.original_length > 0):
+            raise ValueError(f"RopeConfig.original_length: must be > 0, got {self.original_length}")
+        if not (self.base > 1.0):
+            raise ValueError(f"RopeConfig.base: must be > 1, got {self.base}")
+        if not (0 < self.alpha < self.beta):
+            raise ValueError(f"RopeConfig.alpha/beta: need 0 < alpha < beta, got alpha={self.alpha}, beta={self.beta}")
+        if self.attention_factor is not None and not (self.attention_factor > 0):
+            raise ValueError(f"RopeConfig.attention_factor: must be > 0, got {self.attention_factor}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RopeConfig":
+        return cls(**d)
+
+    def describe(self) -> str:
+        name = {"none": "RoPE", "pi": "PI", "ntk": "NTK-aware", "ntk-by-parts": "NTK-by-parts", "yarn": "YaRN"}[self.method]
+        if self.method == "none":
+            return name
+        return f"{'Dynamic-' if self.dynamic else ''}{name} (s={self.scale:g}, L={self.original_length})"
+
+
+# ---------------------------------------------------------------------------------------
+# Section 2.1: plain RoPE
+# ---------------------------------------------------------------------------------------
+
+def rope_frequencies(head_dim: int, base: float) -> torch.Tensor:
+    """Eq. 5: theta_d = b^(-2d/|D|) for d = 0..|D|/2-1 (float64 for exact tables)."""
+    check_head_dim(head_dim)
+    d = torch.arange(head_dim // 2, dtype=torch.float64)
+    return base ** (-2.0 * d / head_dim)
+
+
+def wavelength(theta: torch.Tensor) -> torch.Tensor:
+    """Eq. 13: lambda_d = 2 pi / theta_d, tokens per full rotation of pair d."""
+    return 2 * math.pi / theta
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"head_dim: RoPE rotates pairs of dimensions, so it must be a positive even number, got {head_dim}")
+
+
+# ---------------------------------------------------------------------------------------
+# Section 2.2: Position Interpolation
+# ---------------------------------------------------------------------------------------
+
+def pi_frequencies(theta: torch.Tensor, scale: float) -> torch.Tensor:
+    """Eq. 10: g(m) = m/s. Rotating position m/s by theta equals rotating m by theta/s,
+    so PI is written here as h(theta_d) = theta_d / s and positions stay integers."""
+    return theta / scale
+
+
+# ---------------------------------------------------------------------------------------
+# Section 3.1: "NTK-aware" interpolation
+# ---------------------------------------------------------------------------------------
+
+def ntk_aware_base(base: float, scale: float, head_dim: int) -> float:
+    """Eq. 16 (derived in A.1, Eq. 23-24): b' = b * s^(|D|/(|D|-2)).
+    Chosen so the lowest frequency d = |D|/2-1 is divided by exactly s."""
+    return base * scale ** (head_dim / (head_dim - 2))
+
+
+def ntk_aware_frequencies(head_dim: int, base: float, scale: float) -> torch.Tensor:
+    """Eq. 14-15: g(m) = m, h(theta_d) = b'^(-2d/|D|)."""
+    return rope_frequencies(head_dim, ntk_aware_base(base, scale, head_dim))
+
+
+# ---------------------------------------------------------------------------------------
+# Section 3.2: "NTK-by-parts" interpolation
+# ---------------------------------------------------------------------------------------
+
+def wavelength_ratio(theta: torch.Tensor, original_length: int) -> torch.Tensor:
+    """Eq. 17: r(d) = L / lambda_d, how many full rotations pair d makes over L.
+    The paper writes b' in Eq. 17; with the NTK-by-parts method there is no base change, and
+    every public implementation (and this one) uses the original b, i.e. the model's theta_d."""
+    return original_length / wavelength(theta)
+
+
+def ramp_paper(r: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """Eq. 18: gamma(r) = 0 if r < alpha, 1 if r > beta, (r - alpha)/(beta - alpha) between."""
+    return ((r - alpha) / (beta - alpha)).clamp(0.0, 1.0)
+
+
+def correction_dim(rotations: float, head_dim: int, base: float, original_length: int) -> float:
+    """The (fractional) pair index d at which r(d) equals `rotations`: solve
+    L / (2 pi b^(2d/|D|)) = n for d. Used by the public code's form of the ramp."""
+    return head_dim * math.log(original_length / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+
+def ramp_code(head_dim: int, base: float, original_length: int, alpha: float, beta: float,
+              truncate: bool = True) -> torch.Tensor:
+    """gamma as the released YaRN code computes it: linear in the pair index d (not in r),
+    from d(beta) (floored) where gamma = 1 to d(alpha) (ceiled) where gamma = 0.
+
+    This differs from Eq. 18 inside the ramp: for Llama 2 at L = 4096 it spans pairs 20..46,
+    and at pair 33 (r = 5.65) it gives gamma = 0.50 where Eq. 18 gives 0.15. The released
+    Yarn-Llama-2 checkpoints were trained with this form, so it is the default."""
+    low = correction_dim(beta, head_dim, base, original_length)    # high frequencies end here
+    high = correction_dim(alpha, head_dim, base, original_length)  # low frequencies start here
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    d = torch.arange(head_dim // 2, dtype=torch.float64)
+    return 1.0 - ((d - low) / (high - low)).clamp(0.0, 1.0)
+
+
+def ntk_by_parts_frequencies(theta: torch.Tensor, scale: float, gamma: torch.Tensor) -> torch.Tensor:
+    """Eq. 19-20: g(m) = m, h(theta_d) = (1 - gamma) theta_d / s + gamma theta_d.
+    gamma = 1 keeps high-frequency pairs untouched, gamma = 0 interpolates like PI."""
+    return (1.0 - gamma) * theta / scale + gamma * theta
+
+
+def ntk_by_parts_ramp(cfg: RopeConfig, head_dim: int) -> torch.Tensor:
+    """gamma(r(d)) for every pair, in the form cfg.ramp selects."""
+    if cfg.ramp == "paper":
+        theta = rope_frequencies(head_dim, cfg.base)
+        return ramp_paper(wavelength_ratio(theta, cfg.original_length), cfg.alpha, cfg.beta)
+    return ramp_code(head_dim, cfg.base, cfg.original_length, cfg.alpha, cfg.beta, cfg.truncate)
+
+
+# ---------------------------------------------------------------------------------------
+# Section 3.3: Dynamic Scaling
+# ---------------------------------------------------------------------------------------
+
+def effective_scale(cfg: RopeConfig, seq_len: int) -> float:
+    """Sec. 3.3: with dynamic scaling, every forward pass uses s = max(1, l'/L) where l' is
+    the current sequence length; without it, s is fixed.
+
+    For a model already fine-tuned at s0 = cfg.scale we use s = max(s0, l'/L): the paper's
+    formula when s0 = 1, and what the authors' evaluation code does for fine-tuned models
+    (their `finetuned` flag), so that dynamic scaling never undoes the fine-tuned scale."""
+    if not cfg.dynamic:
+        return float(cfg.scale)
+    return max(float(cfg.scale), seq_len / cfg.original_length)
+
+
+# ---------------------------------------------------------------------------------------
+# Section 3.4: YaRN
+# ---------------------------------------------------------------------------------------
+
+def yarn_attention_factor(scale: float) -> float:
+    """Eq. 22: sqrt(1/t) = 0.1 ln(s) + 1 (Eq. 25: s = 8 gives 1.208). 1 when s <= 1,
+    since there is nothing to correct when the context is not extended."""
+    return 0.1 * math.log(scale) + 1.0 if scale > 1 else 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# One code path from a config to the frequencies and the cos/sin tables
+# ---------------------------------------------------------------------------------------
+
+def frequencies(cfg: RopeConfig, head_dim: int, scale: float) -> tuple[torch.Tensor, float]:
+    """h(theta_d) for d = 0..|D|/2-1 (float64) and the attention factor sqrt(1/t), at scale s."""
+    theta = rope_frequencies(head_dim, cfg.base)
+    if cfg.method == "none":
+        inv_freq = theta
+    elif cfg.method == "pi":
+        inv_freq = pi_frequencies(theta, scale)
+    elif cfg.method == "ntk":
+        inv_freq = ntk_aware_frequencies(head_dim, cfg.base, scale)
+    else:  # "ntk-by-parts" and "yarn" share Eq. 17-20
+        inv_freq = ntk_by_parts_frequencies(theta, scale, ntk_by_parts_ramp(cfg, head_dim))
+
+    if cfg.method != "yarn":
+        factor = 1.0
+    elif cfg.attention_factor is not None:
+        factor = float(cfg.attention_factor)
+    else:
+        factor = yarn_attention_factor(scale)
+    return inv_freq, factor
+
+
+def rope_tables(cfg: RopeConfig, head_dim: int, positions: torch.Tensor, scale: float,
+                device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of m * h(theta_d) for the given positions m, each (len(positions), |D|/2),
+    multiplied by sqrt(1/t): the "length scaling" trick of Sec. 3.4 scales both q and k by
+    sqrt(1/t), so q.k is scaled by 1/t (Eq. 21) without touching the attention code.
+
+    Always float32 whatever the model dtype: at 128k positions a bf16 angle has an error of
+    hundreds of radians. The angle is formed in float64 on the CPU path and float32 on GPU."""
+    inv_freq, factor = frequencies(cfg, head_dim, scale)
+    device = positions.device if device is None else device
+    angle_dtype = torch.float64 if device.type == "cpu" else torch.float32
+    angles = torch.outer(positions.to(device, angle_dtype), inv_freq.to(device, angle_dtype))
+    return (angles.cos() * factor).float(), (angles.sin() * factor).float()
+
+
+# ---------------------------------------------------------------------------------------
+# `python -m yarn_minimal.rope`: the per-dimension table
+# ---------------------------------------------------------------------------------------
+
+def dimension_table(cfg: RopeConfig, head_dim: int, scale: float) -> list[dict]:
+    """One row per frequency pair: what each method does to it."""
+    theta = rope_frequencies(head_dim, cfg.base)
+    inv_freq, _ = frequencies(cfg, head_dim, scale)
+    r = wavelength_ratio(theta, cfg.original_length)
+    gamma = ntk_by_parts_ramp(cfg, head_dim)
+    lam = wavelength(theta)
+    return [dict(d=d, theta=theta[d].item(), wavelength=lam[d].item(), r=r[d].item(),
+                 gamma=gamma[d].item(), h=inv_freq[d].item(), h_over_theta=(inv_freq[d] / theta[d]).item())
+            for d in range(head_dim // 2)]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m yarn_minimal.rope",
+        description="Print, for each RoPE frequency pair d, what an extension method does to it: "
+                    "theta_d (Eq. 5), wavelength lambda_d (Eq. 13), r(d) = L/lambda_d (Eq. 17), the "
+                    "ramp gamma (Eq. 18), the new frequency h(theta_d) and the ratio h/theta "
+                    "(1 = extrapolated, 1/s = interpolated, in between = blended).")
+    p.add_argument("--method", default="yarn", choices=METHODS)
+    p.add_argument("--scale", type=float, default=None,
+                   help="s (Eq. 11); default 16, or with --dynamic the floor s0 of s = max(s0, N/L), default 1")
+    p.add_argument("--original-length", type=int, default=4096, help="L; default 4096 (Llama 2)")
+    p.add_argument("--head-dim", type=int, default=128, help="|D|; default 128 (Llama 2)")
+    p.add_argument("--base", type=float, default=10000.0, help="b; default 10000")
+    p.add_argument("--alpha", type=float, default=1.0, help="Eq. 18 lower bound; default 1")
+    p.add_argument("--beta", type=float, default=32.0, help="Eq. 18 upper bound; default 32")
+    p.add_argument("--ramp", default="code", choices=RAMPS, help="ramp form (see README); default code")
+    p.add_argument("--dynamic", action="store_true", help="Dynamic Scaling (Sec. 3.3): s = max(1, N/L) for --seq-len N")
+    p.add_argument("--seq-len", type=int, default=None, help="current length l' for --dynamic")
+    p.add_argument("--json", action="store_true", help='print {"inv_freq": [...], "attention_factor": x}')
+    args = p.parse_args(argv)
+    try:
+        scale = args.scale if args.scale is not None else (1.0 if args.dynamic else 16.0)
+        cfg = RopeConfig(method=args.method, scale=scale,
+                         original_length=args.original_length, base=args.base, dynamic=args.dynamic,
+                         alpha=args.alpha, beta=args.beta, ramp=args.ramp)
+        check_head_dim(args.head_dim)
+    except ValueError as e:
+        p.error(str(e))
+    if args.dynamic and args.seq_len is None:
+        p.error("--dynamic needs --seq-len N (the current sequence length l')")
+    s = effective_scale(cfg, args.seq_len or 0)
+    inv_freq, factor = frequencies(cfg, args.head_dim, s)
+    if args.json:
+        print(json.dumps({"inv_freq": inv_freq.tolist(), "attention_factor": factor, "scale": s}))
+        return
+    print(f"# {cfg.describe()}  |D|={args.head_dim} b={args.base:g} L={args.original_length} "
+          f"effective s={s:g}  ramp={args.ramp} alpha={args.alpha:g} beta={args.beta:g}  "
+          f"attention factor sqrt(1/t)={factor:.4f}")
+    print(f"{'d':>3} {'theta_d':>11} {'lambda_d':>11} {'r(d)':>10} {'gamma':>7} {'h(theta_d)':>11} {'h/theta':>8}")
+    for row in dimension_table(cfg, args.head_dim, s):
+        print(f"{row['d']:>3} {row['theta']:>11.4e} {row['wavelength']:>11.1f} {row['r']:>10.3f} "
+              f"{row['gamma']:>7.3f} {row['h']:>11.4e} {row['h_over_theta']:>8.4f}")
+
+
+if __name__ == "__main__":
+    main()
