@@ -1,0 +1,95 @@
+"""Command-line pieces shared by generate.py, eval_passkey.py, eval_perplexity.py and train.py:
+the rope flags, the checkpoint flag and the device/dtype flags, so that every script spells
+them the same way."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .rope import METHODS, RAMPS, RopeConfig
+
+# The embedded demo model shipped with the repository (see demo/README.md).
+DEFAULT_CKPT = Path(__file__).resolve().parent.parent / "demo" / "yarn-demo"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", default=None,
+                   help="checkpoint folder: Meta's layout (params.json + consolidated.*.pth), a Hugging Face "
+                        "Llama folder (config.json + *.safetensors) or one this project saved; "
+                        f"default: the embedded demo model ({DEFAULT_CKPT.name})")
+
+
+def resolve_checkpoint(ckpt: Optional[str]) -> Path:
+    if ckpt is not None:
+        return Path(ckpt)
+    if (DEFAULT_CKPT / "params.json").is_file():
+        return DEFAULT_CKPT
+    raise SystemExit(f"error: no --ckpt given and the embedded demo model is not at {DEFAULT_CKPT}. "
+                     "Point --ckpt at Llama 2 weights, e.g. --ckpt /data/llama-2-7b (Meta's download: "
+                     "params.json, consolidated.00.pth, tokenizer.model beside it).")
+
+
+def add_rope_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("RoPE extension (default: the checkpoint's own setting)")
+    g.add_argument("--method", choices=METHODS, default=None,
+                   help="none | pi | ntk (NTK-aware) | ntk-by-parts | yarn; default yarn when --yarn-scale is given")
+    g.add_argument("--yarn-scale", "--scale", dest="scale", type=float, default=None,
+                   help="scale factor s = L'/L (Eq. 11); with --dynamic, the floor s0 of s = max(s0, l'/L)")
+    g.add_argument("--original-length", type=int, default=None,
+                   help="L, the context the model was pre-trained at (Llama 2: 4096)")
+    g.add_argument("--dynamic", action="store_true", default=None,
+                   help="Dynamic Scaling (Sec. 3.3): s = max(1, l'/L) at every forward pass")
+    g.add_argument("--alpha", type=float, default=None, help="Eq. 18 lower ramp bound (default 1)")
+    g.add_argument("--beta", type=float, default=None, help="Eq. 18 upper ramp bound (default 32)")
+    g.add_argument("--ramp", choices=RAMPS, default=None, help="ramp form: code (default) or paper (Eq. 18)")
+    g.add_argument("--attention-factor", type=float, default=None,
+                   help="sqrt(1/t) for yarn; default Eq. 22: 0.1 ln(s) + 1")
+
+
+def rope_from_args(args: argparse.Namespace, base: RopeConfig) -> RopeConfig:
+    """The checkpoint's RopeConfig `base`, with whatever the flags say on top.
+
+    --yarn-scale without --method means yarn. --dynamic without a scale means the paper's
+    s = max(1, l'/L) (a floor of 1), unless the checkpoint was fine-tuned at some s0."""
+    changes = {}
+    if args.method is not None:
+        changes["method"] = args.method
+    elif args.scale is not None and base.method == "none":
+        changes["method"] = "yarn"
+    if args.scale is not None:
+        changes["scale"] = args.scale
+    if args.dynamic:
+        changes["dynamic"] = True
+    for flag, field in (("original_length", "original_length"), ("alpha", "alpha"), ("beta", "beta"),
+                        ("ramp", "ramp"), ("attention_factor", "attention_factor")):
+        if getattr(args, flag, None) is not None:
+            changes[field] = getattr(args, flag)
+    if changes.get("method") == "none":
+        changes.setdefault("scale", 1.0)
+    try:
+        return replace(base, **changes)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default cuda when available")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="model dtype; default bfloat16 on CUDA, float32 on CPU")
+
+
+def resolve_device_dtype(device: Optional[str], dtype: Optional[str]) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device} asked for CUDA, but torch sees no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu")
+    dt = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if dev.type == "cpu" and dt == torch.float16:
+        raise SystemExit("error: --dtype float16 is not supported on CPU; use float32 or bfloat16")
+    return dev, dt
