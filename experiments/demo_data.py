@@ -10,7 +10,7 @@ the same kind; each is written as plain text under OUT/heldout/.
 Tokenizer: a sentencepiece BPE model with Llama 2's conventions (unk 0, bos 1, eos 2, no pad,
 byte fallback, split digits, no normalization), trained on the training documents only.
 A vocabulary of 4096 keeps the untied embedding and output matrices (2 x 4096 x dim) to 30-40% of
-a ~5M-parameter model at dim 192-256, while still encoding this text at about 3.4 characters
+a ~5M-parameter model at dim 192-256, while still encoding this text at about 3.3 characters
 per token (a smaller vocabulary would spend the 256-token window on less text).
 
 Segments: every training document is bookended with BOS and EOS, as in the paper's PG19 chunks,
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="share of all segments that are passkey prompts (default 0.1)")
     p.add_argument("--heldout", type=int, default=24, help="number of held-out long documents")
     p.add_argument("--heldout-min-chars", type=int, default=24_000,
-                   help="only documents this long are held out (at ~3.4 chars/token, >= ~6k tokens)")
+                   help="only documents this long are held out (at ~3.3 chars/token, >= ~6k tokens)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not 0 <= args.passkey_fraction < 1:
