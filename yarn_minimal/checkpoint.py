@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from tqdm import tqdm
 
 from .model import ModelArgs, Transformer
 from .rope import RopeConfig, ntk_aware_base
@@ -156,7 +157,7 @@ def _merge(parts: list[torch.Tensor], dim: Optional[int], dtype, device) -> torc
     return out
 
 
-def load_meta(folder: Path, rope: Optional[RopeConfig], device, dtype) -> tuple[Transformer, Tokenizer]:
+def load_meta(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=False) -> tuple[Transformer, Tokenizer]:
     params_path = folder / "params.json"
     params = _read_json(params_path)
     tokenizer = _open_tokenizer(folder)
@@ -200,7 +201,8 @@ def load_meta(folder: Path, rope: Optional[RopeConfig], device, dtype) -> tuple[
         shards.append(state)
 
     merged = {}
-    for key in expected:  # tensor by tensor, dropping each shard's reference as we go
+    for key in tqdm(expected, desc=f"merging {n} shard(s)", unit="tensor", disable=not progress):
+        # tensor by tensor, dropping each shard's reference as we go
         merged[key] = _merge([state.pop(key) for state in shards], shard_dim(key), dtype, device)
     model.load_state_dict(merged, assign=True, strict=True)
     return model, tokenizer
@@ -384,7 +386,7 @@ def _open_hf_files(files: list[Path], stack: contextlib.ExitStack) -> dict[str, 
     return tensors
 
 
-def load_hf(folder: Path, rope: Optional[RopeConfig], device, dtype) -> tuple[Transformer, Tokenizer]:
+def load_hf(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=False) -> tuple[Transformer, Tokenizer]:
     config_path = folder / "config.json"
     cfg = _read_json(config_path)
     args = args_from_hf(cfg, rope, config_path)
@@ -397,7 +399,7 @@ def load_hf(folder: Path, rope: Optional[RopeConfig], device, dtype) -> tuple[Tr
         tensors = _open_hf_files(files, stack)
         for k in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
             del tensors[k]  # older transformers saved this buffer; we compute our own
-        if cfg.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
+        if cfg.get("tie_word_embeddings") and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
             tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
         source = str(files[0].parent / (files[0].name if len(files) == 1 else "{" + ",".join(f.name for f in files) + "}"))
         _check_keys(set(tensors), {hf_key(k) for k in expected}, source)
@@ -405,7 +407,7 @@ def load_hf(folder: Path, rope: Optional[RopeConfig], device, dtype) -> tuple[Tr
             path, _, found = tensors[hf_key(key)]
             _check_shape(hf_key(key), found, shape, str(path), f" from {config_path.name}")
         state = {}
-        for key in expected:
+        for key in tqdm(expected, desc=f"reading {len(files)} file(s)", unit="tensor", disable=not progress):
             path, read, _ = tensors.pop(hf_key(key))
             try:
                 t = read()
@@ -422,17 +424,18 @@ def load_hf(folder: Path, rope: Optional[RopeConfig], device, dtype) -> tuple[Tr
 # ---------------------------------------------------------------------------------------
 
 def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device="cpu",
-         dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
+         dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[Transformer, Tokenizer]:
     """Load (model, tokenizer) from a checkpoint folder in any of the three layouts (see the
     module docstring). rope=None keeps the checkpoint's own setting (rope.json, or config.json's
-    rope_scaling; plain RoPE for raw Llama 2); a RopeConfig overrides it."""
+    rope_scaling; plain RoPE for raw Llama 2); a RopeConfig overrides it. progress=True shows a
+    tqdm bar while tensors are read."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder")
     if (folder / "params.json").is_file():
-        model, tokenizer = load_meta(folder, rope, device, dtype)
+        model, tokenizer = load_meta(folder, rope, device, dtype, progress)
     elif (folder / "config.json").is_file():
-        model, tokenizer = load_hf(folder, rope, device, dtype)
+        model, tokenizer = load_hf(folder, rope, device, dtype, progress)
     else:
         raise CheckpointError(f"{folder}: no params.json (Meta's layout: params.json + consolidated.*.pth) "
                               "and no config.json (Hugging Face's layout: config.json + *.safetensors)")
@@ -466,7 +469,7 @@ def hf_rope_scaling(rope: RopeConfig, head_dim: int) -> tuple[float, Optional[di
     all read the same way are refused rather than written approximately."""
     L, s = rope.original_length, rope.scale
     entry = lambda kind, **kw: {"rope_type": kind, "type": kind, **kw}
-    if rope.method == "none" or (rope.method != "ntk" and s == 1 and not rope.dynamic):
+    if rope.method == "none" or (s == 1 and not rope.dynamic and rope.method != "ntk" and rope.attention_factor is None):
         return rope.base, None, L
     if rope.method == "pi" and not rope.dynamic:
         return rope.base, entry("linear", factor=s), L  # HF's convention: max_position_embeddings = L
@@ -576,7 +579,7 @@ def main(argv=None) -> None:
         p.error("SRC and DST must be different folders")
     try:
         print(f"reading {src} ...", file=sys.stderr)
-        model, tokenizer = load(src, dtype=DTYPES[args.dtype])
+        model, tokenizer = load(src, dtype=DTYPES[args.dtype], progress=True)
         print(f"writing {dst} ({args.format}, {args.dtype}, RoPE: {model.rope.describe()}) ...", file=sys.stderr)
         save(model, tokenizer, dst, format=args.format)
     except CheckpointError as e:
