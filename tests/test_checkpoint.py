@@ -171,11 +171,9 @@ HF_ROPES = {
 }
 
 
-@pytest.mark.parametrize("sharded", [False, True], ids=["unsharded", "sharded"])
-@pytest.mark.parametrize("name", HF_ROPES)
+@pytest.mark.parametrize("name, sharded", [(name, False) for name in HF_ROPES] + [("yarn", True)],
+                         ids=list(HF_ROPES) + ["yarn-sharded"])
 def test_hf_layout_matches_transformers(name, sharded, tmp_path, tokenizer_path):
-    if sharded and name != "yarn":
-        pytest.skip("sharding is independent of the rope type")
     rope_parameters, max_pos = HF_ROPES[name]
     folder = hf_folder(tmp_path, tokenizer_path, rope_parameters, max_pos, sharded=sharded)
     if sharded:
