@@ -6,7 +6,6 @@ from_pretrained for the Hugging Face layout. Tokens run past the original contex
 every RoPE extension method is exercised."""
 import json
 import shutil
-import warnings
 
 import pytest
 import torch

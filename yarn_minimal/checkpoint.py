@@ -310,7 +310,7 @@ def rope_from_hf(cfg: dict, source: Path) -> RopeConfig:
     raise CheckpointError(f"{source}: {key} type {kind!r} is not supported; supported: default, linear, dynamic, yarn")
 
 
-def meta_ffn_params(dim: int, hidden: int) -> tuple[int, Optional[float]]:
+def meta_ffn_params(dim: int, hidden: int, source: Path) -> tuple[int, Optional[float]]:
     """(multiple_of, ffn_dim_multiplier) for which Meta's FFN formula gives `hidden`, so that an
     HF model (which states intermediate_size directly) is described by params.json fields that
     Meta's own loader understands. Llama 2's own pairs first; else multiple_of = hidden, which
@@ -320,10 +320,9 @@ def meta_ffn_params(dim: int, hidden: int) -> tuple[int, Optional[float]]:
     if hidden < base:
         candidates.append((hidden, hidden / base))
     for multiple_of, multiplier in candidates:
-        if ModelArgs(dim=dim, n_heads=1, multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
-                     rope=RopeConfig(base=1e4, original_length=1)).ffn_hidden_dim == hidden:
+        if ModelArgs(dim=dim, n_heads=1, multiple_of=multiple_of, ffn_dim_multiplier=multiplier).ffn_hidden_dim == hidden:
             return multiple_of, multiplier
-    raise CheckpointError(f"intermediate_size {hidden} cannot be written as Meta's FFN width for dim {dim}")
+    raise CheckpointError(f"{source}: intermediate_size {hidden} cannot be written as Meta's FFN width for dim {dim}")
 
 
 def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> ModelArgs:
@@ -338,7 +337,7 @@ def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> ModelAr
                           ("partial_rotary_factor", (1, 1.0)), ("head_dim", (dim // n_heads,))):
         if cfg.get(name) is not None and cfg[name] not in allowed:
             raise CheckpointError(f"{source}: {name} is {cfg[name]!r}; Llama 2 (and this model) needs {allowed[0]!r}")
-    multiple_of, multiplier = meta_ffn_params(dim, cfg["intermediate_size"])
+    multiple_of, multiplier = meta_ffn_params(dim, cfg["intermediate_size"], source)
     params = dict(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
                   n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
                   multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
