@@ -1,27 +1,50 @@
 """Checkpoint files in and out. The only module that knows file formats.
 
-The project's own layout is Meta's raw Llama 2 layout plus one file:
+`load(folder)` reads three layouts and tells them apart by their files:
 
-    params.json          Meta's model hyper-parameters
-    consolidated.00.pth  the weights, Meta's key names
-    tokenizer.model      sentencepiece (or in the parent folder, as Meta's download has it)
-    rope.json            the RopeConfig the model was fine-tuned with (absent: plain RoPE)
+1. Meta's raw Llama 2 download
+       params.json                     dim, n_layers, n_heads, n_kv_heads, multiple_of, ...
+       consolidated.00.pth ... .NN.pth one file per model-parallel rank (7B: 1, 13B: 2, 70B: 8)
+       tokenizer.model                 in the folder or its parent (Meta's download has it there)
+2. A Hugging Face Llama folder
+       config.json                     LlamaConfig, incl. rope_scaling (v4) / rope_parameters (v5)
+       model.safetensors, or model-0000X-of-0000N.safetensors + model.safetensors.index.json
+       (pytorch_model*.bin only where there is no safetensors file)
+       tokenizer.model
+3. The project's own layout (what `save(format="meta")` and fine-tuning write): Meta's layout
+   with one shard plus rope.json, the RopeConfig the model was fine-tuned with. rope.json sits
+   beside params.json rather than inside it so that Meta's loader, which passes every
+   params.json key to its ModelArgs, still reads the folder.
 
-rope.json sits beside params.json rather than inside it so that Meta's own loader, which
-passes every params.json key to its ModelArgs, still reads the folder.
+Memory: the model is built on the meta device (no storage), checkpoint files are opened with
+mmap / safetensors' lazy reader, every key and shape is checked before a byte of weights is
+copied, and tensors are then converted one by one into the requested dtype and device and
+assigned (not copied into a second, randomly initialised model). A one-shard Meta checkpoint
+in its stored dtype is used straight from the page cache.
+
+`save(model, tokenizer, folder, format="meta" | "hf")` writes either layout; every file goes
+to a temporary name first and is renamed into place.
+
+    python -m yarn_minimal.checkpoint convert SRC DST --format hf
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import math
 import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
+from tqdm import tqdm
 
 from .model import ModelArgs, Transformer
-from .rope import RopeConfig
+from .rope import RopeConfig, ntk_aware_base
 from .tokenizer import Tokenizer
 
 
@@ -29,11 +52,24 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the file and the problem."""
 
 
+# ---------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------
+
 def find_tokenizer(folder: Path) -> Path:
     for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
         if candidate.is_file():
             return candidate
-    raise CheckpointError(f"{folder}: no tokenizer.model in the folder or its parent")
+    raise CheckpointError(f"{folder}: no tokenizer.model in the folder or its parent "
+                          "(a sentencepiece model is needed; Meta's download has it beside the model folder)")
+
+
+def _open_tokenizer(folder: Path) -> Tokenizer:
+    path = find_tokenizer(folder)
+    try:
+        return Tokenizer(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _read_json(path: Path) -> dict:
@@ -45,98 +81,510 @@ def _read_json(path: Path) -> dict:
 
 def _torch_load(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint (RuntimeError: {e})") from None
+        state = None  # a legacy (pre-zip) file cannot be memory-mapped: read it whole
     except Exception as e:  # truncated zip, pickle error, ...
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if state is None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return state
 
 
-def assign_weights(model: Transformer, state: dict, source: str, dtype: torch.dtype, device) -> None:
-    """Check every key and shape against the model, then assign the tensors (no copy on the
-    meta device). Missing or unexpected keys are errors: never a silently random weight."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+def _check_tokenizer(tokenizer: Tokenizer, args: ModelArgs, source: Path) -> None:
+    if tokenizer.vocab_size != args.vocab_size:
+        raise CheckpointError(f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} pieces, but {source} "
+                              f"gives the model's embedding {args.vocab_size} rows")
+
+
+def _check_keys(found: set, expected: set, source: str, ignored: str = "") -> None:
+    """Missing or unexpected keys are errors: never a silently random weight."""
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
+        show = lambda keys: f"{keys[:5]}{f' and {len(keys) - 5} more' if len(keys) > 5 else ''}"
         raise CheckpointError(f"{source}: keys do not match the model"
-                              + (f"; missing {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "")
-                              + (f"; unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else ""))
-    for key, shape in expected.items():
-        if tuple(state[key].shape) != shape:
-            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(state[key].shape)}, "
-                                  f"expected {shape} from the config")
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, assign=True, strict=True)
+                              + (f"; missing {show(missing)}" if missing else "")
+                              + (f"; unexpected {show(unexpected)}" if unexpected else "") + ignored)
 
 
-def load_meta(folder: Path, rope: Optional[RopeConfig], device, dtype) -> tuple[Transformer, Tokenizer]:
+def _check_shape(key: str, found, expected, source: str, note: str = "") -> None:
+    if tuple(found) != tuple(expected):
+        raise CheckpointError(f"{source}: tensor {key} has shape {tuple(found)}, expected {tuple(expected)}{note}")
+
+
+def _empty_model(args: ModelArgs) -> Transformer:
+    with torch.device("meta"):  # parameters without storage: nothing is allocated twice
+        return Transformer(args)
+
+
+def _model_args(params: dict, rope: Optional[RopeConfig], source: Path) -> ModelArgs:
+    try:
+        return ModelArgs.from_params(params, rope=rope)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# 1 and 3: Meta's layout (and ours, which adds rope.json)
+# ---------------------------------------------------------------------------------------
+
+# Model-parallel split dimension of each weight in Meta's consolidated.NN.pth files
+# (ColumnParallelLinear: output rows; RowParallelLinear: input columns; the embedding is split
+# along the model dimension). Keys not listed (the RMSNorm weights) are replicated.
+SHARD_DIM = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
+
+
+def shard_dim(key: str) -> Optional[int]:
+    return SHARD_DIM.get(key.split(".")[-2])
+
+
+def _merge(parts: list[torch.Tensor], dim: Optional[int], dtype, device) -> torch.Tensor:
+    """One full tensor from its model-parallel parts, written straight into the target dtype."""
+    if dim is None or len(parts) == 1:
+        return parts[0].to(device=device, dtype=dtype)
+    shape = list(parts[0].shape)
+    shape[dim] *= len(parts)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    for i, part in enumerate(parts):
+        out.narrow(dim, i * part.shape[dim], part.shape[dim]).copy_(part)
+    return out
+
+
+def load_meta(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=False) -> tuple[Transformer, Tokenizer]:
     params_path = folder / "params.json"
-    if not params_path.is_file():
-        raise CheckpointError(f"{folder}: no params.json (expected Meta's layout: params.json + consolidated.*.pth)")
     params = _read_json(params_path)
-    tokenizer = Tokenizer(find_tokenizer(folder))
+    tokenizer = _open_tokenizer(folder)
     if params.get("vocab_size", -1) == -1:
         params["vocab_size"] = tokenizer.vocab_size
     if params.get("norm_eps") == 1e-6:
         warnings.warn(f"{params_path}: norm_eps is 1e-6; Llama 2 uses 1e-5 (an early download shipped 1e-6 "
                       "by mistake, meta-llama/llama issue 771)")
     if rope is None and (folder / "rope.json").is_file():
-        rope = RopeConfig.from_dict(_read_json(folder / "rope.json"))
-    try:
-        args = ModelArgs.from_params(params, rope=rope)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{params_path}: {e}") from None
-    shards = sorted(folder.glob("consolidated.*.pth"))
-    if not shards:
-        raise CheckpointError(f"{folder}: no consolidated.*.pth weight files")
-    if len(shards) > 1:
-        raise CheckpointError(f"{folder}: {len(shards)} shards; merging model-parallel shards is not supported yet")
-    state = _torch_load(shards[0])
-    state.pop("rope.freqs", None)  # a precomputed table some downloads carry; we make our own
-    with torch.device("meta"):
-        model = Transformer(args)
-    assign_weights(model, state, str(shards[0]), dtype, device)
-    if tokenizer.vocab_size != args.vocab_size:
-        raise CheckpointError(f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} pieces, "
-                              f"the model's embedding has {args.vocab_size}")
+        try:
+            rope = RopeConfig.from_dict(_read_json(folder / "rope.json"))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder / 'rope.json'}: {e}") from None
+    args = _model_args(params, rope, params_path)
+    _check_tokenizer(tokenizer, args, params_path)
+
+    paths = sorted(folder.glob("consolidated.*.pth"))
+    if not paths:
+        raise CheckpointError(f"{folder}: no consolidated.*.pth weight files beside params.json")
+    n = len(paths)
+    for name, heads in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads)):
+        if heads % n:
+            raise CheckpointError(f"{folder}: {n} consolidated.*.pth shards, but {params_path} has {name} = {heads}, "
+                                  f"which {n} does not divide (model-parallel shards split the heads evenly)")
+
+    model = _empty_model(args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shards = []
+    for path in paths:
+        state = _torch_load(path)
+        state.pop("rope.freqs", None)  # a precomputed table some downloads carry; we make our own
+        _check_keys(set(state), set(expected), str(path))
+        for key, full in expected.items():
+            dim, part = shard_dim(key), list(full)
+            if dim is not None:
+                if full[dim] % n:
+                    raise CheckpointError(f"{folder}: {n} shards cannot split {key} of shape {full} along dim {dim}")
+                part[dim] //= n
+            _check_shape(key, state[key].shape, part, str(path),
+                         f" (1/{n} of {full} along dim {dim})" if dim is not None and n > 1 else "")
+        shards.append(state)
+
+    merged = {}
+    for key in tqdm(expected, desc=f"merging {n} shard(s)", unit="tensor", disable=not progress):
+        # tensor by tensor, dropping each shard's reference as we go
+        merged[key] = _merge([state.pop(key) for state in shards], shard_dim(key), dtype, device)
+    model.load_state_dict(merged, assign=True, strict=True)
     return model, tokenizer
 
 
+# ---------------------------------------------------------------------------------------
+# 2: Hugging Face layout
+# ---------------------------------------------------------------------------------------
+
+def hf_key(meta_key: str) -> str:
+    """Meta's key name -> HF LlamaForCausalLM's."""
+    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    if meta_key in top:
+        return top[meta_key]
+    _, layer, rest = meta_key.split(".", 2)
+    rest = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+            "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+            "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+            "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+            "ffn_norm.weight": "post_attention_layernorm.weight"}[rest]
+    return f"model.layers.{layer}.{rest}"
+
+
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta rotates interleaved pairs (2i, 2i+1) of each head; HF rotates halves (i, i + D/2).
+    Reorder the rows of wq / wk so that HF's rotation gives the same q.k (HF's converter)."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.view(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of permute_to_hf: HF's split-half rows back to Meta's interleaved pairs."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _heads_of(meta_key: str, args: ModelArgs) -> Optional[int]:
+    """n_heads for wq, n_kv_heads for wk: the rows HF permutes. None for every other key."""
+    if meta_key.endswith("attention.wq.weight"):
+        return args.n_heads
+    if meta_key.endswith("attention.wk.weight"):
+        return args.n_kv_heads
+    return None
+
+
+def rope_from_hf(cfg: dict, source: Path) -> RopeConfig:
+    """RopeConfig from a config.json's rope_scaling (transformers v4) or rope_parameters (v5).
+
+    linear  -> PI (Eq. 10), s = factor.
+    dynamic -> Dynamic NTK-aware (Sec. 3.1 + 3.3) with L = max_position_embeddings. HF computes
+               b' = b (a l/L - (a - 1))^(D/(D-2)) with its factor a; for a = 1 that is the
+               paper's s = max(1, l/L). For a != 1 there is no RopeConfig equivalent, so we stop
+               and ask for an explicit rope= rather than silently change the model.
+    yarn    -> YaRN (Eq. 17-22) with the public code's ramp: alpha = beta_slow, beta = beta_fast,
+               L = original_max_position_embeddings, s = factor (default max_position_embeddings/L),
+               sqrt(1/t) = attention_factor, or HF's 0.1 mscale ln(s) + 1 over
+               0.1 mscale_all_dim ln(s) + 1 when both are set, or else Eq. 22.
+               The released Yarn-Llama-2 configs add "finetuned": true; it only matters to the
+               authors' dynamic variant, so a static "yarn" accepts and ignores it.
+    """
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    base = float(scaling.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
+    max_pos = int(cfg.get("max_position_embeddings", 2048))  # LlamaConfig's default
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+
+    def need(name):
+        if scaling.get(name) is None:
+            raise CheckpointError(f"{source}: {key} of type {kind!r} has no {name!r}")
+        return scaling[name]
+
+    try:
+        if kind in ("default", "none", None):
+            return RopeConfig(base=base, original_length=max_pos)
+        if kind == "linear":
+            return RopeConfig(method="pi", scale=float(need("factor")), original_length=max_pos, base=base)
+        if kind == "dynamic":
+            factor = float(scaling.get("factor", 1.0))
+            if factor != 1.0:
+                raise CheckpointError(
+                    f"{source}: {key} dynamic with factor {factor:g}: transformers then uses "
+                    f"b' = b (factor l/L - (factor - 1))^(D/(D-2)), which differs from the paper's Dynamic NTK "
+                    f"(s = max(1, l/L), i.e. factor 1) and has no RopeConfig equivalent. Pass rope= to load(), "
+                    f"e.g. RopeConfig(method='ntk', dynamic=True, original_length={max_pos}), to choose explicitly")
+            return RopeConfig(method="ntk", dynamic=True, original_length=max_pos, base=base)
+        if kind == "yarn":
+            original = int(scaling.get("original_max_position_embeddings") or max_pos)
+            scale = float(scaling.get("factor") or max_pos / original)
+            factor = scaling.get("attention_factor")
+            mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            if factor is None and mscale and mscale_all_dim:  # DeepSeek-style: ratio of two Eq. 22 forms
+                m = lambda c: 0.1 * c * math.log(scale) + 1.0 if scale > 1 else 1.0
+                factor = m(mscale) / m(mscale_all_dim)
+            return RopeConfig(method="yarn", scale=scale, original_length=original, base=base,
+                              alpha=float(scaling.get("beta_slow") or 1.0), beta=float(scaling.get("beta_fast") or 32.0),
+                              attention_factor=None if factor is None else float(factor),
+                              truncate=bool(scaling.get("truncate", True)))
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: {key}: {e}") from None
+    raise CheckpointError(f"{source}: {key} type {kind!r} is not supported; supported: default, linear, dynamic, yarn")
+
+
+def meta_ffn_params(dim: int, hidden: int, source: Path) -> tuple[int, Optional[float]]:
+    """(multiple_of, ffn_dim_multiplier) for which Meta's FFN formula gives `hidden`, so that an
+    HF model (which states intermediate_size directly) is described by params.json fields that
+    Meta's own loader understands. Llama 2's own pairs first; else multiple_of = hidden, which
+    rounds any width up to exactly hidden (with a multiplier < 1 when hidden < 8 dim / 3)."""
+    base = int(2 * 4 * dim / 3)
+    candidates = [(256, None), (4096, 1.3), (1024, 1.3), (hidden, None)]
+    if hidden < base:
+        candidates.append((hidden, hidden / base))
+    for multiple_of, multiplier in candidates:
+        if ModelArgs(dim=dim, n_heads=1, multiple_of=multiple_of, ffn_dim_multiplier=multiplier).ffn_hidden_dim == hidden:
+            return multiple_of, multiplier
+    raise CheckpointError(f"{source}: intermediate_size {hidden} cannot be written as Meta's FFN width for dim {dim}")
+
+
+def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> ModelArgs:
+    if cfg.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r}; only Llama-architecture "
+                              "checkpoints (model_type 'llama') are supported")
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+        if name not in cfg:
+            raise CheckpointError(f"{source}: no {name!r}")
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    for name, allowed in (("hidden_act", ("silu",)), ("attention_bias", (False,)), ("mlp_bias", (False,)),
+                          ("partial_rotary_factor", (1, 1.0)), ("head_dim", (dim // n_heads,))):
+        if cfg.get(name) is not None and cfg[name] not in allowed:
+            raise CheckpointError(f"{source}: {name} is {cfg[name]!r}; Llama 2 (and this model) needs {allowed[0]!r}")
+    multiple_of, multiplier = meta_ffn_params(dim, cfg["intermediate_size"], source)
+    params = dict(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                  n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
+                  multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
+                  norm_eps=cfg.get("rms_norm_eps", 1e-6))  # 1e-6: LlamaConfig's default
+    return _model_args(params, rope if rope is not None else rope_from_hf(cfg, source), source)
+
+
+def hf_weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map'")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in {index.name} but missing")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{folder}: no weight files (model.safetensors, model-*-of-*.safetensors "
+                              "or pytorch_model*.bin) beside config.json")
+    return files
+
+
+def _open_hf_files(files: list[Path], stack: contextlib.ExitStack) -> dict[str, tuple[Path, Callable, tuple]]:
+    """HF key -> (file, read(), shape), reading no tensor data yet."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                for k in f.keys():
+                    tensors[k] = (path, lambda f=f, k=k: f.get_tensor(k), tuple(f.get_slice(k).get_shape()))
+            except Exception as e:  # truncated or corrupt header / data
+                raise CheckpointError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {e})") from None
+        else:
+            state = _torch_load(path)
+            for k, v in state.items():
+                tensors[k] = (path, lambda v=v: v, tuple(v.shape))
+    return tensors
+
+
+def load_hf(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=False) -> tuple[Transformer, Tokenizer]:
+    config_path = folder / "config.json"
+    cfg = _read_json(config_path)
+    args = args_from_hf(cfg, rope, config_path)
+    tokenizer = _open_tokenizer(folder)
+    _check_tokenizer(tokenizer, args, config_path)
+    files = hf_weight_files(folder)
+    model = _empty_model(args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with contextlib.ExitStack() as stack:
+        tensors = _open_hf_files(files, stack)
+        for k in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
+            del tensors[k]  # older transformers saved this buffer; we compute our own
+        if cfg.get("tie_word_embeddings") and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+            tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
+        source = str(files[0].parent / (files[0].name if len(files) == 1 else "{" + ",".join(f.name for f in files) + "}"))
+        _check_keys(set(tensors), {hf_key(k) for k in expected}, source)
+        for key, shape in expected.items():
+            path, _, found = tensors[hf_key(key)]
+            _check_shape(hf_key(key), found, shape, str(path), f" from {config_path.name}")
+        state = {}
+        for key in tqdm(expected, desc=f"reading {len(files)} file(s)", unit="tensor", disable=not progress):
+            path, read, _ = tensors.pop(hf_key(key))
+            try:
+                t = read()
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot read tensor {hf_key(key)} ({type(e).__name__}: {e})") from None
+            heads = _heads_of(key, args)
+            state[key] = (permute_from_hf(t, heads) if heads else t).to(device=device, dtype=dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------
+
 def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device="cpu",
-         dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer]:
-    """Load (model, tokenizer) from a checkpoint folder. rope=None keeps the checkpoint's own
-    setting (plain RoPE for raw Llama 2); a RopeConfig overrides it."""
+         dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[Transformer, Tokenizer]:
+    """Load (model, tokenizer) from a checkpoint folder in any of the three layouts (see the
+    module docstring). rope=None keeps the checkpoint's own setting (rope.json, or config.json's
+    rope_scaling; plain RoPE for raw Llama 2); a RopeConfig overrides it. progress=True shows a
+    tqdm bar while tensors are read."""
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder")
-    model, tokenizer = load_meta(folder, rope, device, dtype)
+    if (folder / "params.json").is_file():
+        model, tokenizer = load_meta(folder, rope, device, dtype, progress)
+    elif (folder / "config.json").is_file():
+        model, tokenizer = load_hf(folder, rope, device, dtype, progress)
+    else:
+        raise CheckpointError(f"{folder}: no params.json (Meta's layout: params.json + consolidated.*.pth) "
+                              "and no config.json (Hugging Face's layout: config.json + *.safetensors)")
     return model.eval(), tokenizer
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
+# ---------------------------------------------------------------------------------------
+# save
+# ---------------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) then rename: a reader never sees a half-written file under the real name."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_json(path: Path, obj: dict) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def hf_rope_scaling(rope: RopeConfig, head_dim: int) -> tuple[float, Optional[dict], int]:
+    """(rope_theta, rope_scaling, max_position_embeddings) for config.json.
+
+    rope_scaling carries both "rope_type" (transformers >= 4.45, vLLM) and "type" (older
+    transformers, llama.cpp's converter). Static NTK-aware is written exactly as a base change,
+    rope_theta = b' (Eq. 16). Methods with no counterpart that transformers, vLLM and llama.cpp
+    all read the same way are refused rather than written approximately."""
+    L, s = rope.original_length, rope.scale
+    entry = lambda kind, **kw: {"rope_type": kind, "type": kind, **kw}
+    if rope.method == "none" or (s == 1 and not rope.dynamic and rope.method != "ntk" and rope.attention_factor is None):
+        return rope.base, None, L
+    if rope.method == "pi" and not rope.dynamic:
+        return rope.base, entry("linear", factor=s), L  # HF's convention: max_position_embeddings = L
+    if rope.method == "ntk" and not rope.dynamic:
+        # Eq. 14-16: static NTK-aware is plain RoPE with base b' (what Code Llama's rope_theta is)
+        return ntk_aware_base(rope.base, s, head_dim), None, int(round(L * s))
+    if rope.method == "ntk" and rope.dynamic and s == 1:
+        return rope.base, entry("dynamic", factor=1.0), L  # HF's dynamic uses L = max_position_embeddings
+    if rope.method == "yarn" and not rope.dynamic and rope.ramp == "code":
+        scaling = entry("yarn", factor=s, original_max_position_embeddings=L, beta_fast=rope.beta, beta_slow=rope.alpha)
+        if not rope.truncate:
+            scaling["truncate"] = False
+        if rope.attention_factor is not None:
+            scaling["attention_factor"] = rope.attention_factor  # transformers' key (replaces Eq. 22)
+        return rope.base, scaling, int(round(L * s))
+    raise CheckpointError(
+        f"format='hf': {rope.describe()} (ramp={rope.ramp}) has no Hugging Face rope_scaling equivalent "
+        "(transformers knows static PI 'linear', Dynamic NTK 'dynamic' with s0 = 1, and static YaRN 'yarn' with the "
+        "code's ramp). Save with format='meta' (this project's layout keeps any RopeConfig in rope.json)")
+
+
+def hf_config(model: Transformer, dtype: torch.dtype) -> dict:
+    """config.json for transformers' LlamaForCausalLM (also read by vLLM and llama.cpp's converter)."""
+    args = model.args
+    rope_theta, rope_scaling, max_pos = hf_rope_scaling(args.rope, args.head_dim)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps, "hidden_act": "silu", "max_position_embeddings": max_pos,
+        "rope_theta": rope_theta, "rope_scaling": rope_scaling,
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
+        "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02, "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.PathLike, format: str = "meta") -> Path:
-    """Write the model (and tokenizer) to a folder in the project's layout (Meta's + rope.json)."""
-    if format != "meta":
-        raise ValueError(f"save: format {format!r} not supported yet; allowed: meta")
+    """Write the model (and tokenizer.model) to a folder.
+
+    format="meta": this project's layout (params.json, consolidated.00.pth, rope.json), which
+                   Meta's own loader also reads; any RopeConfig round-trips exactly.
+    format="hf":   config.json with rope_scaling, model.safetensors with wq / wk permuted to
+                   HF's split-half rotation; loads with transformers' from_pretrained, vLLM and
+                   llama.cpp's convert_hf_to_gguf.py. Refuses RoPE settings HF cannot express.
+    Weights keep the model's dtype. Each file is written under a temporary name and renamed."""
+    if format not in ("meta", "hf"):
+        raise ValueError(f"save: format {format!r}; allowed: meta, hf")
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    _atomic_torch_save(state, folder / "consolidated.00.pth")
-    _atomic_write_text(folder / "params.json", json.dumps(model.args.to_params(), indent=2) + "\n")
-    _atomic_write_text(folder / "rope.json", json.dumps(model.rope.to_dict(), indent=2) + "\n")
+    # files another save left that `load` would read instead of (or beside) the new ones
+    stale = [f for f in sorted(folder.glob("consolidated.*.pth")) if f.name != "consolidated.00.pth"]
+    stale += [f for f in (folder / "model.safetensors.index.json",) if f.is_file()]
+    stale += [f for f in (folder / "params.json",) if format == "hf" and f.is_file()]
+    if stale:
+        raise CheckpointError(f"{folder}: already holds {', '.join(f.name for f in stale)}, which load() would read "
+                              "instead of or beside what save() writes; save into an empty folder")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if format == "hf":
+        config = hf_config(model, next(iter(state.values())).dtype)  # refuses unsupported RoPE before writing
+        folder.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_file
+
+        hf_state = {}
+        for key, t in state.items():
+            heads = _heads_of(key, model.args)
+            hf_state[hf_key(key)] = (permute_to_hf(t, heads) if heads else t).contiguous()
+        _atomic_write(folder / "model.safetensors", lambda tmp: save_file(hf_state, str(tmp), metadata={"format": "pt"}))
+        _write_json(folder / "config.json", config)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write(folder / "consolidated.00.pth", lambda tmp: torch.save(state, tmp))
+        _write_json(folder / "params.json", model.args.to_params())
+        _write_json(folder / "rope.json", model.rope.to_dict())
     if tokenizer is not None:
-        data = tokenizer.path.read_bytes()
-        tmp = folder / "tokenizer.model.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, folder / "tokenizer.model")
+        _atomic_write(folder / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer.path, tmp))
     return folder
+
+
+# ---------------------------------------------------------------------------------------
+# python -m yarn_minimal.checkpoint convert SRC DST --format hf
+# ---------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m yarn_minimal.checkpoint",
+        description="Convert a Llama 2 checkpoint between layouts: Meta's raw download (params.json + "
+                    "consolidated.*.pth, any number of model-parallel shards), a Hugging Face folder "
+                    "(config.json + *.safetensors) or this project's own (Meta's + rope.json).")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="read SRC (any layout), write DST in --format",
+                       description="Read SRC in any supported layout and write DST. The RoPE setting travels "
+                                   "with the weights: rope.json or config.json's rope_scaling.")
+    c.add_argument("src", help="checkpoint folder to read")
+    c.add_argument("dst", help="folder to write (created; files in it are replaced)")
+    c.add_argument("--format", choices=("hf", "meta"), required=True,
+                   help="hf: config.json + model.safetensors (transformers, vLLM, llama.cpp); "
+                        "meta: params.json + consolidated.00.pth + rope.json")
+    c.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="dtype of the written weights; default bfloat16 (Llama 2's released precision)")
+    args = p.parse_args(argv)
+    src, dst = Path(args.src), Path(args.dst)
+    if src.resolve() == dst.resolve():
+        p.error("SRC and DST must be different folders")
+    try:
+        print(f"reading {src} ...", file=sys.stderr)
+        model, tokenizer = load(src, dtype=DTYPES[args.dtype], progress=True)
+        print(f"writing {dst} ({args.format}, {args.dtype}, RoPE: {model.rope.describe()}) ...", file=sys.stderr)
+        save(model, tokenizer, dst, format=args.format)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {dst}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
