@@ -4,8 +4,9 @@ Public API:
     RopeConfig                      which RoPE extension method, and its parameters (rope.py)
     ModelArgs, Transformer, KVCache the Llama 2 model (model.py)
     Tokenizer                       sentencepiece wrapper (tokenizer.py)
-    load(path, rope=None, device="cpu", dtype=torch.float32) -> (model, tokenizer)
-    save(model, tokenizer, path, format="meta")
+    load(path, rope=None, device="cpu", dtype=torch.float32, progress=False) -> (model, tokenizer)
+        reads Meta's raw layout (any number of shards), Hugging Face folders, and our own
+    save(model, tokenizer, path, format="meta" | "hf")
 """
 import importlib
 
