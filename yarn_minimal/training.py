@@ -19,6 +19,7 @@ import random
 import resource
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +130,8 @@ def shard_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype) ->
     for block in model.layers:
         block.to(device=env.device, dtype=torch.float32)
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    model.to(device=env.device, dtype=torch.float32)  # the root's own parameters
+    for module in (model.tok_embeddings, model.norm, model.output):  # the root's own parameters
+        module.to(device=env.device, dtype=torch.float32)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
@@ -312,7 +314,9 @@ def save_checkpoint(out: Path, name: str, model, optimizer, scheduler, trainer_s
         tmp.mkdir(parents=True)
     env.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng-rank{env.rank}.pt")
     env.barrier()
     if env.main:
@@ -362,7 +366,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv, expec
             raise SystemExit(f"error: --resume {path}: {key} was {state.get(key)!r} in the checkpoint, "
                              f"now {value!r}; resume with the same settings")
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     scheduler.load_state_dict(state["scheduler"])
     rng = path / f"rng-rank{env.rank}.pt"
