@@ -143,6 +143,8 @@ def build_model(args, load_dtype):
             margs = ModelArgs(**size_args(args, vocab_size=tokenizer.vocab_size))
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
+        if margs.vocab_size != tokenizer.vocab_size:  # yarn_minimal.load would refuse the result
+            raise SystemExit(f"error: --vocab-size {margs.vocab_size}, but {args.tokenizer} has {tokenizer.vocab_size} pieces")
         model = Transformer(margs)
         model.init_weights(seed=args.seed)
         return model, tokenizer
