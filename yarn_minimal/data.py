@@ -65,3 +65,220 @@ def open_segments(data_dir: str | os.PathLike) -> tuple[np.memmap, dict]:
                          f"{meta['dtype']} tokens, found {found}")
     arr = np.memmap(path, dtype=dtype, mode="r", shape=(meta["n_segments"], meta["seq_len"]))
     return arr, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing a dataset: documents -> BOS doc EOS BOS doc EOS ... -> fixed segments (Sec. 4.1:
+# "PG19 chunked into 64k segments bookended with the BOS and EOS token").
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def input_files(inputs: list[str]) -> list[Path]:
+    """The files to read, in a fixed order: files as given, folders expanded to their sorted
+    .txt / .jsonl / .parquet files (recursively)."""
+    files = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{path}: folder holds no {', '.join(TEXT_SUFFIXES)} files")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix not in TEXT_SUFFIXES:
+                raise ValueError(f"{path}: unknown input type {path.suffix!r}; expected one of {', '.join(TEXT_SUFFIXES)}")
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    return files
+
+
+def read_documents(path: Path, text_field: str = "text"):
+    """Yield the documents of one file: a .txt file is one document (PG19 stores one book per
+    file); a .jsonl file has one JSON object per line; a .parquet file one row per document."""
+    if path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    found = sorted(record) if isinstance(record, dict) else type(record).__name__
+                    raise ValueError(f"{path}:{lineno}: no field {text_field!r} (found {found}); set --text-field")
+                yield record[text_field]
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            raise ValueError(f"{path}: no column {text_field!r} (found {pf.schema_arrow.names}); set --text-field")
+        for batch in pf.iter_batches(columns=[text_field], batch_size=256):
+            yield from batch.column(0).to_pylist()
+
+
+class SegmentWriter:
+    """Appends a token stream to tokens.bin in whole segments of seq_len; the tail that does
+    not fill a segment is dropped. Files appear under their final names only on close()."""
+
+    def __init__(self, out_dir: str | os.PathLike, seq_len: int, vocab_size: int):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.seq_len, self.vocab_size = seq_len, vocab_size
+        self.dtype = token_dtype(vocab_size).newbyteorder("<")
+        self.tmp = self.out_dir / "tokens.bin.tmp"
+        self.file = self.tmp.open("wb")
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+        self.n_segments = 0
+        self.n_tokens = 0  # every token appended, including the dropped tail
+
+    def append(self, ids) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        self.n_tokens += len(ids)
+        self.pending.append(ids)
+        self.n_pending += len(ids)
+        if self.n_pending >= self.seq_len:
+            stream = np.concatenate(self.pending)
+            n = len(stream) // self.seq_len
+            stream[:n * self.seq_len].astype(self.dtype).tofile(self.file)
+            self.n_segments += n
+            self.pending = [stream[n * self.seq_len:]]
+            self.n_pending = len(self.pending[0])
+
+    def close(self, meta: dict) -> Path:
+        self.file.close()
+        full_meta = dict(meta)
+        full_meta.update(format=FORMAT, seq_len=self.seq_len, n_segments=self.n_segments, dtype=self.dtype.name,
+                         vocab_size=self.vocab_size, n_tokens_read=self.n_tokens,
+                         n_tokens_dropped=self.n_tokens - self.n_segments * self.seq_len)
+        os.replace(self.tmp, self.out_dir / "tokens.bin")
+        tmp = self.out_dir / "meta.json.tmp"
+        tmp.write_text(json.dumps(full_meta, indent=2) + "\n")
+        os.replace(tmp, self.out_dir / "meta.json")
+        return self.out_dir
+
+
+def prepare(inputs: list[str], tokenizer_path: str | os.PathLike, seq_len: int, out_dir: str | os.PathLike,
+            text_field: str = "text", progress: bool = True) -> dict:
+    """Tokenize every document, bookend it with BOS and EOS, concatenate the documents in input
+    order and cut the stream into segments of seq_len tokens. Deterministic: the same inputs
+    give the same bytes. Returns meta.json's content."""
+    from tqdm import tqdm
+
+    from .tokenizer import Tokenizer
+
+    if seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2 (one input and one target token), got {seq_len}")
+    tok = Tokenizer(tokenizer_path)
+    files = input_files(inputs)
+    writer = SegmentWriter(out_dir, seq_len, tok.vocab_size)
+    n_docs = 0
+    bar = tqdm(files, desc="tokenizing", unit="file", disable=not progress)
+    for path in bar:
+        for text in read_documents(path, text_field):
+            if not isinstance(text, str):
+                raise ValueError(f"{path}: document {n_docs} field {text_field!r} is {type(text).__name__}, expected text")
+            writer.append(tok.encode(text, bos=True, eos=True))
+            n_docs += 1
+        bar.set_postfix(docs=n_docs, segments=writer.n_segments)
+    if writer.n_segments == 0:
+        writer.file.close()
+        writer.tmp.unlink()
+        raise ValueError(f"{n_docs} documents hold {writer.n_tokens} tokens with BOS/EOS, fewer than one segment "
+                         f"of --seq-len {seq_len}")
+    meta = dict(tokenizer=str(Path(tokenizer_path).resolve()), bos_id=tok.bos_id, eos_id=tok.eos_id,
+                n_documents=n_docs, inputs=[str(p) for p in files], text_field=text_field)
+    writer.close(meta)
+    return json.loads((Path(out_dir) / "meta.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading it back for training.
+
+class SegmentLoader:
+    """Which segments each rank trains on at each optimizer step.
+
+    Every epoch is a fresh permutation of all segments (seeded by (seed, epoch)); step k of an
+    epoch takes the next global_batch segments of it, and rank r takes its own contiguous
+    global_batch / world_size of those, in micro-batches. Segments left over at the end of an
+    epoch (fewer than a global batch) are skipped that epoch. The position is a pure function
+    of the step, so resuming at step k needs no other state, and ranks never overlap."""
+
+    def __init__(self, segments: np.ndarray, global_batch: int, micro_batch: int = 1,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, seq_len: int | None = None):
+        n, data_len = segments.shape
+        if global_batch % world_size:
+            raise ValueError(f"--global-batch-size {global_batch} is not divisible by the world size {world_size}")
+        if (global_batch // world_size) % micro_batch:
+            raise ValueError(f"--global-batch-size {global_batch} / world size {world_size} = "
+                             f"{global_batch // world_size} sequences per rank, not divisible by "
+                             f"--micro-batch-size {micro_batch}")
+        if n < global_batch:
+            raise ValueError(f"the data has {n} segments, fewer than one global batch of {global_batch}")
+        seq_len = data_len if seq_len is None else seq_len
+        if seq_len > data_len:
+            raise ValueError(f"--seq-len {seq_len} is longer than the data's segments ({data_len} tokens)")
+        self.segments, self.seq_len = segments, seq_len
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.steps_per_epoch = n // global_batch
+        self.accumulation_steps = global_batch // world_size // micro_batch
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.segments))
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """The global_batch segment indices of optimizer step `step` (0-based), all ranks."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self.epoch_order(epoch)[k * self.global_batch:(k + 1) * self.global_batch]
+
+    def rank_indices(self, step: int) -> np.ndarray:
+        per_rank = self.global_batch // self.world_size
+        return self.global_indices(step)[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def micro_batches(self, step: int):
+        """Yield (inputs, targets) int64 tensors of shape (micro_batch, seq_len - 1): targets are
+        the next tokens of the same segment (tokens[:, 1:] predicted from tokens[:, :-1])."""
+        import torch
+
+        idx = self.rank_indices(step)
+        for j in range(0, len(idx), self.micro_batch):
+            rows = np.sort(idx[j:j + self.micro_batch])
+            tokens = torch.from_numpy(self.segments[rows, :self.seq_len].astype(np.int64))
+            yield tokens[:, :-1], tokens[:, 1:]
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m yarn_minimal.data",
+        description="Tokenize local documents into fixed-length training segments (Sec. 4.1: PG19 in 64k "
+                    "segments, each document bookended with BOS and EOS). Documents are concatenated in "
+                    "input order and the stream is cut every --seq-len tokens, so a segment may hold the end "
+                    "of one document and the start of the next; the last partial segment is dropped. "
+                    "Output: DIR/tokens.bin (memory-mapped uint16/uint32 ids) + DIR/meta.json.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help=".txt (one document per file, as PG19 ships), .jsonl (one document per line), .parquet "
+                        "(one per row) files, or folders of them (read recursively in sorted order)")
+    p.add_argument("--tokenizer", required=True, help="sentencepiece tokenizer.model")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per segment (the paper: 65536)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text (default text)")
+    args = p.parse_args(argv)
+    try:
+        meta = prepare(args.inputs, args.tokenizer, args.seq_len, args.out, args.text_field)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{args.out}: {meta['n_segments']} segments x {meta['seq_len']} tokens from {meta['n_documents']} documents "
+          f"({meta['n_tokens_read']} tokens read, {meta['n_tokens_dropped']} in the dropped tail)")
+
+
+if __name__ == "__main__":
+    main()

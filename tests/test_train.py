@@ -1,0 +1,264 @@
+"""train.py and yarn_minimal/training.py on CPU: the recipe's objects, 1 vs 2 processes (torchrun,
+gloo, FSDP2), resume equality, clear stops, and the memory arithmetic."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import yarn_minimal
+from hf_oracle import hf_model
+from yarn_minimal import training
+from yarn_minimal.data import write_segments
+from yarn_minimal.model import ModelArgs, Transformer
+from yarn_minimal.rope import RopeConfig
+from yarn_minimal.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+SEQ = 33
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process runs are tiny: one thread avoids oversubscribing a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer_path):
+    """A tiny checkpoint with plain RoPE (L = 16) and 4 segments of 33 tokens."""
+    tmp = tmp_path_factory.mktemp("train")
+    tok = Tokenizer(tokenizer_path)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, multiple_of=32,
+                     rope=RopeConfig(original_length=16))
+    model = Transformer(args)
+    model.init_weights(seed=0)
+    yarn_minimal.save(model, tok, tmp / "ckpt")
+    segs = np.random.default_rng(0).integers(3, tok.vocab_size, size=(4, SEQ))
+    write_segments(tmp / "data", segs, dict(vocab_size=tok.vocab_size, bos_id=1, eos_id=2))
+    return tmp, segs
+
+
+def flags(tmp, out, *extra):
+    return ["--ckpt", str(tmp / "ckpt"), "--data", str(tmp / "data"), "--out", str(out), "--global-batch-size", "4",
+            "--original-length", "16", "--lr", "1e-3", "--warmup-steps", "1", "--save-every", "2", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder):
+    return torch.load(folder / "consolidated.00.pth", weights_only=True)
+
+
+def test_recipe_objects():
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, multiple_of=32))
+    opt = training.make_optimizer(model)
+    sched = training.make_scheduler(opt)
+    assert type(opt) is torch.optim.AdamW and len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert group["betas"] == (0.9, 0.95) and group["weight_decay"] == 0.0 and group["initial_lr"] == 2e-5
+    assert len(group["params"]) == len(list(model.parameters()))
+    lrs = []
+    for step in range(401):  # the rate each optimizer step uses
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # Sec. 4.1: linear warmup over 20 steps to 2e-5, then constant
+    for step, factor in {0: 1 / 20, 10: 11 / 20, 19: 1.0, 20: 1.0, 400: 1.0}.items():
+        assert lrs[step] == pytest.approx(2e-5 * factor, rel=1e-12), step
+    args = train.parse_args([])
+    assert (args.steps, args.global_batch_size, args.micro_batch_size, args.lr, args.warmup_steps, args.grad_clip) \
+        == (400, 64, 1, 2e-5, 20, 1.0)
+
+
+def test_rope_defaults_and_continuation():
+    plain = RopeConfig()
+    rope = train.choose_rope(train.parse_args([]), plain)
+    assert (rope.method, rope.scale, rope.original_length) == ("yarn", 16.0, 4096)
+    s16 = RopeConfig(method="yarn", scale=16.0)
+    assert train.choose_rope(train.parse_args([]), s16) == s16  # a run's output keeps its own s
+    rope = train.choose_rope(train.parse_args(["--yarn-scale", "32"]), s16)
+    assert (rope.method, rope.scale) == ("yarn", 32.0)
+    assert train.choose_rope(train.parse_args(["--method", "none"]), plain).method == "none"
+
+
+def test_grad_clip_runs():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, multiple_of=32))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 10
+    expected = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()))
+    norm = training.grad_norm_and_clip(model, 1.0)
+    assert norm.item() == pytest.approx(expected, rel=1e-5)  # reported before clipping
+    after = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()))
+    assert after == pytest.approx(1.0, rel=1e-4)
+
+
+def test_two_processes_match_one_and_an_independent_loss(setup, tokenizer_path):
+    tmp, segs = setup
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "train.py"), *flags(tmp, tmp / "two", "--steps", "3", "--activation-checkpointing")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    train.main(flags(tmp, tmp / "one", "--steps", "3"))
+    two, one = metrics(tmp / "two"), metrics(tmp / "one")
+    assert [m["step"] for m in two] == [1, 2, 3]
+    for m in two:
+        assert set(m) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "max_memory_gb"}
+        assert m["mfu"] is None and m["tokens_per_s"] > 0 and m["max_memory_gb"] > 0 and m["grad_norm"] > 0
+    assert two[-1]["loss"] < two[0]["loss"] - 0.05  # the same 4 segments every step: loss falls
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"] == 1e-3
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    w1, w2 = weights(tmp / "one" / "final"), weights(tmp / "two" / "final")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
+    # first-step loss against transformers on the starting weights with the rope train.py chose
+    start, _ = yarn_minimal.load(tmp / "ckpt", rope=RopeConfig(method="yarn", scale=16.0, original_length=16))
+    hf = hf_model(start, max_position_embeddings=16)
+    tokens = torch.from_numpy(segs)
+    with torch.no_grad():
+        logits = hf(tokens[:, :-1]).logits
+    ref = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).item()
+    assert two[0]["loss"] == pytest.approx(ref, rel=1e-5)
+    # the final model carries its rope: loading it needs no flags
+    final, _ = yarn_minimal.load(tmp / "two" / "final")
+    assert (final.rope.method, final.rope.scale, final.rope.original_length) == ("yarn", 16.0, 16)
+
+
+def test_resume_matches_uninterrupted(setup):
+    tmp, _ = setup
+    train.main(flags(tmp, tmp / "straight", "--steps", "4"))
+    train.main(flags(tmp, tmp / "resumed", "--steps", "2"))
+    # a save killed half-way leaves only a .tmp folder, which resume ignores
+    (tmp / "resumed" / "step-000004.tmp").mkdir()
+    (tmp / "resumed" / "step-000004.tmp" / "__0_0.distcp").write_bytes(b"garbage")
+    train.main(flags(tmp, tmp / "resumed", "--steps", "4", "--resume"))
+    a, b = metrics(tmp / "straight"), metrics(tmp / "resumed")
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6) and x["lr"] == y["lr"]
+    w1, w2 = weights(tmp / "straight" / "final"), weights(tmp / "resumed" / "final")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-6, atol=1e-7)
+    state = json.loads((tmp / "resumed" / "step-000004" / "trainer.json").read_text())
+    assert state["step"] == 4 and state["scheduler"]["last_epoch"] == 4
+    with pytest.raises(SystemExit, match="global_batch_size was 4 in the checkpoint, now 2"):
+        train.main(flags(tmp, tmp / "resumed", "--steps", "6", "--resume") + ["--global-batch-size", "2"])
+
+
+def test_from_scratch_demo_path(setup, tokenizer_path):
+    tmp, _ = setup
+    train.main(["--init", "random", "--tokenizer", tokenizer_path, "--dim", "64", "--n-layers", "2", "--n-heads", "4",
+                "--multiple-of", "32", "--method", "none", "--original-length", "32", "--data", str(tmp / "data"),
+                "--out", str(tmp / "scratch"), "--steps", "2", "--global-batch-size", "2", "--lr", "1e-3",
+                "--save-every", "0"])
+    model, tok = yarn_minimal.load(tmp / "scratch" / "final")
+    assert model.rope.method == "none" and model.rope.original_length == 32 and model.args.vocab_size == tok.vocab_size
+    assert len(metrics(tmp / "scratch")) == 2
+
+
+def test_clear_stops(setup, tmp_path):
+    tmp, _ = setup
+    with pytest.raises(SystemExit, match="--seq-len 40 is longer than the data's segments \\(33 tokens\\)"):
+        train.main(flags(tmp, tmp_path / "a", "--seq-len", "40"))
+    with pytest.raises(SystemExit, match="4 segments, fewer than one global batch of 8"):
+        train.main(flags(tmp, tmp_path / "a") + ["--global-batch-size", "8"])
+    # a NaN weight: stop at step 1 with the weights and the batch saved
+    model, tok = yarn_minimal.load(tmp / "ckpt")
+    with torch.no_grad():
+        model.layers[0].attention.wq.weight[0, 0] = float("nan")
+    yarn_minimal.save(model, tok, tmp_path / "nan")
+    bad = flags(tmp, tmp_path / "b", "--steps", "2")
+    bad[1] = str(tmp_path / "nan")
+    with pytest.raises(SystemExit, match="step 1: non-finite loss"):
+        train.main(bad)
+    state = json.loads((tmp_path / "b" / "nonfinite-step-000001" / "trainer.json").read_text())
+    assert sorted(state["segments"]) == [0, 1, 2, 3] and state["step"] == 0
+
+
+def test_export_hf_is_guarded(setup, tmp_path):
+    tmp, _ = setup
+    if training.hf_export_supported():
+        train.main(flags(tmp, tmp_path / "hf", "--steps", "1", "--export-hf"))
+        assert (tmp_path / "hf" / "final-hf").is_dir()
+    else:
+        with pytest.raises(SystemExit, match="--export-hf"):
+            train.main(flags(tmp, tmp_path / "hf", "--steps", "1", "--export-hf"))
+        assert not (tmp_path / "hf" / "metrics.jsonl").exists()  # stopped before training
+
+
+def test_memory_estimate_7b_64k_on_8x80gb():
+    args = ModelArgs()  # Llama 2 7B
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Transformer(args).parameters())
+    assert n == 6_738_415_616  # Llama 2 7B's published parameter count
+    ac = training.estimate_memory(args, 65536, 8, activation_checkpointing=True)
+    no_ac = training.estimate_memory(args, 65536, 8, activation_checkpointing=False)
+    assert ac["n_params"] == n and ac["params"] + ac["grads"] + ac["adamw"] == 16 * n / 8
+    assert ac["total"] < 0.9 * 80e9 < 80e9 < no_ac["total"]
+    text = training.format_memory_estimate(args, 65536, 8, 1, 80.0)
+    assert "with activation checkpointing: fits" in text and "without activation checkpointing: does NOT fit" in text
+
+
+def test_activation_bytes_per_token_match_autograd():
+    """The per-layer activation term against what autograd actually saves for one block (bf16)."""
+    args = ModelArgs(dim=128, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=32)
+    model = Transformer(args).to(torch.bfloat16).train()
+    T = 256
+    x = torch.randn(1, T, args.dim, dtype=torch.bfloat16, requires_grad=True)
+    rope = model._rope(T, None, None, x.device)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.layers[0](x, rope)
+    saved = sum(storages.values()) - x.numel() * 2 - 2 * rope.cos.numel() * 4  # minus input and shared tables
+    per_token = training.estimate_memory(args, T, 1)["per_layer_per_token"]
+    assert saved / T == pytest.approx(per_token, rel=0.15)
+
+
+def test_help_says_what_the_paper_leaves_open(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "leaves open" in out and "--estimate-memory" in out and "--yarn-scale" in out
+
+
+@pytest.mark.slow
+def test_two_process_resume_matches_uninterrupted(setup):
+    tmp, _ = setup
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+    def torchrun(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+               str(ROOT / "train.py"), *flags(tmp, out, *extra)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    torchrun(tmp / "straight2", "--steps", "4")
+    torchrun(tmp / "resumed2", "--steps", "2")
+    torchrun(tmp / "resumed2", "--steps", "4", "--resume")
+    for x, y in zip(metrics(tmp / "straight2"), metrics(tmp / "resumed2")):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+    w1, w2 = weights(tmp / "straight2" / "final"), weights(tmp / "resumed2" / "final")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-6, atol=1e-7)

@@ -1,0 +1,251 @@
+"""Fine-tune a Llama 2 model with a RoPE extension, using the YaRN paper's recipe (Sec. 4.1).
+
+    python train.py --ckpt llama-2-7b --data pg19-64k --out runs/s16                 # one device
+    torchrun --nproc_per_node 8 train.py --ckpt llama-2-7b --data pg19-64k --out runs/s16 \\
+        --activation-checkpointing                                                       # FSDP2
+    torchrun --nproc_per_node 8 train.py --init-from runs/s16 --yarn-scale 32 --steps 200 \\
+        --data pg19-64k --out runs/s32 --activation-checkpointing                        # s = 32
+    python train.py --estimate-memory --model-size 7b --n-gpus 8                        # dry run
+
+See docs/training.md for the recipe, what the paper leaves open, and the memory arithmetic.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import yarn_minimal
+from yarn_minimal import cli, training
+from yarn_minimal.data import SegmentLoader, open_segments
+from yarn_minimal.model import ModelArgs, Transformer
+from yarn_minimal.rope import RopeConfig
+from yarn_minimal.tokenizer import Tokenizer
+
+SIZES = {  # Llama 2 shapes (params.json), for --init random and --estimate-memory
+    "7b": dict(dim=4096, n_layers=32, n_heads=32),
+    "13b": dict(dim=5120, n_layers=40, n_heads=40),
+    "70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3),
+}
+
+OPEN_CHOICES = """what the paper leaves open, and what this script does:
+  schedule after warmup   constant (the paper names only the 20-step linear warmup)
+  warmup shape            lr x min(1, (step + 1) / 20) for 0-based optimizer steps: step 0 uses
+                          lr/20, steps 19 onward the full 2e-5
+  gradient clipping       total-norm clipping at 1.0 (not in the paper; the public code meant
+                          1.0 but its check never ran); --grad-clip 0 turns it off
+  AdamW epsilon           1e-8 (PyTorch's default)
+  precision               float32 master weights, gradients and AdamW states; bf16 compute
+  data order              a fresh seeded shuffle of all segments every epoch
+  last tokens             each 64k segment trains 65535 next-token predictions (no cross-segment target)
+rope: with no rope flags and a checkpoint without an extension (raw Llama 2), training uses
+  --method yarn --yarn-scale 16 (the paper's s = 16 over L = 4096). A checkpoint saved by this
+  script (rope.json) keeps its own setting unless flags change it, so --init-from runs/s16
+  --yarn-scale 32 continues at s = 32. Use --method none for plain RoPE (from-scratch models)."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Defaults are the paper's.",
+                                epilog=OPEN_CHOICES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model to start from")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--ckpt", default=None, help="checkpoint folder (Meta layout or one this project saved)")
+    src.add_argument("--init-from", default=None,
+                     help="the --out folder of an earlier run (its final/ model is used), e.g. s = 16 -> s = 32")
+    g.add_argument("--init", choices=("checkpoint", "random"), default="checkpoint",
+                   help="random: train from scratch with the size flags below and --tokenizer")
+    g.add_argument("--from-scratch", dest="init", action="store_const", const="random", help="same as --init random")
+    g.add_argument("--tokenizer", default=None, help="sentencepiece model, for --init random")
+    g.add_argument("--model-size", choices=sorted(SIZES), default=None,
+                   help="Llama 2 shape for --init random / --estimate-memory")
+    for name, kind in (("dim", int), ("n-layers", int), ("n-heads", int), ("n-kv-heads", int),
+                       ("vocab-size", int), ("multiple-of", int)):
+        g.add_argument(f"--{name}", type=kind, default=None, help=f"model {name} for --init random")
+    cli.add_rope_args(p)
+    g = p.add_argument_group("data and recipe (defaults: Sec. 4.1)")
+    g.add_argument("--data", default=None, help="folder made by `python -m yarn_minimal.data`")
+    g.add_argument("--out", default=None, help="output folder: checkpoints, metrics.jsonl, final/")
+    g.add_argument("--steps", type=int, default=training.STEPS, help="optimizer steps (default 400; 200 for s = 32)")
+    g.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: the data's segment length, 65536 in the paper); shorter "
+                        "uses the first --seq-len tokens of each segment")
+    g.add_argument("--global-batch-size", type=int, default=training.GLOBAL_BATCH,
+                   help="sequences per optimizer step over all ranks (default 64)")
+    g.add_argument("--micro-batch-size", type=int, default=1,
+                   help="sequences per forward pass per rank (default 1); accumulation steps = global / (world x micro)")
+    g.add_argument("--lr", type=float, default=training.LR, help="peak learning rate (default 2e-5)")
+    g.add_argument("--warmup-steps", type=int, default=training.WARMUP_STEPS, help="linear warmup steps (default 20)")
+    g.add_argument("--grad-clip", type=float, default=training.GRAD_CLIP, help="max gradient norm, 0 = off (default 1.0)")
+    g.add_argument("--seed", type=int, default=0, help="data order and random init (default 0)")
+    g = p.add_argument_group("runtime")
+    cli.add_device_args(g)
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in backward (needed for 7B at 64k; see --estimate-memory)")
+    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps and at the end (0: only at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest N step checkpoints (0: all)")
+    g.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from OUT/latest (or the given checkpoint folder), with the same flags")
+    g.add_argument("--export-hf", action="store_true", help="also write the final model in HF layout to OUT/final-hf")
+    g = p.add_argument_group("memory estimate (dry run: loads nothing)")
+    g.add_argument("--estimate-memory", action="store_true", help="print per-GPU memory and exit")
+    g.add_argument("--n-gpus", type=int, default=None, help="GPUs for the estimate (default: WORLD_SIZE or 8)")
+    g.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU for the estimate (default 80)")
+    return p.parse_args(argv)
+
+
+def size_args(args, vocab_size=None) -> dict:
+    shape = dict(SIZES.get(args.model_size, {}))
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
+        if getattr(args, key) is not None:
+            shape[key] = getattr(args, key)
+    if "vocab_size" not in shape and vocab_size is not None:
+        shape["vocab_size"] = vocab_size
+    return shape
+
+
+def start_folder(args) -> Path:
+    if args.init_from is not None:
+        out = Path(args.init_from)
+        return out / "final" if (out / "final" / "params.json").is_file() else out
+    return cli.resolve_checkpoint(args.ckpt)
+
+
+def choose_rope(args, base: RopeConfig) -> RopeConfig:
+    """The flags on top of the starting model's rope; the paper's s = 16 when neither says more."""
+    if args.method is None and args.scale is None and base.method == "none":
+        args.method, args.scale = "yarn", training.YARN_SCALE
+    return cli.rope_from_args(args, base)
+
+
+def estimate(args) -> None:
+    if args.ckpt or args.init_from:
+        params = json.loads((start_folder(args) / "params.json").read_text())
+        if params.get("vocab_size", -1) == -1:  # Meta's download leaves it to the tokenizer
+            params["vocab_size"] = 32000
+        margs = ModelArgs.from_params(params)
+    else:
+        margs = ModelArgs(**size_args(args, vocab_size=32000))
+    world = args.n_gpus or int(os.environ.get("WORLD_SIZE", "8"))
+    seq_len = args.seq_len or training.SEQ_LEN
+    print(training.format_memory_estimate(margs, seq_len, world, args.micro_batch_size, args.gpu_memory_gb))
+
+
+def build_model(args, load_dtype):
+    if args.init == "random":
+        if args.tokenizer is None:
+            raise SystemExit("error: --init random needs --tokenizer (a sentencepiece model)")
+        tokenizer = Tokenizer(args.tokenizer)
+        try:
+            margs = ModelArgs(**size_args(args, vocab_size=tokenizer.vocab_size))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        if margs.vocab_size != tokenizer.vocab_size:  # yarn_minimal.load would refuse the result
+            raise SystemExit(f"error: --vocab-size {margs.vocab_size}, but {args.tokenizer} has {tokenizer.vocab_size} pieces")
+        model = Transformer(margs)
+        model.init_weights(seed=args.seed)
+        return model, tokenizer
+    try:
+        return yarn_minimal.load(start_folder(args), dtype=load_dtype)
+    except yarn_minimal.CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.estimate_memory:
+        return estimate(args)
+    if args.data is None or args.out is None:
+        raise SystemExit("error: --data and --out are required (or use --estimate-memory)")
+    device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
+    env = training.init_distributed(device)
+    device = env.device
+    if args.export_hf and not training.hf_export_supported():
+        raise SystemExit("error: --export-hf: this version of yarn_minimal.checkpoint.save has no format='hf'")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    segments, meta = open_segments(args.data)
+    try:
+        loader = SegmentLoader(segments, args.global_batch_size, args.micro_batch_size, env.rank,
+                               env.world_size, args.seed, args.seq_len)
+    except ValueError as e:
+        raise SystemExit(f"error: {args.data}: {e}") from None
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = build_model(args, load_dtype=torch.float32 if dtype == torch.float32 else dtype)
+    model.set_rope(choose_rope(args, model.rope))
+    if meta.get("vocab_size", model.args.vocab_size) > model.args.vocab_size:
+        raise SystemExit(f"error: {args.data}: tokenized with vocab_size {meta['vocab_size']}, "
+                         f"the model has {model.args.vocab_size}")
+    model.activation_checkpointing = args.activation_checkpointing
+    if env.distributed:
+        model = training.shard_model(model, env, dtype)
+    else:
+        model.to(device=device, dtype=torch.float32)
+    model.train()
+    optimizer = training.make_optimizer(model, args.lr)
+    scheduler = training.make_scheduler(optimizer, args.warmup_steps)
+
+    same = dict(global_batch_size=args.global_batch_size, seed=args.seed, seq_len=loader.seq_len,
+                data_segments=int(segments.shape[0]), rope=model.rope.to_dict())
+    start = 0
+    if args.resume:
+        start = training.load_checkpoint(training.find_checkpoint(args.resume, out), model, optimizer,
+                                         scheduler, env, same)["step"]
+    metrics = training.MetricsLog(out / "metrics.jsonl", start) if env.main else None
+    if env.main:
+        print(f"# {model.rope.describe()}; {env.world_size} process(es) on {device.type}, {str(dtype)[6:]}; "
+              f"{loader.accumulation_steps} micro-batches of {args.micro_batch_size} x {loader.seq_len} per rank per step",
+              file=sys.stderr)
+    peak = training.peak_flops(device, dtype)
+    flops_token = training.flops_per_token(model.args, loader.seq_len - 1)
+    tokens_step = args.global_batch_size * (loader.seq_len - 1)
+
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not env.main, desc="training")
+    for step in bar:
+        t0 = training.timer_sync(device)
+        loss_sum = torch.zeros((), device=device)
+        for inputs, targets in loader.micro_batches(step):
+            with training.autocast(device, dtype, env):
+                loss = model(inputs.to(device), targets=targets.to(device))
+            (loss / loader.accumulation_steps).backward()
+            loss_sum += loss.detach().float()
+        loss = env.mean(loss_sum / loader.accumulation_steps).item()
+        grad_norm = training.grad_norm_and_clip(model, args.grad_clip).item()
+        lr = optimizer.param_groups[0]["lr"]
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # weights are still those before this step: save them and the batch to inspect
+            name = f"nonfinite-step-{step + 1:06d}"
+            training.save_checkpoint(out, name, model, optimizer, scheduler,
+                                     dict(same, step=step, loss=loss, grad_norm=grad_norm,
+                                          segments=loader.global_indices(step).tolist()), env)
+            raise SystemExit(f"error: step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                             f"(loss {loss}, grad norm {grad_norm}); weights before the step and the batch's segment "
+                             f"ids saved to {out / name}")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = training.timer_sync(device) - t0
+        record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_step / dt,
+                      mfu=None if peak is None else tokens_step / dt * flops_token / (peak * env.world_size),
+                      max_memory_gb=training.max_memory_gb(device))
+        if env.main:
+            metrics.write(record)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3f}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['max_memory_gb']:.1f}GB",
+                            **({} if record["mfu"] is None else {"mfu": f"{record['mfu']:.1%}"}))
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
+            training.save_checkpoint(out, f"step-{step + 1:06d}", model, optimizer, scheduler,
+                                     dict(same, step=step + 1), env, keep=args.keep_checkpoints)
+    training.save_model(model, tokenizer, out / "final", dtype, env, export_hf=args.export_hf)
+    if env.main:
+        print(f"final model: {out / 'final'}", file=sys.stderr)
+    if env.distributed:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,424 @@
+"""Fine-tuning with the paper's recipe (Sec. 4.1), on one device or under torchrun with FSDP2.
+
+    "We used a learning rate of 2e-5 with no weight decay and a linear warmup of 20 steps along
+    with AdamW beta1 = 0.9 and beta2 = 0.95. For s = 16 we fine-tuned for 400 steps with global
+    batch size 64 using PyTorch Fully Sharded Data Parallelism and Flash Attention 2 on the
+    PG19 dataset chunked into 64k segments bookended with the BOS and EOS token. For s = 32 we
+    followed the same procedure, but started from the finished s = 16 checkpoint and trained
+    for an additional 200 steps."
+
+train.py is the command line; this module holds the pieces: the recipe's optimizer and
+schedule, FSDP2 wrapping, resumable checkpoints, the memory estimate, and the metrics.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .model import ModelArgs, Transformer
+
+# Sec. 4.1. What the paper leaves open is chosen in the comments beside each value.
+LR = 2e-5
+BETAS = (0.9, 0.95)
+WEIGHT_DECAY = 0.0
+ADAM_EPS = 1e-8          # not stated; PyTorch's default
+WARMUP_STEPS = 20
+STEPS = 400              # s = 16; the s = 32 continuation runs 200
+GLOBAL_BATCH = 64
+SEQ_LEN = 65536
+GRAD_CLIP = 1.0          # not stated in the paper; the public code meant 1.0 but never clipped
+YARN_SCALE = 16.0
+ORIGINAL_LENGTH = 4096
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+def make_optimizer(model: torch.nn.Module, lr: float = LR) -> torch.optim.AdamW:
+    """AdamW(beta1 0.9, beta2 0.95), no weight decay on any parameter (Sec. 4.1)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=ADAM_EPS)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """lr multiplier at optimizer step `step` (0-based): linear warmup, then constant.
+
+    The paper says "linear warmup of 20 steps" and nothing after it, so the rate stays
+    constant. We ramp (step + 1) / warmup so that the first step already learns (lr / 20)
+    and step warmup - 1 is the first at the full rate; HF's step / warmup would spend the
+    first step at lr = 0."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = WARMUP_STEPS):
+    # stepped exactly once per optimizer step on every rank (the public code's accelerate path
+    # could advance it once per process)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup_steps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and FSDP2
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Average over ranks (SUM / world: gloo has no AVG)."""
+        if self.distributed:
+            x = x.clone()
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+            x /= self.world_size
+        return x
+
+
+def init_distributed(device: torch.device) -> DistEnv:
+    """Single process unless torchrun set WORLD_SIZE > 1; then NCCL on CUDA, gloo on CPU, one
+    GPU per process (cuda:LOCAL_RANK)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistEnv(0, 1, 0, device)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return DistEnv(dist.get_rank(), world_size, local_rank, device)
+
+
+def shard_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype) -> Transformer:
+    """FSDP2: one unit per TransformerBlock plus the root (embedding, final norm, output).
+    Masters, gradients and AdamW states stay float32 and sharded; each unit is all-gathered in
+    the compute dtype for its forward/backward, and gradients are reduce-scattered in float32.
+    Blocks are moved to the device one at a time, so the full float32 model never has to fit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                              reduce_dtype=torch.float32)
+    for block in model.layers:
+        block.to(device=env.device, dtype=torch.float32)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    for module in (model.tok_embeddings, model.norm, model.output):  # the root's own parameters
+        module.to(device=env.device, dtype=torch.float32)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def autocast(device: torch.device, compute_dtype: torch.dtype, env: DistEnv):
+    """Single-process mixed precision: float32 masters, matmuls in the compute dtype. Under FSDP
+    the MixedPrecisionPolicy does this instead."""
+    if env.distributed or compute_dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=compute_dtype)
+
+
+def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Total gradient 2-norm before clipping; clips to max_norm when > 0 (it does run)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over all shards
+        norm = norm.full_tensor()
+    return norm
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput and memory
+
+# Dense bf16 tensor-core peaks (no sparsity), per GPU, from the vendor data sheets.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """Per-device peak FLOP/s when known (bf16/fp16 on a listed GPU), else None."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def count_params(args: ModelArgs) -> dict:
+    """Parameter counts from the shapes in model.py, without building the model."""
+    d, hd, h = args.dim, args.head_dim, args.ffn_hidden_dim
+    attn = d * args.n_heads * hd * 2 + d * args.n_kv_heads * hd * 2   # wq, wo, wk, wv
+    block = attn + 3 * d * h + 2 * d                                    # SwiGLU, two norms
+    embed = args.vocab_size * d
+    return dict(block=block, embedding=embed, output=embed, norm=d,
+                total=args.n_layers * block + 2 * embed + d)
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Model FLOPs per trained token (forward + backward = 3 x forward; activation-checkpoint
+    recomputation is not counted, as MFU requires). Matmuls: 6 N (N without the embedding,
+    which is a lookup). Causal attention: q k^T and p v cost 2 x 2 |D| H per visible key,
+    T/2 keys on average, per layer: 6 x 2 x n_layers x dim x T / 2."""
+    n = count_params(args)
+    return 6 * (n["total"] - n["embedding"]) + 6 * args.n_layers * args.dim * seq_len
+
+
+def max_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # peak RSS (Linux: KiB)
+
+
+def estimate_memory(args: ModelArgs, seq_len: int, world_size: int, micro_batch: int = 1,
+                    activation_checkpointing: bool = True, compute_bytes: int = 2,
+                    loss_chunk: int = 2048) -> dict:
+    """Per-GPU bytes for FSDP2 training (docs/training.md derives every term).
+
+    states       float32 masters + float32 gradients + AdamW m and v: 16 bytes per parameter,
+                 sharded over world_size.
+    working      unsharded compute-dtype copies of two blocks (the one running and the one
+                 prefetched), one block's unsharded float32 gradient for the reduce-scatter,
+                 and the root (embedding + output) unsharded with its gradient.
+    activations  what autograd keeps per token per layer (model.py with flash-attn/SDPA: no
+                 T x T tensor): both RMSNorms keep a float32 copy of their input (4d) and a
+                 compute-dtype normalized output and product (2 x b d); RoPE keeps q and k in
+                 float32 (4 (dq + dkv)); attention keeps q, k, v and its output (b (2 dq + 2 dkv))
+                 and a float32 log-sum-exp per head; SwiGLU keeps w1x, silu(w1x), w3x and their
+                 product (4 b h). With checkpointing only each block's input (b d) is kept, plus
+                 one block's activations while it is recomputed.
+    loss         the final norm's activations, and one chunk of logits (compute dtype, float32,
+                 float32 gradient) at a time.
+    """
+    b, d, h, H = compute_bytes, args.dim, args.ffn_hidden_dim, args.n_heads
+    dq, dkv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    p = count_params(args)
+    tokens = micro_batch * seq_len
+    norm = 4 * d + 4 + 2 * b * d
+    per_layer = 2 * norm + 4 * (dq + dkv) + b * (2 * dq + 2 * dkv) + 4 * H + 4 * b * h   # bytes per token
+    if activation_checkpointing:
+        acts = tokens * (args.n_layers * b * d + per_layer)
+    else:
+        acts = tokens * args.n_layers * per_layer
+    root = p["embedding"] + p["output"] + p["norm"]
+    out = dict(
+        params=4 * p["total"] / world_size,
+        grads=4 * p["total"] / world_size,
+        adamw=8 * p["total"] / world_size,
+        working=2 * b * p["block"] + 4 * p["block"] + (b + 4) * root,
+        activations=acts,
+        loss=tokens * norm + min(loss_chunk, seq_len) * micro_batch * args.vocab_size * (b + 4 + 4),
+    )
+    out["total"] = sum(out.values())
+    out["n_params"] = p["total"]
+    out["per_layer_per_token"] = per_layer
+    return out
+
+
+def format_memory_estimate(args: ModelArgs, seq_len: int, world_size: int, micro_batch: int,
+                           gpu_memory_gb: float, compute_bytes: int = 2) -> str:
+    lines = [f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads ({args.n_kv_heads} kv), "
+             f"vocab {args.vocab_size}, ffn {args.ffn_hidden_dim}; sequence {seq_len} x micro-batch {micro_batch}; "
+             f"{world_size} GPUs (FSDP full shard); per-GPU GB (1 GB = 1e9 bytes):"]
+    est = {ac: estimate_memory(args, seq_len, world_size, micro_batch, ac, compute_bytes) for ac in (False, True)}
+    lines.append(f"  parameters: {est[True]['n_params'] / 1e9:.2f} B")
+    lines.append(f"  {'':34s}{'no checkpointing':>18s}{'checkpointing':>16s}")
+    names = {"params": "float32 masters (sharded)", "grads": "float32 gradients (sharded)",
+             "adamw": "AdamW m, v (sharded)", "working": "unsharded blocks + root",
+             "activations": "activations", "loss": "final norm + loss chunk", "total": "total"}
+    for key, label in names.items():
+        lines.append(f"  {label:34s}{est[False][key] / 1e9:18.1f}{est[True][key] / 1e9:16.1f}")
+    for ac in (False, True):
+        fits = est[ac]["total"] <= 0.9 * gpu_memory_gb * 1e9
+        lines.append(f"  {'with' if ac else 'without'} activation checkpointing: "
+                     f"{'fits' if fits else 'does NOT fit'} in {gpu_memory_gb:g} GB (keeping 10% for the CUDA "
+                     f"context, allocator fragmentation and kernel workspaces)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+class MetricsLog:
+    """OUT/metrics.jsonl, one line per optimizer step. On resume, lines after the resumed step
+    (written after the checkpoint by the interrupted run) are dropped."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = path
+        kept = []
+        if resume_step and path.is_file():
+            kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+        path.write_text("".join(l + "\n" for l in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: OUT/step-000100/ (DCP shards of model + optimizer, trainer.json, rng-rank*.pt)
+
+def rng_state() -> dict:
+    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, name: str, model, optimizer, scheduler, trainer_state: dict, env: DistEnv,
+                    keep: int = 0) -> Path:
+    """Write OUT/name atomically: everything goes to OUT/name.tmp, which is renamed only once
+    every rank has finished, and OUT/latest is then pointed at it. A kill at any moment leaves
+    either the previous checkpoint or the new one, never a half-written one under a final name.
+    keep > 0 deletes all but the newest `keep` step-* checkpoints."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final, tmp = out / name, out / (name + ".tmp")
+    if env.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    env.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(rng_state(), tmp / f"rng-rank{env.rank}.pt")
+    env.barrier()
+    if env.main:
+        state = dict(trainer_state, scheduler=scheduler.state_dict(), world_size=env.world_size)
+        (tmp / "trainer.json").write_text(json.dumps(state, indent=2) + "\n")
+        if final.exists():  # re-saving the same step: move the old one aside first
+            old = out / (name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        (out / "latest.tmp").write_text(name + "\n")
+        os.replace(out / "latest.tmp", out / "latest")
+        if keep > 0:
+            for old in sorted(out.glob("step-*"))[:-keep]:
+                if old.is_dir() and old.suffix not in (".tmp", ".old") and old.name != name:
+                    shutil.rmtree(old)
+    env.barrier()
+    return final
+
+
+def find_checkpoint(resume: str, out: Path) -> Path:
+    """--resume (no value: OUT/latest) or --resume DIR."""
+    if resume == "latest":
+        pointer = out / "latest"
+        if not pointer.is_file():
+            raise SystemExit(f"error: --resume: {pointer} does not exist; no checkpoint to resume from in {out}")
+        path = out / pointer.read_text().strip()
+    else:
+        path = Path(resume)
+    if not (path / "trainer.json").is_file():
+        raise SystemExit(f"error: --resume: {path} is not a complete checkpoint (no trainer.json)")
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv, expected: dict) -> dict:
+    """Restore model, optimizer, scheduler and this rank's RNG from a save_checkpoint folder.
+    `expected` holds settings that must match (batch, seed, data, rope, ...)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    state = json.loads((path / "trainer.json").read_text())
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise SystemExit(f"error: --resume {path}: {key} was {state.get(key)!r} in the checkpoint, "
+                             f"now {value!r}; resume with the same settings")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    scheduler.load_state_dict(state["scheduler"])
+    rng = path / f"rng-rank{env.rank}.pt"
+    if state["world_size"] == env.world_size and rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=False))
+    return state
+
+
+def full_state_dict(model) -> dict:
+    """The whole model's weights on CPU; under FSDP gathered to rank 0 (other ranks get {})."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_model(model, tokenizer, path: Path, dtype: torch.dtype, env: DistEnv, export_hf: bool = False) -> None:
+    """The final model in the project's layout (params.json + weights + rope.json + tokenizer),
+    so `generate.py --ckpt OUT/final` needs no rope flags; written to path.tmp, then renamed."""
+    from . import checkpoint
+
+    state = full_state_dict(model)
+    if env.main:
+        with torch.device("meta"):
+            plain = Transformer(model.args)
+        plain.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
+        for target, fmt in [(path, "meta")] + ([(path.with_name(path.name + "-hf"), "hf")] if export_hf else []):
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            checkpoint.save(plain, tokenizer, tmp, format=fmt)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+    env.barrier()
+
+
+def hf_export_supported() -> bool:
+    """Whether checkpoint.save knows format="hf" (tried on a one-layer model)."""
+    import tempfile
+
+    from . import checkpoint
+
+    tiny = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=1, vocab_size=8, multiple_of=8))
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            checkpoint.save(tiny, None, tmp, format="hf")
+        except (ValueError, NotImplementedError):
+            return False
+    return True
+
+
+def timer_sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
