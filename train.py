@@ -78,6 +78,9 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch-size", type=int, default=1,
                    help="sequences per forward pass per rank (default 1); accumulation steps = global / (world x micro)")
     g.add_argument("--lr", type=float, default=training.LR, help="peak learning rate (default 2e-5)")
+    g.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="lr after warmup: constant (the paper's fine-tuning, default) or cosine decay to "
+                        "0.1 x lr at --steps (for pre-training from scratch, e.g. the demo model)")
     g.add_argument("--warmup-steps", type=int, default=training.WARMUP_STEPS, help="linear warmup steps (default 20)")
     g.add_argument("--grad-clip", type=float, default=training.GRAD_CLIP, help="max gradient norm, 0 = off (default 1.0)")
     g.add_argument("--seed", type=int, default=0, help="data order and random init (default 0)")
@@ -187,7 +190,7 @@ def main(argv=None) -> None:
         model.to(device=device, dtype=torch.float32)
     model.train()
     optimizer = training.make_optimizer(model, args.lr)
-    scheduler = training.make_scheduler(optimizer, args.warmup_steps)
+    scheduler = training.make_scheduler(optimizer, args.warmup_steps, args.schedule, args.steps)
 
     same = dict(global_batch_size=args.global_batch_size, seed=args.seed, seq_len=loader.seq_len,
                 data_segments=int(segments.shape[0]), rope=model.rope.to_dict())

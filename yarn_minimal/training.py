@@ -65,9 +65,23 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = WARMUP_STEPS):
+def cosine_factor(step: int, warmup_steps: int, total_steps: int, floor: float = 0.1) -> float:
+    """Warmup, then cosine decay to `floor` x lr at total_steps. Not the paper's fine-tuning
+    recipe: used to pre-train the small demo model from scratch (--schedule cosine)."""
+    if step < warmup_steps:
+        return warmup_factor(step, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = WARMUP_STEPS,
+                   schedule: str = "constant", total_steps: Optional[int] = None):
     # stepped exactly once per optimizer step on every rank (the public code's accelerate path
     # could advance it once per process)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, warmup_steps, total_steps))
+    if schedule != "constant":
+        raise ValueError(f"schedule: {schedule!r}; allowed: constant, cosine")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup_steps))
 
 
