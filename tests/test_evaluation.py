@@ -4,6 +4,7 @@ passkey prompt re-encoded, and Table 5's definitions applied by hand."""
 import importlib.util
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -320,8 +321,9 @@ def ckpt(tmp_path_factory, tokenizer_path):
 
 
 def run_script(name, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny tensors: threads only add contention
     proc = subprocess.run([sys.executable, str(ROOT / name), *map(str, args), "--device", "cpu"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -337,7 +339,7 @@ def test_eval_perplexity_script(ckpt, tmp_path):
                                                   + json.dumps({"text": "Tiny."}) + "\n")
     out, plot = tmp_path / "ppl.json", tmp_path / "ppl.png"
     proc = run_script("eval_perplexity.py", "--ckpt", ckpt, "--files", tmp_path / "docs", "--lengths", "32,96",
-                      "--stride", "16", "--min-tokens", "20", "--config", "method=none",
+                      "--stride", "24", "--min-tokens", "20", "--config", "method=none",
                       "--config", "method=yarn,scale=2,label=yarn-2", "--out", out, "--plot", plot)
     assert "2 documents kept, 1 skipped" in proc.stderr
     assert "window 96 exceeds" in proc.stderr  # plain RoPE at L = 64
@@ -348,7 +350,7 @@ def test_eval_perplexity_script(ckpt, tmp_path):
         assert {"method", "scale", "dynamic", "window", "perplexity", "tokens"} <= set(r)
         assert r["perplexity"] > 1 and r["documents"] == 2 and r["skipped_documents"] == 1
     assert rows[2]["method"] == "yarn" and rows[2]["scale"] == 2.0
-    assert data["config"]["stride"] == 16 and "yarn-2" in proc.stdout
+    assert data["config"]["stride"] == 24 and "yarn-2" in proc.stdout
     assert is_png(plot)
 
 
@@ -394,11 +396,12 @@ def test_scripts_report_bad_input(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
     ppl = load_script("eval_perplexity.py")
     with pytest.raises(SystemExit, match=r"error: .*nope.txt: no such file"):
-        ppl.main(["--ckpt", str(ckpt), "--files", str(tmp_path / "nope.txt"), "--lengths", "32", "--device", "cpu"])
+        ppl.main(["--ckpt", str(ckpt), "--files", str(tmp_path / "nope.txt"), "--lengths", "32", "--stride", "16",
+                  "--device", "cpu"])
     (tmp_path / "short.txt").write_text("Tiny.")
     with pytest.raises(SystemExit, match=r"no document has at least --min-tokens 100 tokens \(1 skipped\)"):
         ppl.main(["--ckpt", str(ckpt), "--files", str(tmp_path / "short.txt"), "--lengths", "32",
-                  "--min-tokens", "100", "--device", "cpu"])
+                  "--stride", "16", "--min-tokens", "100", "--device", "cpu"])
     pk = load_script("eval_passkey.py")
     with pytest.raises(SystemExit, match=r"error: passkey length 20: shorter than the prompt"):
         pk.main(["--ckpt", str(ckpt), "--lengths", "20", "--device", "cpu"])

@@ -314,7 +314,7 @@ def iter_configs(specs: Sequence[str], ckpt: Path, rope_from_flags, device, dtyp
     for spec, changes in parsed:
         path = Path(changes.get("ckpt", ckpt))
         if loaded is None or loaded[0] != path:
-            loaded = None  # free the previous model first
+            loaded = model = tokenizer = None  # free the previous model before loading the next
             model, tokenizer = load(path, device=device, dtype=dtype)
             loaded = (path, model, tokenizer, model.rope)
         _, model, tokenizer, base = loaded
