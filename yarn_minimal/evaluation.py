@@ -1,0 +1,725 @@
+"""The paper's evaluations, each protocol stated exactly and implemented plainly.
+
+Perplexity (Sec. 4.3.1; Tables 1, 2, 4; Figure 1), the sliding window of Press et al. with
+stride S (256 in the paper). For a document and a context window W:
+
+    tokens = encode(document)                      # no BOS, no EOS; N tokens
+    for begin in range(0, N, S):
+        end = min(begin + W - 1, N)
+        feed [BOS] + tokens[begin:end]             # at most W positions
+        score tokens[i] for max(begin, prev_end) <= i < end, each predicted from
+              [BOS] + tokens[begin:i]              # everything before it in this window
+        prev_end = end
+        stop when end == N
+    perplexity = exp(sum of NLL / number of scored tokens), over all documents
+
+(With S > W - 1 the tokens between one window's end and the next window's begin are never
+scored; S <= W - 1 scores every token exactly once.)
+`truncate=True` is the protocol of Table 2 / Figure 1: each document is cut to its first
+W - 1 tokens, so the loop above runs once (begin = 0, end = N) and S never slides.
+
+Passkey retrieval (Sec. 4.3.2, Table 5): the prompt of landmark attention, built to an exact
+token count, answered by greedy decoding; correct when the first integer in the output is
+the key.
+
+Attention temperature sweep (Appendix A.2, Figures 2-4): perplexity for several sqrt(1/t)
+at a fixed s, overall and per segment of token positions (Eq. 26).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import warnings
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .model import KVCache, Transformer
+from .rope import RopeConfig
+
+
+class EvalError(ValueError):
+    """Input an evaluation cannot run on; the message names the file or flag and the values."""
+
+
+# ---------------------------------------------------------------------------------------
+# Documents from local files
+# ---------------------------------------------------------------------------------------
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+DOCUMENT_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+
+
+def load_documents(paths: Sequence[str], text_field: str = "text") -> list[str]:
+    """Documents from files and folders. A text file is one document; a .jsonl file has one
+    JSON object per line and a .parquet file one row per document, the text in `text_field`.
+    A folder contributes every .txt/.md/.jsonl/.parquet file under it, in sorted order."""
+    docs = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in DOCUMENT_SUFFIXES)
+            if not files:
+                raise EvalError(f"{path}: the folder holds no {', '.join(DOCUMENT_SUFFIXES)} files")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise EvalError(f"{path}: no such file or folder")
+        for f in files:
+            docs.extend(read_documents(f, text_field))
+    return docs
+
+
+def read_documents(path: Path, text_field: str = "text") -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _read_parquet(path, text_field)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        "convert it to UTF-8, or give a .jsonl or .parquet file") from None
+    if suffix != ".jsonl":
+        return [text]
+    docs = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}:{lineno}: not valid JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise EvalError(f"{path}:{lineno}: expected an object with a string field {text_field!r} "
+                            f"(--text-field), found {found}")
+        docs.append(record[text_field])
+    return docs
+
+
+def _read_parquet(path: Path, text_field: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # ArrowInvalid and friends: not a parquet file, truncated, ...
+        raise EvalError(f"{path}: cannot be read as Parquet ({type(e).__name__}: {e})") from None
+    if text_field not in table.column_names:
+        raise EvalError(f"{path}: no column {text_field!r} (--text-field); columns: {table.column_names}")
+    return [t for t in table.column(text_field).to_pylist() if t is not None]
+
+
+def tokenize_documents(tokenizer, documents: Sequence[str], min_tokens: int = 0,
+                       max_documents: Optional[int] = None) -> tuple[list[list[int]], int]:
+    """encode(document) without BOS/EOS for every document with at least min_tokens tokens
+    (and at least one), keeping the first max_documents. Returns (token lists, number skipped)."""
+    kept, skipped = [], 0
+    for doc in tqdm(documents, desc="tokenize", unit="doc", leave=False, disable=len(documents) < 2):
+        if max_documents is not None and len(kept) >= max_documents:
+            break
+        tokens = tokenizer.encode(doc, bos=False, eos=False)
+        if len(tokens) < max(min_tokens, 1):
+            skipped += 1
+        else:
+            kept.append(tokens)
+    return kept, skipped
+
+
+# ---------------------------------------------------------------------------------------
+# Sliding-window perplexity
+# ---------------------------------------------------------------------------------------
+
+LOGIT_CHUNK = 1024  # scored positions per float32 log-softmax: never a T x vocab float32 tensor
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, score_from) of every window over a document of n_tokens tokens: the
+    window feeds [BOS] + tokens[begin:end] and scores tokens[score_from:end]."""
+    if window < 2:
+        raise EvalError(f"window {window}: must be >= 2 (BOS plus at least one token)")
+    if stride < 1:
+        raise EvalError(f"--stride {stride}: must be >= 1")
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window - 1, n_tokens)
+        out.append((begin, end, max(begin, prev_end)))  # only tokens after the previous window
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+@torch.inference_mode()
+def window_nll(model: Transformer, tokens: torch.Tensor, bos_id: int, begin: int, end: int,
+               score_from: int) -> torch.Tensor:
+    """Float32 NLL of tokens[score_from:end], one forward over [BOS] + tokens[begin:end] in the
+    model's dtype. Under Dynamic Scaling the model takes s from this window's length."""
+    bos = torch.tensor([bos_id], dtype=tokens.dtype, device=tokens.device)
+    h = model.hidden_states(torch.cat([bos, tokens[begin:end]])[None])[0]
+    # input position j holds [BOS] + tokens[begin:begin+j] and predicts tokens[begin + j]
+    h = h[score_from - begin:end - begin]
+    targets = tokens[score_from:end]
+    return torch.cat([F.cross_entropy(model.output(hc).float(), tc, reduction="none")
+                      for hc, tc in zip(h.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK))])
+
+
+@dataclass
+class PerplexityScores:
+    """Per-token NLLs of every document (NaN where the protocol scores nothing) and the
+    mean NLL of every window, from which both perplexity definitions follow."""
+
+    token_nll: list[np.ndarray] = field(default_factory=list)
+    window_mean_nll: list[float] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return int(sum(np.isfinite(n).sum() for n in self.token_nll))
+
+    @property
+    def nll(self) -> float:
+        return float(sum(np.nansum(n) for n in self.token_nll))
+
+    @property
+    def perplexity(self) -> float:
+        """Token-weighted: exp(total NLL / total scored tokens) over all documents."""
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+    @property
+    def perplexity_window_mean(self) -> float:
+        """The authors' variant: exp(mean over windows of each window's mean NLL). Windows that
+        score fewer tokens (a document's last one) weigh as much as full ones."""
+        return math.exp(float(np.mean(self.window_mean_nll))) if self.window_mean_nll else float("nan")
+
+    def document_perplexities(self) -> np.ndarray:
+        return np.array([math.exp(float(np.nanmean(n))) for n in self.token_nll])
+
+
+def score_documents(model: Transformer, documents: Sequence[Sequence[int]], bos_id: int, window: int,
+                    stride: int = 256, truncate: bool = False, desc: str = "perplexity") -> PerplexityScores:
+    """Run the protocol of the module docstring over token lists (encoded without BOS/EOS)."""
+    if truncate:  # Table 2 / Figure 1: one pass over the first W - 1 tokens of each document
+        documents = [d[:window - 1] for d in documents]
+    plans = [sliding_windows(len(d), window, stride) for d in documents]
+    device = next(model.parameters()).device
+    scores = PerplexityScores()
+    with tqdm(total=sum(map(len, plans)), desc=desc, unit="window", leave=False) as bar:
+        for doc, plan in zip(documents, plans):
+            tokens = torch.tensor(doc, dtype=torch.long, device=device)
+            nll = np.full(len(doc), np.nan)
+            for begin, end, score_from in plan:
+                w = _catch_oom(lambda: window_nll(model, tokens, bos_id, begin, end, score_from),
+                               f"a window of {end - begin + 1} tokens", device)
+                nll[score_from:end] = w.double().cpu().numpy()
+                scores.window_mean_nll.append(float(w.double().mean()))
+                bar.update()
+            scores.token_nll.append(nll)
+    return scores
+
+
+def _catch_oom(fn, what: str, device):
+    try:
+        return fn()
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
+        raise EvalError(f"out of memory running {what} on {device}: ({str(e).splitlines()[0]}). "
+                        "Use shorter --lengths, --dtype bfloat16, or a device with more memory") from None
+
+
+def supported_window(rope: RopeConfig) -> Optional[int]:
+    """L' = s L (Eq. 11), the context a static RoPE setting is meant for; None with Dynamic
+    Scaling, where s grows with the sequence."""
+    return None if rope.dynamic else int(round(rope.original_length * rope.scale))
+
+
+def warn_beyond_window(rope: RopeConfig, length: int, what: str) -> bool:
+    """Beyond L' a static method still runs: the blow-up it shows is part of the measurement
+    (Table 2's "> 10^2" entries), so this warns rather than refuses."""
+    limit = supported_window(rope)
+    if limit is None or length <= limit:
+        return False
+    warnings.warn(f"{what} {length} exceeds the window {rope.describe()} supports, L x s = {limit} tokens; "
+                  "expect perplexity to rise / retrieval to fail there (use --dynamic or a larger --yarn-scale "
+                  "to extend it)", stacklevel=2)
+    return True
+
+
+# ---------------------------------------------------------------------------------------
+# Several method settings in one run
+# ---------------------------------------------------------------------------------------
+
+CONFIG_KEYS = ("label", "ckpt") + tuple(f.name for f in fields(RopeConfig))
+
+
+def parse_config(spec: str) -> dict:
+    """--config "method=yarn,scale=8,dynamic=1" -> {"method": "yarn", "scale": 8.0, "dynamic": True}.
+    Keys are RopeConfig's fields, plus label (the name in tables and plots) and ckpt."""
+    types = {f.name: f.type for f in fields(RopeConfig)}
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in CONFIG_KEYS:
+            raise EvalError(f"--config {spec!r}: {item!r} is not key=value with a key among {', '.join(CONFIG_KEYS)}")
+        value = value.strip()
+        kind = str(types.get(key, "str"))
+        try:
+            if "bool" in kind:
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("1", "true", "yes")
+            elif "int" in kind:
+                out[key] = int(value)
+            elif "float" in kind:
+                out[key] = float(value)
+            else:
+                out[key] = value
+        except ValueError:
+            raise EvalError(f"--config {spec!r}: {key}={value!r} is not a valid {kind}") from None
+    return out
+
+
+def apply_config(rope: RopeConfig, changes: dict, spec: str = "") -> RopeConfig:
+    """The RopeConfig `rope` with a parsed --config's fields on top (label/ckpt ignored).
+    As with the shared flags, a scale without a method on a plain-RoPE base means yarn, and
+    method=none means s = 1."""
+    changes = {k: v for k, v in changes.items() if k not in ("label", "ckpt")}
+    if "scale" in changes and "method" not in changes and rope.method == "none":
+        changes["method"] = "yarn"
+    if changes.get("method") == "none":
+        changes.setdefault("scale", 1.0)
+    try:
+        return replace(rope, **changes)
+    except ValueError as e:
+        raise EvalError(f"--config {spec!r}: {e}") from None
+
+
+def iter_configs(specs: Sequence[str], ckpt: Path, rope_from_flags, device, dtype):
+    """Yield (label, ckpt, model, tokenizer) for every --config (or once, for the shared flags
+    alone), with the model's RoPE set. Each config starts from its checkpoint's own setting,
+    then the shared rope flags (`rope_from_flags(base) -> RopeConfig`), then its own keys.
+    A checkpoint is loaded once for consecutive configs that share it."""
+    from .checkpoint import load
+
+    parsed = [(spec, parse_config(spec)) for spec in specs] or [("", {})]
+    several_ckpts = len({c.get("ckpt", str(ckpt)) for _, c in parsed}) > 1
+    loaded, labels = None, set()
+    for spec, changes in parsed:
+        path = Path(changes.get("ckpt", ckpt))
+        if loaded is None or loaded[0] != path:
+            loaded = model = tokenizer = None  # free the previous model before loading the next
+            model, tokenizer = load(path, device=device, dtype=dtype)
+            loaded = (path, model, tokenizer, model.rope)
+        _, model, tokenizer, base = loaded
+        rope = apply_config(rope_from_flags(base), changes, spec)
+        model.set_rope(rope)
+        label = changes.get("label") or rope.describe() + (f" [{path.name}]" if several_ckpts else "")
+        while label in labels:
+            label += "'"
+        labels.add(label)
+        yield label, path, model, tokenizer
+
+
+def rope_row(rope: RopeConfig) -> dict:
+    return {"method": rope.method, "scale": rope.scale, "dynamic": rope.dynamic,
+            "original_length": rope.original_length, "attention_factor": rope.attention_factor}
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    cells = [list(map(str, header))] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else (f"{x:.3e}" if abs(x) >= 1e4 else f"{x:.3f}")
+    return "-" if x is None else str(x)
+
+
+def perplexity_tables(results: list[dict]) -> str:
+    """One row per config, one column per window; then the per-window-mean variant."""
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    windows = sorted({r["window"] for r in results})
+    by = {(r["label"], r["window"]): r for r in results}
+    out = []
+    for key, title in (("perplexity", "perplexity (token-weighted)"),
+                       ("perplexity_window_mean", "perplexity (mean over windows, the authors' variant)")):
+        rows = [[lab] + [by[lab, w][key] if (lab, w) in by else None for w in windows] for lab in labels]
+        out.append(title + "\n" + format_table(["config \\ window"] + windows, rows))
+    return "\n\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Appendix A.2: the attention temperature sweep
+# ---------------------------------------------------------------------------------------
+
+def attention_factor_sweep(model: Transformer, documents: Sequence[Sequence[int]], bos_id: int, window: int,
+                           factors: Sequence[float], stride: int = 256, truncate: bool = False,
+                           segment_length: int = 2048) -> dict:
+    """Perplexity for every sqrt(1/t) in `factors` at the model's fixed s (method yarn), overall
+    (Figure 2: token-weighted, and mean/std of per-document perplexity) and per segment of
+    token positions [k*segment_length, (k+1)*segment_length) (Figure 3: mean over documents of
+    Eq. 26, (ppl(t) - ppl(t=1)) / ppl(t=1), in %; Figure 4: how many documents have their
+    lowest perplexity at each factor). sqrt(1/t) = 1 is always evaluated, as the reference."""
+    rope = model.rope
+    if rope.method != "yarn":
+        raise EvalError(f"--attention-factor-sweep: needs --method yarn (NTK-by-parts + temperature, Sec. 3.4), "
+                        f"the model is set to {rope.method!r}")
+    if segment_length < 1:
+        raise EvalError(f"--segment-length {segment_length}: must be >= 1")
+    factors = sorted(set(float(f) for f in factors) | {1.0})
+    per_factor = {}
+    try:
+        for a in factors:
+            model.set_rope(replace(rope, attention_factor=a))
+            per_factor[a] = score_documents(model, documents, bos_id, window, stride, truncate,
+                                            desc=f"sqrt(1/t)={a:g}")
+    finally:
+        model.set_rope(rope)
+    n_max = max(len(n) for n in per_factor[1.0].token_nll)
+    segments = [(a, min(a + segment_length, n_max)) for a in range(0, n_max, segment_length)]
+
+    def seg_ppl(nll):  # (segments,) perplexity of one document per segment; NaN where unscored
+        out = []
+        for a, b in segments:
+            part = nll[a:b]
+            out.append(math.exp(float(np.nanmean(part))) if np.isfinite(part).any() else float("nan"))
+        return np.array(out)
+
+    seg = {a: np.stack([seg_ppl(n) for n in s.token_nll]) for a, s in per_factor.items()}  # (docs, segments)
+    change = {a: 100 * (seg[a] - seg[1.0]) / seg[1.0] for a in factors}                      # Eq. 26, in %
+    stacked = np.stack([np.where(np.isnan(seg[a]), np.inf, seg[a]) for a in factors])      # (factors, docs, segments)
+    best = stacked.argmin(0)
+    doc_ppl = {a: per_factor[a].document_perplexities() for a in factors}
+    return {
+        "window": window, "scale": rope.scale, "segment_length": segment_length, "factors": factors,
+        "recommended_factor": 0.1 * math.log(rope.scale) + 1.0 if rope.scale > 1 else 1.0,  # Eq. 22
+        "perplexity": [per_factor[a].perplexity for a in factors],
+        "tokens": [per_factor[a].tokens for a in factors],
+        "document_perplexity_mean": [float(doc_ppl[a].mean()) for a in factors],
+        "document_perplexity_std": [float(doc_ppl[a].std()) for a in factors],
+        "segments": [list(s) for s in segments],
+        "segment_change_percent": [[_nan_to_none(float(np.nanmean(c))) if np.isfinite(c).any() else None
+                                    for c in change[a].T] for a in factors],
+        "best_factor_counts": [[int(((best[:, k] == i) & np.isfinite(stacked[i, :, k])).sum()) for k in range(len(segments))]
+                               for i in range(len(factors))],
+    }
+
+
+def _nan_to_none(x: float):
+    return None if math.isnan(x) else x
+
+
+def sweep_table(sweep: dict) -> str:
+    header = ["sqrt(1/t)", "perplexity", "doc mean", "doc std"] + [f"{a}-{b} %" for a, b in sweep["segments"]]
+    rows = [[f"{a:g}", p, m, s] + list(c) for a, p, m, s, c in zip(
+        sweep["factors"], sweep["perplexity"], sweep["document_perplexity_mean"],
+        sweep["document_perplexity_std"], sweep["segment_change_percent"])]
+    return (f"attention factor sweep at s={sweep['scale']:g}, window {sweep['window']} "
+            f"(Eq. 22 recommends sqrt(1/t) = {sweep['recommended_factor']:.3f}); "
+            "segment columns: Eq. 26 change vs sqrt(1/t)=1, %\n" + format_table(header, rows))
+
+
+# ---------------------------------------------------------------------------------------
+# Passkey retrieval
+# ---------------------------------------------------------------------------------------
+
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                 "I will quiz you about the important information there.")
+PASSKEY_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                  "There and back again.")
+PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def filler(n_sentences: int) -> str:
+    """The filler repeated and cut after n whole sentences."""
+    return " ".join(PASSKEY_FILLER[i % len(PASSKEY_FILLER)] for i in range(n_sentences))
+
+
+def passkey_text(key: int, n_prefix: int, n_suffix: int) -> str:
+    return "\n".join([PASSKEY_INTRO, filler(n_prefix), PASSKEY_LINE.format(key=key), filler(n_suffix),
+                      PASSKEY_QUESTION])
+
+
+@dataclass
+class PasskeyPrompt:
+    tokens: list[int]   # BOS included; len(tokens) == the length asked
+    key: int
+    depth: float        # where the key line sits, as a fraction of the filler sentences
+    n_prefix: int       # filler sentences before / after the key line
+    n_suffix: int
+    n_pad: int          # newline tokens added before the question to hit the length exactly
+
+
+def newline_token(tokenizer) -> int:
+    """The id of "\\n" as one token (Llama 2: the byte token <0x0A>, id 13)."""
+    sp = getattr(tokenizer, "sp", None)
+    if sp is not None and sp.piece_to_id("<0x0A>") != sp.unk_id():
+        return sp.piece_to_id("<0x0A>")
+    raise EvalError(f"tokenizer {getattr(tokenizer, 'path', tokenizer)}: has no single-token newline (<0x0A>), "
+                    "which passkey prompts use to reach the exact length")
+
+
+def passkey_prompt(tokenizer, length: int, key: int, depth: float) -> PasskeyPrompt:
+    """The passkey prompt with exactly `length` tokens (BOS included).
+
+    As many whole filler sentences as fit, split round(depth * n) before the key line and the
+    rest after it; the few tokens still missing (less than about one sentence) are newline
+    tokens before the question, i.e. blank lines."""
+    if not 0.0 <= depth <= 1.0:
+        raise EvalError(f"passkey depth {depth}: must be in [0, 1]")
+
+    def count(n):
+        k = round(depth * n)
+        return len(tokenizer.encode(passkey_text(key, k, n - k), bos=True))
+
+    bare = count(0)
+    if length < bare:
+        raise EvalError(f"passkey length {length}: shorter than the prompt without any filler, which takes "
+                        f"{bare} tokens with this tokenizer; use lengths >= {bare}")
+    span = 10 * len(PASSKEY_FILLER)
+    per_sentence = max((count(span) - bare) / span, 1e-3)
+    n, c = 0, bare
+    for _ in range(50):  # secant steps towards the largest n that fits; tokens grow ~linearly in n
+        step = int((length - c) / per_sentence)
+        if step == 0:
+            break
+        n = max(0, n + step)
+        c = count(n)
+    while c > length:
+        n -= 1
+        c = count(n)
+    while (c_next := count(n + 1)) <= length:
+        n, c = n + 1, c_next
+    k = round(depth * n)
+    head = tokenizer.encode(passkey_text(key, k, n - k).rsplit("\n", 1)[0], bos=True)
+    tokens = tokenizer.encode(passkey_text(key, k, n - k), bos=True)
+    at = next((i for i, (a, b) in enumerate(zip(head, tokens)) if a != b), min(len(head), len(tokens)))
+    pad = length - len(tokens)
+    tokens = tokens[:at] + [newline_token(tokenizer)] * pad + tokens[at:]
+    return PasskeyPrompt(tokens=tokens, key=key, depth=depth, n_prefix=k, n_suffix=n - k, n_pad=pad)
+
+
+def passkey_prompts(tokenizer, length: int, iterations: int, seed: int = 0,
+                    depth: Optional[float] = None) -> list[PasskeyPrompt]:
+    """`iterations` prompts of `length` tokens: a five-digit key (10000-99999) and, unless a
+    fixed depth is given, a key position drawn uniformly over the context. The random stream
+    depends only on (seed, length, depth), so adding lengths to a run changes no prompt."""
+    rng = random.Random(f"{seed}:{length}:{depth}")
+    prompts = []
+    for _ in range(iterations):
+        key = rng.randint(10000, 99999)
+        d = rng.random() if depth is None else depth
+        prompts.append(passkey_prompt(tokenizer, length, key, d))
+    return prompts
+
+
+def parse_answer(text: str) -> Optional[int]:
+    """The first integer in the model's output (" 48213. Remember it." -> 48213)."""
+    match = re.search(r"\d+", text)
+    return int(match.group()) if match else None
+
+
+# TODO(merge): replace with `from .generation import generate` (branch `gen`), same signature
+# and semantics (new tokens only). A minimal stand-in so that evaluation runs before it lands.
+@torch.inference_mode()
+def generate(model: Transformer, prompt_tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: Optional[int] = None) -> list[int]:
+    """The max_new_tokens tokens that follow prompt_tokens: one prefill over the whole prompt
+    into a pre-RoPE KV cache, then one token per forward pass."""
+    param = next(model.parameters())
+    cache = KVCache(model.args, 1, len(prompt_tokens) + max_new_tokens, device=param.device, dtype=param.dtype)
+    gen = torch.Generator(device=param.device).manual_seed(seed) if seed is not None else None
+    x = torch.tensor([prompt_tokens], dtype=torch.long, device=param.device)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = model(x, cache=cache, last_only=True)[0, -1].float()
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            p_sorted, idx = probs.sort(descending=True)
+            p_sorted[(p_sorted.cumsum(0) - p_sorted) >= top_p] = 0  # nucleus: mass before a token < top_p
+            token = int(idx[torch.multinomial(p_sorted / p_sorted.sum(), 1, generator=gen)])
+        out.append(token)
+        x = torch.tensor([[token]], dtype=torch.long, device=param.device)
+    return out
+
+
+def run_passkey(model: Transformer, tokenizer, lengths: Sequence[int], iterations: int = 10, seed: int = 0,
+                depths: Optional[Sequence[float]] = None, max_new_tokens: int = 10) -> list[dict]:
+    """One result per length: {"length", "iterations", "correct", "accuracy", "by_depth", "trials"}."""
+    device = next(model.parameters()).device
+    results = []
+    for length in lengths:
+        warn_beyond_window(model.rope, length + max_new_tokens, "passkey prompt + answer length")
+        trials, by_depth = [], []
+        for depth in (depths if depths else [None]):
+            prompts = passkey_prompts(tokenizer, length, iterations, seed, depth)
+            n_ok = 0
+            for p in tqdm(prompts, desc=f"passkey {length}" + ("" if depth is None else f" depth {depth:g}"),
+                          unit="prompt", leave=False):
+                new = _catch_oom(lambda: generate(model, p.tokens, max_new_tokens),
+                                 f"a passkey prompt of {length} tokens", device)
+                output = tokenizer.decode(new)
+                ok = parse_answer(output) == p.key
+                n_ok += ok
+                trials.append({"key": p.key, "depth": p.depth, "output": output, "correct": ok})
+            if depth is not None:
+                by_depth.append({"depth": depth, "iterations": len(prompts), "correct": n_ok,
+                                 "accuracy": n_ok / len(prompts)})
+        correct = sum(t["correct"] for t in trials)
+        row = {"length": length, "iterations": len(trials), "correct": correct, "accuracy": correct / len(trials)}
+        if depths:
+            row["by_depth"] = by_depth
+        row["trials"] = trials
+        results.append(row)
+    return results
+
+
+def passkey_summary(results: Sequence[dict], threshold: float = 0.8) -> dict:
+    """Table 5: the passkey context is the largest tested length with accuracy >= 80%; the
+    passkey accuracy is the mean accuracy over the tested lengths up to that context."""
+    passing = [r["length"] for r in results if r["accuracy"] >= threshold]
+    if not passing:
+        return {"passkey_context": None, "passkey_accuracy": None}
+    context = max(passing)
+    accs = [r["accuracy"] for r in results if r["length"] <= context]
+    return {"passkey_context": context, "passkey_accuracy": sum(accs) / len(accs)}
+
+
+def passkey_table(results: Sequence[dict]) -> str:
+    rows = [[r["length"], r["iterations"], r["correct"], f"{100 * r['accuracy']:.1f}%"] for r in results]
+    table = format_table(["length", "iterations", "correct", "accuracy"], rows)
+    s = passkey_summary(results)
+    if s["passkey_context"] is None:
+        return table + "\npasskey context: none (no length reached 80% accuracy)"
+    return (table + f"\npasskey context (largest length with accuracy >= 80%): {s['passkey_context']}"
+            f"\npasskey accuracy (mean over lengths <= passkey context, Table 5): {100 * s['passkey_accuracy']:.1f}%")
+
+
+# ---------------------------------------------------------------------------------------
+# Command-line helpers and plots
+# ---------------------------------------------------------------------------------------
+
+def parse_lengths(text: str, flag: str = "--lengths") -> list[int]:
+    """"2048,4096,8k" -> [2048, 4096, 8192] (k = 1024)."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        try:
+            value = int(item[:-1]) * 1024 if item.lower().endswith("k") else int(item)
+        except ValueError:
+            raise EvalError(f"{flag} {text!r}: {item!r} is not an integer (or <n>k)") from None
+        if value <= 0:
+            raise EvalError(f"{flag} {text!r}: lengths must be > 0, got {value}")
+        out.append(value)
+    if not out:
+        raise EvalError(f"{flag} {text!r}: no lengths given")
+    return out
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        out = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise EvalError(f"{flag} {text!r}: expected comma-separated numbers") from None
+    if not out:
+        raise EvalError(f"{flag} {text!r}: no values given")
+    return out
+
+
+def write_json(path: str, obj: dict) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_perplexity(results: Sequence[dict], path: str) -> None:
+    """Figure 1's style: perplexity against context window, one line per config, log y."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(r["label"] for r in results):
+        rows = sorted((r for r in results if r["label"] == label), key=lambda r: r["window"])
+        ax.plot([r["window"] for r in rows], [r["perplexity"] for r in rows], marker="o", markersize=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("context window (tokens)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_sweep(sweep: dict, path: str) -> None:
+    """Appendix A.2: Figure 2 (perplexity vs sqrt(1/t), +-1 std over documents), Figure 3
+    (Eq. 26 change per position segment) and Figure 4 (documents best at each factor)."""
+    plt = _pyplot()
+    f = np.array(sweep["factors"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    mean, std = np.array(sweep["document_perplexity_mean"]), np.array(sweep["document_perplexity_std"])
+    axes[0].plot(f, mean, marker="o", label="mean over documents")
+    axes[0].fill_between(f, mean - std, mean + std, alpha=0.25)
+    axes[0].plot(f, sweep["perplexity"], linestyle="--", label="token-weighted")
+    axes[0].axvline(sweep["recommended_factor"], color="gray", linestyle=":", label="Eq. 22")
+    axes[0].set(xlabel="sqrt(1/t)", ylabel="perplexity", title=f"s={sweep['scale']:g}, window {sweep['window']}")
+    axes[0].legend()
+    change = np.array([[np.nan if c is None else c for c in row] for row in sweep["segment_change_percent"]])
+    for k, (a, b) in enumerate(sweep["segments"]):
+        axes[1].plot(f, change[:, k], marker=".", label=f"{a}-{b}")
+    axes[1].axhline(0, color="gray", linewidth=0.8)
+    axes[1].set(xlabel="sqrt(1/t)", ylabel="perplexity change vs t=1 (%)", title="Eq. 26 per position segment")
+    axes[1].legend(fontsize=7)
+    counts = np.array(sweep["best_factor_counts"])
+    im = axes[2].imshow(counts, aspect="auto", origin="lower", cmap="viridis")
+    axes[2].set_yticks(range(len(f)), [f"{x:g}" for x in f])
+    axes[2].set_xticks(range(len(sweep["segments"])), [f"{a}" for a, _ in sweep["segments"]], rotation=45)
+    axes[2].set(xlabel="segment start (token position)", ylabel="sqrt(1/t)", title="documents with lowest perplexity")
+    fig.colorbar(im, ax=axes[2])
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def plot_passkey(results: Sequence[dict], path: str) -> None:
+    """Accuracy against length; with a depth grid, a length x depth heat map beside it."""
+    plt = _pyplot()
+    has_depth = "by_depth" in results[0]
+    fig, axes = plt.subplots(1, 2 if has_depth else 1, figsize=(12 if has_depth else 7, 4.5), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot([r["length"] for r in results], [100 * r["accuracy"] for r in results], marker="o")
+    ax.axhline(80, color="gray", linestyle=":", label="80% (passkey context threshold)")
+    ax.set(xlabel="context length (tokens)", ylabel="passkey accuracy (%)", ylim=(-5, 105))
+    ax.legend()
+    if has_depth:
+        depths = [d["depth"] for d in results[0]["by_depth"]]
+        grid = np.array([[100 * d["accuracy"] for d in r["by_depth"]] for r in results]).T
+        im = axes[0, 1].imshow(grid, aspect="auto", origin="lower", cmap="RdYlGn", vmin=0, vmax=100)
+        axes[0, 1].set_xticks(range(len(results)), [str(r["length"]) for r in results], rotation=45)
+        axes[0, 1].set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+        axes[0, 1].set(xlabel="context length (tokens)", ylabel="key depth (fraction of filler)")
+        fig.colorbar(im, ax=axes[0, 1], label="accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
