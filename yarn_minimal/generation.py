@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+from tqdm import tqdm
 
 from .model import KVCache, Transformer
 
@@ -131,7 +132,7 @@ def stream(model: Transformer, prompt_tokens: list[int], max_new_tokens: int, te
            top_p: float = 1.0, seed: Optional[int] = None, *, cache: str = "pre-rope",
            prefill_chunk: int = 4096, eos_id: Optional[int] = None, max_length: Optional[int] = None,
            compile: bool = False, stats: Optional[GenerationStats] = None,
-           on_logits: Optional[Callable[[torch.Tensor], None]] = None) -> Iterator[int]:
+           on_logits: Optional[Callable[[torch.Tensor], None]] = None, progress: bool = False) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids, one at a time, as they are produced.
 
     cache          "pre-rope" (correct under Dynamic Scaling, Sec. 3.3) or "rotated" (the
@@ -142,6 +143,7 @@ def stream(model: Transformer, prompt_tokens: list[int], max_new_tokens: int, te
     compile        torch.compile the decode step
     stats          a GenerationStats to fill in (timings, final s)
     on_logits      called with the logits (vocab,) that every new token is sampled from
+    progress       a tqdm bar (stderr) over the prefill chunks
     """
     total = check_request(model, prompt_tokens, max_new_tokens, temperature, top_p, cache,
                           prefill_chunk, max_length)
@@ -161,7 +163,8 @@ def stream(model: Transformer, prompt_tokens: list[int], max_new_tokens: int, te
 
     t0 = time.perf_counter()
     prompt = torch.tensor(prompt_tokens, dtype=torch.long, device=device)[None]
-    for a in range(0, P, prefill_chunk):
+    starts = range(0, P, prefill_chunk)
+    for a in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 2, leave=False):
         # scale_length=P: every chunk rotates with the s of the whole prompt (Sec. 3.3)
         logits = model(prompt[:, a:a + prefill_chunk], cache=kv, last_only=True, scale_length=P)[0, -1]
     sync()
