@@ -219,6 +219,9 @@ def test_top_p_keeps_the_nucleus_of_a_known_distribution():
     np.testing.assert_allclose(got, expected, atol=1e-12)
     np.testing.assert_allclose(top_p_filter(torch.tensor(p), 0.3).numpy(), [0, 1, 0, 0, 0], atol=1e-12)
     np.testing.assert_allclose(top_p_filter(torch.tensor(p), 1.0).numpy(), p, atol=1e-12)
+    # the boundary, in exactly representable numbers: 0.5 + 0.25 reaches 0.75, so the set stops there
+    exact = torch.tensor([0.125, 0.5, 0.125, 0.25])
+    np.testing.assert_allclose(top_p_filter(exact, 0.75).numpy(), [0, 2 / 3, 0, 1 / 3], atol=1e-12)
     rng = np.random.default_rng(0)
     for _ in range(20):
         q = rng.dirichlet(np.ones(50) * 0.3)
