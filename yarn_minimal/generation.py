@@ -127,7 +127,6 @@ def _compiled_decode_step() -> Callable:
     return torch.compile(_decode_step, dynamic=True)
 
 
-@torch.inference_mode()
 def stream(model: Transformer, prompt_tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
            top_p: float = 1.0, seed: Optional[int] = None, *, cache: str = "pre-rope",
            prefill_chunk: int = 4096, eos_id: Optional[int] = None, max_length: Optional[int] = None,
@@ -146,7 +145,14 @@ def stream(model: Transformer, prompt_tokens: list[int], max_new_tokens: int, te
     progress       a tqdm bar (stderr) over the prefill chunks
     """
     total = check_request(model, prompt_tokens, max_new_tokens, temperature, top_p, cache,
-                          prefill_chunk, max_length)
+                          prefill_chunk, max_length)  # here, so that bad input fails at the call
+    return _run(model, list(prompt_tokens), total, temperature, top_p, seed, cache, prefill_chunk, eos_id,
+                compile, stats, on_logits, progress)
+
+
+@torch.inference_mode()
+def _run(model, prompt_tokens, total, temperature, top_p, seed, cache, prefill_chunk, eos_id, compile,
+         stats, on_logits, progress) -> Iterator[int]:
     stats = stats if stats is not None else GenerationStats()
     P = len(prompt_tokens)
     stats.prompt_tokens = P
