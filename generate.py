@@ -1,0 +1,141 @@
+"""Generate text from a Llama 2 checkpoint with any RoPE extension method of the YaRN paper.
+
+    python generate.py --yarn-scale 16 --prompt-file long_document.txt --max-new-tokens 128
+    python generate.py --method yarn --dynamic --prompt "Once upon a time"
+
+Tokens stream to stdout as they are produced; the statistics go to stderr at the end.
+The KV cache keeps keys before RoPE under Dynamic Scaling (Sec. 3.3); --cache rotated
+reproduces the stale-rotation cache of other implementations, for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import warnings
+
+import torch
+
+from yarn_minimal import cli
+from yarn_minimal.checkpoint import CheckpointError, load
+from yarn_minimal.generation import CACHE_MODES, GenerationStats, stream
+
+DEFAULT_PROMPT = "Once upon a time,"
+
+
+class TextStream:
+    """Turns token ids into text as they come. Decoding each token alone would drop
+    sentencepiece's leading spaces and split multi-byte characters made of byte-fallback
+    pieces, so every new piece is decoded together with the previous ones and only the new
+    characters are printed; text ending in an incomplete character waits for the next token."""
+
+    def __init__(self, tokenizer, context: list[int]):
+        self.tokenizer = tokenizer
+        self.ids = list(context)
+        self.start, self.done = 0, len(self.ids)  # ids[start:done] is already printed
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        printed = self.tokenizer.decode(self.ids[self.start:self.done])
+        text = self.tokenizer.decode(self.ids[self.start:])
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        self.start, self.done = self.done, len(self.ids)
+        return text[len(printed):] if text.startswith(printed) else text
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        printed = self.tokenizer.decode(self.ids[self.start:self.done])
+        text = self.tokenizer.decode(self.ids[self.start:])
+        self.start = self.done = len(self.ids)
+        return text[len(printed):] if text.startswith(printed) else text
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA max_memory_allocated)"
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return f"{kib / 2**20:.2f} GiB (process peak RSS)"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Generate text with a RoPE-extended Llama 2 (YaRN, PI, NTK, ...). "
+                    "Tokens stream to stdout; prompt length, final scale s, tokens/s and peak memory go to stderr.")
+    cli.add_checkpoint_arg(p)
+    cli.add_rope_args(p)
+    g = p.add_argument_group("prompt and sampling")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    src.add_argument("--prompt-file", default=None,
+                     help="read the prompt from this UTF-8 file (e.g. a long document followed by a question)")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
+    r = p.add_argument_group("runtime")
+    cli.add_device_args(r)
+    r.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    r.add_argument("--cache", choices=CACHE_MODES, default="pre-rope",
+                   help="pre-rope (default): keys cached before RoPE, correct under --dynamic (Sec. 3.3); "
+                        "rotated: cache rotated keys like other implementations (stale under --dynamic)")
+    r.add_argument("--prefill-chunk", type=int, default=4096,
+                   help="prompt tokens per prefill forward pass; bounds activation memory (default 4096)")
+    args = p.parse_args(argv)
+
+    if args.max_new_tokens < 0:
+        p.error(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
+    if not (args.temperature >= 0):
+        p.error(f"--temperature: must be >= 0 (0 = greedy), got {args.temperature}")
+    if not (0 < args.top_p <= 1):
+        p.error(f"--top-p: must be in (0, 1], got {args.top_p}")
+    if args.prefill_chunk <= 0:
+        p.error(f"--prefill-chunk: must be > 0, got {args.prefill_chunk}")
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                args.prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            p.error(f"--prompt-file {args.prompt_file}: cannot be read ({e})")
+    elif args.prompt is None:
+        args.prompt = DEFAULT_PROMPT
+    if not args.prompt.strip():
+        p.error(f"{'--prompt-file ' + args.prompt_file if args.prompt_file else '--prompt'}: the prompt is empty")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
+    ckpt = cli.resolve_checkpoint(args.ckpt)
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    try:
+        model, tokenizer = load(ckpt, device=device, dtype=dtype)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --ckpt {ckpt}: {e}") from None
+    model.set_rope(cli.rope_from_args(args, model.rope))
+
+    prompt_tokens = tokenizer.encode(args.prompt, bos=True)
+    stats = GenerationStats()
+    text = TextStream(tokenizer, prompt_tokens[-1:])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    print(f"# {model.rope.describe()}, {len(prompt_tokens)} prompt tokens, {device} {str(dtype).removeprefix('torch.')}",
+          file=sys.stderr)
+    for token in stream(model, prompt_tokens, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                        cache=args.cache, prefill_chunk=args.prefill_chunk,
+                        eos_id=None if args.ignore_eos else tokenizer.eos_id,
+                        compile=args.compile, stats=stats, progress=True):
+        print(text.push(token), end="", flush=True)
+    print(text.flush())
+    print(f"prompt: {stats.prompt_tokens} tokens | generated: {stats.new_tokens} tokens"
+          f"{' (stopped at EOS)' if stats.stopped_at_eos else ''} | effective scale s at the end: "
+          f"{stats.final_scale:g}\n"
+          f"prefill: {stats.prefill_tokens_per_s:.1f} tokens/s ({stats.prefill_seconds:.2f} s) | "
+          f"decode: {stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, {stats.decode_seconds:.2f} s)\n"
+          f"peak memory: {peak_memory(device)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
