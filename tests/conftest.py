@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: more threads only add overhead on a shared 2-core machine
 
 WORDS = ("the pass key is hidden inside a lot of irrelevant text grass green sky blue sun yellow "
          "here we go there and back again rotary position embedding scale factor context window "

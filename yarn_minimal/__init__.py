@@ -7,6 +7,8 @@ Public API:
     load(path, rope=None, device="cpu", dtype=torch.float32, progress=False) -> (model, tokenizer)
         reads Meta's raw layout (any number of shards), Hugging Face folders, and our own
     save(model, tokenizer, path, format="meta" | "hf")
+    generate(model, prompt_tokens, max_new_tokens, temperature=0.0, top_p=1.0, seed=None) -> list[int]
+    stream(...)                     the same, yielding tokens as they are made (generation.py)
 """
 import importlib
 
@@ -14,6 +16,7 @@ import importlib
 _API = {
     "RopeConfig": "rope", "ModelArgs": "model", "Transformer": "model", "KVCache": "model",
     "Tokenizer": "tokenizer", "load": "checkpoint", "save": "checkpoint", "CheckpointError": "checkpoint",
+    "generate": "generation", "stream": "generation", "GenerationStats": "generation",
 }
 __all__ = list(_API)
 

@@ -38,7 +38,8 @@ def resolve_checkpoint(ckpt: Optional[str]) -> Path:
 def add_rope_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("RoPE extension (default: the checkpoint's own setting)")
     g.add_argument("--method", choices=METHODS, default=None,
-                   help="none | pi | ntk (NTK-aware) | ntk-by-parts | yarn; default yarn when --yarn-scale is given")
+                   help="none | pi | ntk (NTK-aware) | ntk-by-parts | yarn; default yarn when --yarn-scale "
+                        "or --dynamic is given")
     g.add_argument("--yarn-scale", "--scale", dest="scale", type=float, default=None,
                    help="scale factor s = L'/L (Eq. 11); with --dynamic, the floor s0 of s = max(s0, l'/L)")
     g.add_argument("--original-length", type=int, default=None,
@@ -60,8 +61,8 @@ def rope_from_args(args: argparse.Namespace, base: RopeConfig) -> RopeConfig:
     changes = {}
     if args.method is not None:
         changes["method"] = args.method
-    elif args.scale is not None and base.method == "none":
-        changes["method"] = "yarn"
+    elif (args.scale is not None or args.dynamic) and base.method == "none":
+        changes["method"] = "yarn"  # --yarn-scale / --dynamic alone mean YaRN / Dynamic-YaRN
     if args.scale is not None:
         changes["scale"] = args.scale
     if args.dynamic:

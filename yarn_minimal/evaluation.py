@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .model import KVCache, Transformer
+from .generation import generate
+from .model import Transformer
 from .rope import RopeConfig
 
 
@@ -233,16 +234,10 @@ def _catch_oom(fn, what: str, device):
                         "Use shorter --lengths, --dtype bfloat16, or a device with more memory") from None
 
 
-def supported_window(rope: RopeConfig) -> Optional[int]:
-    """L' = s L (Eq. 11), the context a static RoPE setting is meant for; None with Dynamic
-    Scaling, where s grows with the sequence."""
-    return None if rope.dynamic else int(round(rope.original_length * rope.scale))
-
-
 def warn_beyond_window(rope: RopeConfig, length: int, what: str) -> bool:
     """Beyond L' a static method still runs: the blow-up it shows is part of the measurement
     (Table 2's "> 10^2" entries), so this warns rather than refuses."""
-    limit = supported_window(rope)
+    limit = rope.window
     if limit is None or length <= limit:
         return False
     warnings.warn(f"{what} {length} exceeds the window {rope.describe()} supports, L x s = {limit} tokens; "
@@ -532,39 +527,12 @@ def parse_answer(text: str) -> Optional[int]:
     return int(match.group()) if match else None
 
 
-# TODO(merge): replace with `from .generation import generate` (branch `gen`), same signature
-# and semantics (new tokens only). A minimal stand-in so that evaluation runs before it lands.
-@torch.inference_mode()
-def generate(model: Transformer, prompt_tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: Optional[int] = None) -> list[int]:
-    """The max_new_tokens tokens that follow prompt_tokens: one prefill over the whole prompt
-    into a pre-RoPE KV cache, then one token per forward pass."""
-    param = next(model.parameters())
-    cache = KVCache(model.args, 1, len(prompt_tokens) + max_new_tokens, device=param.device, dtype=param.dtype)
-    gen = torch.Generator(device=param.device).manual_seed(seed) if seed is not None else None
-    x = torch.tensor([prompt_tokens], dtype=torch.long, device=param.device)
-    out = []
-    for _ in range(max_new_tokens):
-        logits = model(x, cache=cache, last_only=True)[0, -1].float()
-        if temperature == 0:
-            token = int(logits.argmax())
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            p_sorted, idx = probs.sort(descending=True)
-            p_sorted[(p_sorted.cumsum(0) - p_sorted) >= top_p] = 0  # nucleus: mass before a token < top_p
-            token = int(idx[torch.multinomial(p_sorted / p_sorted.sum(), 1, generator=gen)])
-        out.append(token)
-        x = torch.tensor([[token]], dtype=torch.long, device=param.device)
-    return out
-
-
 def run_passkey(model: Transformer, tokenizer, lengths: Sequence[int], iterations: int = 10, seed: int = 0,
                 depths: Optional[Sequence[float]] = None, max_new_tokens: int = 10) -> list[dict]:
     """One result per length: {"length", "iterations", "correct", "accuracy", "by_depth", "trials"}."""
     device = next(model.parameters()).device
     results = []
     for length in lengths:
-        warn_beyond_window(model.rope, length + max_new_tokens, "passkey prompt + answer length")
         trials, by_depth = [], []
         for depth in (depths if depths else [None]):
             prompts = passkey_prompts(tokenizer, length, iterations, seed, depth)

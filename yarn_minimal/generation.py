@@ -50,13 +50,6 @@ class GenerationStats:
         return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
-def supported_window(model: Transformer) -> Optional[int]:
-    """L' = s L (Eq. 11), the context a static method is meant for; None under Dynamic
-    Scaling, where s grows with the sequence and there is no fixed window."""
-    rope = model.rope
-    return None if rope.dynamic else int(rope.original_length * rope.scale)
-
-
 def check_request(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float,
                   top_p: float, cache: str, prefill_chunk: int, max_length: Optional[int]) -> int:
     """Reject what cannot be run, warn about what runs but is outside the model's window.
@@ -82,7 +75,7 @@ def check_request(model: Transformer, prompt_tokens, max_new_tokens: int, temper
         if len(prompt_tokens) > max_length:
             raise ValueError(f"max_length: the prompt has {len(prompt_tokens)} tokens, more than max_length={max_length}")
         total = min(total, max_length)
-    window = supported_window(model)
+    window = model.rope.window
     if window is not None and total > window:
         # Still well defined (and showing the breakdown is a legitimate experiment), so a
         # warning rather than an error: past L' the model sees rotations it was never trained on.

@@ -101,11 +101,11 @@ class RMSNorm(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Eq. 5 in real coordinates: rotate each interleaved pair (x_2d, x_2d+1) of every head by
-    the angle of its position. x is (B, T, H, |D|); cos/sin are float32 (T, |D|/2) and already
-    carry YaRN's sqrt(1/t)."""
-    # as complex numbers, x_d e^{i m theta_d} is one multiplication; on CPU this runs ~10x
-    # faster than the same arithmetic on strided real/imaginary views (same float32 result)
+    """Eq. 5: f(x_m, m) = e^{i m theta} x_m, where each interleaved pair (x_2d, x_2d+1) of a
+    head is one complex number (Eq. 3-4). x is (B, T, H, |D|); cos/sin are float32 (T, |D|/2)
+    and already carry YaRN's sqrt(1/t), so e^{i m theta} here is (cos + i sin)."""
+    # one complex multiplication; on CPU ~10x faster than the same arithmetic on strided
+    # real/imaginary views, with the same float32 result
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     rotated = pairs * torch.complex(cos, sin)[:, None, :]  # broadcast over heads
     return torch.view_as_real(rotated).flatten(-2).type_as(x)

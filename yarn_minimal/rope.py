@@ -74,6 +74,12 @@ class RopeConfig:
         if self.attention_factor is not None and not (self.attention_factor > 0):
             raise ValueError(f"RopeConfig.attention_factor: must be > 0, got {self.attention_factor}")
 
+    @property
+    def window(self) -> Optional[int]:
+        """L' = s L (Eq. 11), the context a static setting is meant for; None under Dynamic
+        Scaling, where s grows with the sequence and there is no fixed window."""
+        return None if self.dynamic else int(round(self.original_length * self.scale))
+
     def to_dict(self) -> dict:
         return asdict(self)
 

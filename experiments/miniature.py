@@ -1,0 +1,251 @@
+"""The YaRN paper's experiments in miniature, on the embedded demo model and a laptop CPU.
+
+    python -m experiments.miniature                 # all steps, ~30-60 min on 2 CPU cores
+    python -m experiments.miniature --steps 1,4     # only some steps
+    python -m experiments.miniature --quick         # a tiny grid, about a minute
+
+The demo model (demo/yarn-demo) was pre-trained at L = 256 tokens with plain RoPE, so
+16 x L = 4096 tokens is "long context" for it. Every step runs the project's own scripts
+(train.py, eval_perplexity.py, eval_passkey.py) as a user would, and writes JSON and PNG under
+--out; the last step writes SUMMARY.md with every table.
+
+1. No fine-tuning (Table 1 / Figure 5 analogue): perplexity of the held-out documents,
+   truncated to windows 1x..16x L (the Figure 1 protocol), for plain RoPE and every method at
+   s = 16, static and dynamic.
+2. Equal fine-tuning budget for PI, NTK-aware and YaRN at s = 8 on 8 x L sequences:
+   perplexity at the same windows and passkey accuracy at 2x..16x L (Tables 1 and 5).
+3. Train short, test long: YaRN at s = 16 fine-tuned only on 8 x L sequences, evaluated up
+   to 16 x L (the s = 32 result of Table 2).
+4. The temperature sweep of Appendix A.2 at s = 8 (no fine-tuning): perplexity against
+   sqrt(1/t), with Eq. 22's 0.1 ln(s) + 1 marked.
+5. alpha/beta for this model: the paper tunes them per model family (Sec. 3.2); YaRN s = 8
+   without fine-tuning at 8 x L for a few (alpha, beta).
+
+Held-out documents and fine-tuning data come from `python -m experiments.demo_data`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CKPT = ROOT / "demo" / "yarn-demo"
+DEFAULT_DATA = ROOT / "experiments" / "work" / "demo_data"
+METHOD_NAMES = {"none": "RoPE", "pi": "PI", "ntk": "NTK-aware", "ntk-by-parts": "NTK-by-parts", "yarn": "YaRN"}
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """Run one of the project's scripts; its output goes to a log file beside the results."""
+    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(str(c) for c in cmd) + "\n")
+        f.flush()
+        proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        raise SystemExit(f"error: command failed with exit code {proc.returncode}; see {log}")
+
+
+def original_length(ckpt: Path) -> int:
+    rope = ckpt / "rope.json"
+    return json.loads(rope.read_text())["original_length"] if rope.is_file() else 4096
+
+
+class Miniature:
+    def __init__(self, args):
+        self.args = args
+        self.ckpt, self.data, self.out = Path(args.ckpt), Path(args.data), Path(args.out)
+        self.L = original_length(self.ckpt)
+        self.windows = [self.L * k for k in ((1, 2, 4) if args.quick else (1, 2, 4, 8, 16))]
+        self.heldout = self.data / "heldout"
+        self.log = self.out / "log.txt"
+        self.work = self.out / "checkpoints"
+
+    def check_inputs(self) -> None:
+        if not (self.ckpt / "params.json").is_file():
+            raise SystemExit(f"error: {self.ckpt}: no params.json; pass --ckpt")
+        for need in (self.heldout, self.data / f"train-{8 * self.L}"):
+            if not need.exists():
+                raise SystemExit(f"error: {need} is missing; build the data first with "
+                                 f"`python -m experiments.demo_data --out {self.data}`")
+
+    def perplexity(self, name: str, configs: list[str], windows: list[int], extra=()) -> dict:
+        out = self.out / name
+        cmd = ["eval_perplexity.py", "--ckpt", self.ckpt, "--files", self.heldout, "--truncate",
+               "--lengths", ",".join(map(str, windows)), "--max-documents", self.args.documents,
+               "--out", out.with_suffix(".json"), "--plot", out.with_suffix(".png"), *extra]
+        for c in configs:
+            cmd += ["--config", c]
+        run(cmd, self.log)
+        return json.loads(out.with_suffix(".json").read_text())
+
+    def passkey(self, name: str, ckpt: Path, lengths: list[int]) -> dict:
+        out = self.out / name
+        run(["eval_passkey.py", "--ckpt", ckpt, "--lengths", ",".join(map(str, lengths)),
+             "--iterations", self.args.passkey_iterations, "--seed", "1234",
+             "--out", out.with_suffix(".json"), "--plot", out.with_suffix(".png")], self.log)
+        return json.loads(out.with_suffix(".json").read_text())
+
+    def finetune(self, method: str, scale: float) -> Path:
+        """Equal budget for every method: same steps, batch, lr and data (8 x L sequences)."""
+        out = self.work / f"{method}-s{scale:g}"
+        if not (out / "final" / "params.json").is_file():
+            a = self.args
+            run(["train.py", "--ckpt", self.ckpt, "--method", method, "--yarn-scale", scale,
+                 "--data", self.data / f"train-{8 * self.L}", "--out", out, "--steps", a.finetune_steps,
+                 "--global-batch-size", a.finetune_batch, "--micro-batch-size", a.finetune_batch,
+                 "--lr", a.finetune_lr, "--warmup-steps", max(1, a.finetune_steps // 10), "--save-every", 0,
+                 "--seed", 0, "--device", "cpu"], self.log)
+        return out / "final"
+
+    # ---------------------------------------------------------------- the steps
+
+    def step1(self) -> dict:
+        s = 16
+        configs = ["method=none,label=RoPE"]
+        for dynamic in (False, True):
+            for m in ("pi", "ntk", "ntk-by-parts", "yarn"):
+                label = ("Dynamic-" if dynamic else "") + METHOD_NAMES[m] + ("" if dynamic else f" s={s}")
+                configs.append(f"method={m},scale={1 if dynamic else s},dynamic={int(dynamic)},label={label}")
+        return self.perplexity("step1_no_finetune", configs, self.windows)
+
+    def step2(self) -> dict:
+        s = 8
+        ckpts = {m: self.finetune(m, s) for m in ("pi", "ntk", "yarn")}
+        configs = [f"ckpt={c},label={METHOD_NAMES[m]} s={s} (fine-tuned)" for m, c in ckpts.items()]
+        ppl = self.perplexity("step2_finetuned_perplexity", configs, self.windows)
+        lengths = [self.L * k for k in ((2, 4) if self.args.quick else (2, 4, 8, 16))]
+        passkey = {m: self.passkey(f"step2_passkey_{m}", c, lengths) for m, c in ckpts.items()}
+        passkey["base"] = self.passkey("step2_passkey_base", self.ckpt, lengths)
+        return {"perplexity": ppl, "passkey": passkey}
+
+    def step3(self) -> dict:
+        c16 = self.finetune("yarn", 16)
+        c8 = self.finetune("yarn", 8)
+        configs = [f"ckpt={c8},label=YaRN s=8 (fine-tuned on 8L)", f"ckpt={c16},label=YaRN s=16 (fine-tuned on 8L)"]
+        ppl = self.perplexity("step3_train_short_test_long", configs, self.windows)
+        lengths = [self.L * k for k in ((2, 4) if self.args.quick else (4, 8, 12, 16))]
+        return {"perplexity": ppl, "passkey": self.passkey("step3_passkey_yarn_s16", c16, lengths)}
+
+    def step4(self) -> dict:
+        s = 8
+        factors = "0.8,0.9,1.0,1.1,1.2,1.3,1.4,1.6" if not self.args.quick else "0.9,1.2"
+        window = self.L * (4 if self.args.quick else 8)
+        return self.perplexity("step4_temperature_sweep", [f"method=yarn,scale={s}"], [window],
+                               extra=["--attention-factor-sweep", factors, "--segment-length", self.L])
+
+    def step5(self) -> dict:
+        s = 8
+        pairs = [(1, 32), (1, 16), (1, 8), (0.5, 16), (2, 32)] if not self.args.quick else [(1, 32), (1, 8)]
+        configs = [f"method=yarn,scale={s},alpha={a},beta={b},label=alpha={a} beta={b}" for a, b in pairs]
+        return self.perplexity("step5_alpha_beta", configs, [self.L * k for k in ((1, 4) if self.args.quick else (1, 8))])
+
+
+# -------------------------------------------------------------------- the summary
+
+def table(results: list[dict], key="perplexity") -> str:
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    windows = sorted({r["window"] for r in results})
+    by = {(r["label"], r["window"]): r[key] for r in results}
+    fmt = lambda x: "-" if x is None else (f"{x:.3g}" if x >= 1000 else f"{x:.2f}")
+    lines = ["| setting | " + " | ".join(str(w) for w in windows) + " |", "|---" * (len(windows) + 1) + "|"]
+    lines += ["| " + lab + " | " + " | ".join(fmt(by.get((lab, w))) for w in windows) + " |" for lab in labels]
+    return "\n".join(lines)
+
+
+def passkey_rows(named: dict) -> str:
+    lengths = sorted({r["length"] for res in named.values() for r in res["results"]})
+    lines = ["| model | " + " | ".join(map(str, lengths)) + " | passkey context |", "|---" * (len(lengths) + 2) + "|"]
+    for name, res in named.items():
+        acc = {r["length"]: r["accuracy"] for r in res["results"]}
+        lines.append(f"| {name} | " + " | ".join(f"{100 * acc[n]:.0f}%" if n in acc else "-" for n in lengths)
+                     + f" | {res.get('passkey_context') or 'none'} |")
+    return "\n".join(lines)
+
+
+def summary(mini: Miniature, results: dict, wall: float) -> str:
+    a = mini.args
+    parts = [f"# YaRN in miniature: results\n",
+             f"Command: `python -m experiments.miniature --steps {a.steps}{' --quick' if a.quick else ''}`  ",
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+             f"Python {platform.python_version()}  ",
+             f"Wall time: {wall / 60:.1f} min. Model: `{mini.ckpt.relative_to(ROOT) if mini.ckpt.is_relative_to(ROOT) else mini.ckpt}` "
+             f"(L = {mini.L}); {a.documents} held-out documents, truncated to each window (Figure 1 protocol).  ",
+             f"Fine-tuning budget per method: {a.finetune_steps} steps x {a.finetune_batch} sequences of "
+             f"{8 * mini.L} tokens, lr {a.finetune_lr}.\n"]
+    if "1" in results:
+        parts += ["## 1. Without fine-tuning (Table 1 / Figure 5 analogue)\n", table(results["1"]["results"]),
+                  "\n![step 1](step1_no_finetune.png)\n"]
+    if "2" in results:
+        parts += ["## 2. Equal fine-tuning budget at s = 8 (Tables 1 and 5 analogue)\n",
+                  table(results["2"]["perplexity"]["results"]), "\n![step 2](step2_finetuned_perplexity.png)\n",
+                  "Passkey accuracy (10 prompts per length unless --passkey-iterations says otherwise):\n",
+                  passkey_rows({("base model, plain RoPE" if k == "base" else f"{METHOD_NAMES[k]} s=8 fine-tuned"): v
+                                for k, v in results["2"]["passkey"].items()}), ""]
+    if "3" in results:
+        parts += ["## 3. Train short, test long: YaRN s = 16 fine-tuned on 8 x L (Table 2's s = 32 analogue)\n",
+                  table(results["3"]["perplexity"]["results"]), "\n![step 3](step3_train_short_test_long.png)\n",
+                  passkey_rows({"YaRN s=16, fine-tuned on 8L": results["3"]["passkey"]}), ""]
+    if "4" in results:
+        sweep = results["4"].get("sweep") or results["4"]
+        parts += ["## 4. Attention temperature sweep at s = 8 (Appendix A.2, Figure 2 analogue)\n",
+                  "| sqrt(1/t) | perplexity |", "|---|---|"]
+        if "factors" in sweep:
+            parts += [f"| {f:g}{' (best)' if p == min(sweep['perplexity']) else ''} | {p:.3f} |"
+                      for f, p in zip(sweep["factors"], sweep["perplexity"])]
+            parts += [f"\nEq. 22 recommends {sweep['recommended_factor']:.3f} at s = 8.\n"]
+        parts += ["![step 4](step4_temperature_sweep.png)\n"]
+    if "5" in results:
+        parts += ["## 5. alpha and beta for this model (YaRN s = 8, no fine-tuning)\n", table(results["5"]["results"]), ""]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m experiments.miniature", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help="the model to extend (default: the embedded demo model)")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="output of `python -m experiments.demo_data`")
+    p.add_argument("--out", default=str(ROOT / "results" / "miniature"), help="results folder")
+    p.add_argument("--steps", default="1,2,3,4,5", help="which steps to run, e.g. 1,4 (default all)")
+    p.add_argument("--quick", action="store_true", help="tiny grid for a smoke test (~1-2 min)")
+    p.add_argument("--documents", type=int, default=None, help="held-out documents to score (default 12; quick 2)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="optimizer steps per fine-tune (default 30; quick 2)")
+    p.add_argument("--finetune-batch", type=int, default=None, help="sequences per step (default 4; quick 1)")
+    p.add_argument("--finetune-lr", type=float, default=5e-4, help="peak lr of the fine-tunes (default 5e-4)")
+    p.add_argument("--passkey-iterations", type=int, default=None, help="prompts per length (default 10; quick 2)")
+    a = p.parse_args(argv)
+    quick = a.quick
+    a.documents = a.documents or (2 if quick else 12)
+    a.finetune_steps = a.finetune_steps or (2 if quick else 30)
+    a.finetune_batch = a.finetune_batch or (1 if quick else 4)
+    a.passkey_iterations = a.passkey_iterations or (2 if quick else 10)
+    steps = sorted(set(a.steps.split(",")))
+    if not set(steps) <= {"1", "2", "3", "4", "5"}:
+        p.error(f"--steps {a.steps}: choose from 1,2,3,4,5")
+
+    mini = Miniature(a)
+    mini.check_inputs()
+    mini.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    start = time.time()
+    results = {}
+    for s in steps:
+        t = time.time()
+        print(f"== step {s}", flush=True)
+        results[s] = getattr(mini, f"step{s}")()
+        print(f"== step {s} done in {time.time() - t:.0f} s", flush=True)
+    wall = time.time() - start
+    (mini.out / "results.json").write_text(json.dumps({"steps": results, "wall_s": wall}, indent=1) + "\n")
+    (mini.out / "SUMMARY.md").write_text(summary(mini, results, wall))
+    print(f"wrote {mini.out / 'SUMMARY.md'} ({wall / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
