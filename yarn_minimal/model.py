@@ -136,31 +136,40 @@ ROTATE_BLOCK = 8192  # positions re-rotated at a time when s changes
 class KVCache:
     """Keys and values of every layer for a batch of sequences, up to max_len positions.
 
-    Sec. 3.3: with Dynamic Scaling, s changes with the sequence length and so does the
-    rotation of every cached key; the correct cache therefore keeps keys BEFORE RoPE (`k`)
-    and rotates them with the current s. Rotating all of them at every step would waste work
-    when s has not changed, so `k_rot` keeps the keys rotated at `self.scale` and is rebuilt
-    only when s changes; otherwise only the new keys are rotated.
+    Sec. 3.3: under Dynamic Scaling, s changes with the sequence length and so does the
+    rotation of every cached key, so the correct cache keeps keys BEFORE RoPE (`k`). Two phases:
 
-    With a static method s never changes, so the pre-RoPE keys would never be read again:
-    the cache then keeps only `k_rot` (identical results, one buffer less).
+    - while s stays at its floor s0 (lengths up to L s0), rotations never change: each key is
+      rotated once, when it arrives, into `k_rot` (L s0 positions per layer);
+    - past L s0, s = l'/L changes with every token: each forward pass rotates all cached keys
+      of a layer with the current s into `scratch`, one buffer shared by the layers.
 
-    mode="rotated" keeps only rotated keys even under Dynamic Scaling, as Hugging Face, vLLM
-    and the authors' code do, so that old keys keep a stale s. It exists to measure that bug.
+    So the cache costs the pre-RoPE keys and values plus small extras (Llama 2 7B at 128k:
+    64 GiB + 1 GiB for k_rot + 1 GiB scratch), not a second full key buffer.
+
+    With a static method s never changes, so only rotated keys are kept (`k_rot`, full length).
+    mode="rotated" does that even under Dynamic Scaling, as Hugging Face, vLLM and the
+    authors' code do, so that old keys keep a stale s: it exists to measure that bug.
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None,
                  dtype=torch.float32, mode: str = "pre-rope"):
         if mode not in ("pre-rope", "rotated"):
             raise ValueError(f"KVCache.mode: {mode!r}; allowed: pre-rope, rotated")
-        shape = (batch_size, max_len, args.n_kv_heads, args.head_dim)
-        make = lambda: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        rope = args.rope
+        zeros = lambda n: torch.zeros((batch_size, n, args.n_kv_heads, args.head_dim), device=device, dtype=dtype)
         self.mode, self.max_len = mode, max_len
-        self.v = make()
-        self.k_rot = make()
-        self.k = make() if mode == "pre-rope" and args.rope.dynamic else None
+        self.v = [zeros(max_len) for _ in range(args.n_layers)]
+        if mode == "pre-rope" and rope.dynamic:
+            floor_len = min(max_len, math.floor(rope.original_length * rope.scale))  # where s = s0
+            self.k = [zeros(max_len) for _ in range(args.n_layers)]
+            self.k_rot = [zeros(floor_len) for _ in range(args.n_layers)]
+            self.scratch = zeros(max_len)
+        else:
+            self.k = self.scratch = None
+            self.k_rot = [zeros(max_len) for _ in range(args.n_layers)]
         self.length = 0      # positions filled
-        self.scale = None    # s that k_rot was rotated with
+        self.scale = None    # s of the last forward pass
 
     def reset(self) -> None:
         self.length, self.scale = 0, None
@@ -188,13 +197,15 @@ class Attention(nn.Module):
             cache.v[layer][:B, start:end] = v
             if cache.k is not None:
                 cache.k[layer][:B, start:end] = k  # Sec. 3.3: cache keys before RoPE
-            if rope.rotate_all:  # s changed: every cached key gets the new rotation
+            if rope.rotate_all:  # s is not at its floor: every cached key gets the current rotation
+                keys = cache.scratch[:B, :end]
                 for a in range(0, end, ROTATE_BLOCK):  # in blocks, to bound float32 temporaries
                     b = min(a + ROTATE_BLOCK, end)
-                    cache.k_rot[layer][:B, a:b] = apply_rope(cache.k[layer][:B, a:b], rope.cos[a:b], rope.sin[a:b])
-            else:
+                    keys[:, a:b] = apply_rope(cache.k[layer][:B, a:b], rope.cos[a:b], rope.sin[a:b])
+            else:  # s never changes for these keys: rotate each once, on arrival
                 cache.k_rot[layer][:B, start:end] = apply_rope(k, rope.cos_new, rope.sin_new)
-            k, v = cache.k_rot[layer][:B, :end], cache.v[layer][:B, :end]
+                keys = cache.k_rot[layer][:B, :end]
+            k, v = keys, cache.v[layer][:B, :end]
         out = attention(q, k, v)
         return self.wo(out.reshape(B, T, -1))
 
@@ -232,7 +243,7 @@ class RopeState:
     start: int                # position of the first new token
     cos: torch.Tensor         # positions 0..end-1 when rotate_all, else the new positions
     sin: torch.Tensor
-    rotate_all: bool          # re-rotate every cached key (s changed since the cache was made)
+    rotate_all: bool          # rotate every cached key from the pre-RoPE cache (s above its floor)
 
     @property
     def cos_new(self):
@@ -277,7 +288,8 @@ class Transformer(nn.Module):
         end = start + T
         # Sec. 3.3: s follows the length of the sequence this forward pass sees
         s = effective_scale(self.rope, scale_length if scale_length is not None else end)
-        rotate_all = cache is not None and cache.k is not None and start > 0 and s != cache.scale
+        # a pre-RoPE cache past L s0: s differs from its floor and changes with every token
+        rotate_all = cache is not None and cache.k is not None and s > self.rope.scale
         first = 0 if rotate_all else start
         cos, sin = rope_tables(self.rope, self.args.head_dim, torch.arange(first, end), s, device=device)
         return RopeState(scale=s, start=start, cos=cos, sin=sin, rotate_all=rotate_all)
