@@ -17,6 +17,7 @@ This module imports nothing from the rest of the package.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -225,8 +226,10 @@ def yarn_attention_factor(scale: float) -> float:
 # One code path from a config to the frequencies and the cos/sin tables
 # ---------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=256)  # decoding asks for the same (cfg, s) at every token
 def frequencies(cfg: RopeConfig, head_dim: int, scale: float) -> tuple[torch.Tensor, float]:
-    """h(theta_d) for d = 0..|D|/2-1 (float64) and the attention factor sqrt(1/t), at scale s."""
+    """h(theta_d) for d = 0..|D|/2-1 (float64) and the attention factor sqrt(1/t), at scale s.
+    The returned tensor is shared between calls: do not modify it in place."""
     theta = rope_frequencies(head_dim, cfg.base)
     if cfg.method == "none":
         inv_freq = theta
