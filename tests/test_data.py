@@ -45,7 +45,7 @@ def test_prepare_bookends_segments_and_determinism(tmp_path, tokenizer_path):
 
 def test_prepare_errors_name_the_problem(tmp_path, tokenizer_path):
     (tmp_path / "x.jsonl").write_text(json.dumps({"content": "hello"}) + "\n")
-    with pytest.raises(ValueError, match=r"x.jsonl:1: no field 'text'"):
+    with pytest.raises(ValueError, match=r"x.jsonl:1: expected an object with a string field 'text'"):
         data.prepare([str(tmp_path / "x.jsonl")], tokenizer_path, 8, tmp_path / "o")
     (tmp_path / "y.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="y.csv: unknown input type"):

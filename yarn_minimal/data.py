@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -71,55 +72,72 @@ def open_segments(data_dir: str | os.PathLike) -> tuple[np.memmap, dict]:
 # Preparing a dataset: documents -> BOS doc EOS BOS doc EOS ... -> fixed segments (Sec. 4.1:
 # "PG19 chunked into 64k segments bookended with the BOS and EOS token").
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+TEXT_SUFFIXES = (".txt", ".md", ".text")                      # one document per file
+DOCUMENT_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")     # one document per line / row
 
 
-def input_files(inputs: list[str]) -> list[Path]:
+def input_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """The files to read, in a fixed order: files as given, folders expanded to their sorted
-    .txt / .jsonl / .parquet files (recursively)."""
+    text / .jsonl / .parquet files (recursively). Shared by the data tool and the evaluation."""
     files = []
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DOCUMENT_SUFFIXES)
             if not found:
-                raise FileNotFoundError(f"{path}: folder holds no {', '.join(TEXT_SUFFIXES)} files")
+                raise FileNotFoundError(f"{path}: the folder holds no {', '.join(DOCUMENT_SUFFIXES)} files")
             files.extend(found)
         elif path.is_file():
-            if path.suffix not in TEXT_SUFFIXES:
-                raise ValueError(f"{path}: unknown input type {path.suffix!r}; expected one of {', '.join(TEXT_SUFFIXES)}")
+            if path.suffix.lower() not in DOCUMENT_SUFFIXES:
+                raise ValueError(f"{path}: unknown input type {path.suffix!r}; expected one of {', '.join(DOCUMENT_SUFFIXES)}")
             files.append(path)
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
     return files
 
 
-def read_documents(path: Path, text_field: str = "text"):
-    """Yield the documents of one file: a .txt file is one document (PG19 stores one book per
-    file); a .jsonl file has one JSON object per line; a .parquet file one row per document."""
-    if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8")
-    elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise ValueError(f"{path}:{lineno}: no field {text_field!r} (found {found}); set --text-field")
-                yield record[text_field]
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Yield the documents of one file: a text file is one document (PG19 stores one book per
+    file); a .jsonl file has one JSON object per line; a .parquet file one row per document,
+    the text in `text_field`. Every problem is a ValueError naming the file (and line)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _read_parquet(path, text_field)
+        return
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                         "convert it to UTF-8, or give a .jsonl or .parquet file") from None
+    if suffix != ".jsonl":
+        yield text
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{path}:{lineno}: expected an object with a string field {text_field!r} "
+                             f"(--text-field), found {found}")
+        yield record[text_field]
 
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
         pf = pq.ParquetFile(path)
-        if text_field not in pf.schema_arrow.names:
-            raise ValueError(f"{path}: no column {text_field!r} (found {pf.schema_arrow.names}); set --text-field")
-        for batch in pf.iter_batches(columns=[text_field], batch_size=256):
-            yield from batch.column(0).to_pylist()
+    except Exception as e:  # ArrowInvalid and friends: not a parquet file, truncated, ...
+        raise ValueError(f"{path}: cannot be read as Parquet ({type(e).__name__}: {e})") from None
+    if text_field not in pf.schema_arrow.names:
+        raise ValueError(f"{path}: no column {text_field!r} (--text-field); columns: {pf.schema_arrow.names}")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=256):
+        yield from (t for t in batch.column(0).to_pylist() if t is not None)
 
 
 class SegmentWriter:
@@ -179,14 +197,20 @@ def prepare(inputs: list[str], tokenizer_path: str | os.PathLike, seq_len: int, 
     files = input_files(inputs)
     writer = SegmentWriter(out_dir, seq_len, tok.vocab_size)
     n_docs = 0
-    bar = tqdm(files, desc="tokenizing", unit="file", disable=not progress)
-    for path in bar:
-        for text in read_documents(path, text_field):
-            if not isinstance(text, str):
-                raise ValueError(f"{path}: document {n_docs} field {text_field!r} is {type(text).__name__}, expected text")
-            writer.append(tok.encode(text, bos=True, eos=True))
-            n_docs += 1
-        bar.set_postfix(docs=n_docs, segments=writer.n_segments)
+    try:
+        bar = tqdm(files, desc="tokenizing", unit="file", disable=not progress)
+        for path in bar:
+            for text in read_documents(path, text_field):
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}: document {n_docs} field {text_field!r} is {type(text).__name__}, "
+                                     "expected text")
+                writer.append(tok.encode(text, bos=True, eos=True))
+                n_docs += 1
+            bar.set_postfix(docs=n_docs, segments=writer.n_segments)
+    except BaseException:  # leave no half-written tokens.bin.tmp behind
+        writer.file.close()
+        writer.tmp.unlink()
+        raise
     if writer.n_segments == 0:
         writer.file.close()
         writer.tmp.unlink()

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import data
 from .generation import generate
 from .model import Transformer
 from .rope import RopeConfig
@@ -54,67 +55,14 @@ class EvalError(ValueError):
 # Documents from local files
 # ---------------------------------------------------------------------------------------
 
-TEXT_SUFFIXES = (".txt", ".md", ".text")
-DOCUMENT_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
-
-
 def load_documents(paths: Sequence[str], text_field: str = "text") -> list[str]:
-    """Documents from files and folders. A text file is one document; a .jsonl file has one
-    JSON object per line and a .parquet file one row per document, the text in `text_field`.
-    A folder contributes every .txt/.md/.jsonl/.parquet file under it, in sorted order."""
-    docs = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in DOCUMENT_SUFFIXES)
-            if not files:
-                raise EvalError(f"{path}: the folder holds no {', '.join(DOCUMENT_SUFFIXES)} files")
-        elif path.is_file():
-            files = [path]
-        else:
-            raise EvalError(f"{path}: no such file or folder")
-        for f in files:
-            docs.extend(read_documents(f, text_field))
-    return docs
-
-
-def read_documents(path: Path, text_field: str = "text") -> list[str]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return _read_parquet(path, text_field)
-    raw = path.read_bytes()
+    """Documents from files and folders, read exactly as the training data tool reads them
+    (yarn_minimal.data): a text file is one document, a .jsonl file one JSON object per line,
+    a .parquet file one row per document, the text in `text_field`; folders recursively."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise EvalError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                        "convert it to UTF-8, or give a .jsonl or .parquet file") from None
-    if suffix != ".jsonl":
-        return [text]
-    docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{path}:{lineno}: not valid JSON ({e})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            found = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise EvalError(f"{path}:{lineno}: expected an object with a string field {text_field!r} "
-                            f"(--text-field), found {found}")
-        docs.append(record[text_field])
-    return docs
-
-
-def _read_parquet(path: Path, text_field: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # ArrowInvalid and friends: not a parquet file, truncated, ...
-        raise EvalError(f"{path}: cannot be read as Parquet ({type(e).__name__}: {e})") from None
-    if text_field not in table.column_names:
-        raise EvalError(f"{path}: no column {text_field!r} (--text-field); columns: {table.column_names}")
-    return [t for t in table.column(text_field).to_pylist() if t is not None]
+        return [doc for f in data.input_files(paths) for doc in data.read_documents(f, text_field)]
+    except (ValueError, OSError) as e:
+        raise EvalError(str(e)) from None
 
 
 def tokenize_documents(tokenizer, documents: Sequence[str], min_tokens: int = 0,
