@@ -66,7 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_rope_args(p)
     g = p.add_argument_group("prompt and sampling")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default=None, help=f"prompt text (default: {DEFAULT_PROMPT!r})")
+    src.add_argument("--prompt", default=None,
+                     help=f"prompt text (default: {DEFAULT_PROMPT!r}; with the embedded demo model, the first "
+                          f"12 x L tokens of {cli.DEMO_PROMPT.relative_to(cli.DEFAULT_CKPT.parent.parent)}, "
+                          "a document it never saw)")
     src.add_argument("--prompt-file", default=None,
                      help="read the prompt from this UTF-8 file (e.g. a long document followed by a question)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
@@ -98,9 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 args.prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
             p.error(f"--prompt-file {args.prompt_file}: cannot be read ({e})")
-    elif args.prompt is None:
-        args.prompt = DEFAULT_PROMPT
-    if not args.prompt.strip():
+    if args.prompt is not None and not args.prompt.strip():
         p.error(f"{'--prompt-file ' + args.prompt_file if args.prompt_file else '--prompt'}: the prompt is empty")
     return args
 
@@ -116,7 +117,16 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: --ckpt {ckpt}: {e}") from None
     model.set_rope(cli.rope_from_args(args, model.rope))
 
-    prompt_tokens = tokenizer.encode(args.prompt, bos=True)
+    if args.prompt is not None:
+        prompt_tokens = tokenizer.encode(args.prompt, bos=True)
+    elif ckpt == cli.DEFAULT_CKPT:
+        # the demo model (L = 256): a long document it never saw, 12 x L tokens of it, so that
+        # `--yarn-scale 16` has a context far beyond L to work with
+        n = 12 * model.rope.original_length
+        prompt_tokens = tokenizer.encode(cli.DEMO_PROMPT.read_text(encoding="utf-8"), bos=True)[:n]
+        print(f"# no --prompt: the first {n} tokens of {cli.DEMO_PROMPT.name}, a held-out document", file=sys.stderr)
+    else:
+        prompt_tokens = tokenizer.encode(DEFAULT_PROMPT, bos=True)
     stats = GenerationStats()
     text = TextStream(tokenizer, prompt_tokens[-1:])
     if device.type == "cuda":

@@ -14,6 +14,7 @@ from .rope import METHODS, RAMPS, RopeConfig
 
 # The embedded demo model shipped with the repository (see demo/README.md).
 DEFAULT_CKPT = Path(__file__).resolve().parent.parent / "demo" / "yarn-demo"
+DEMO_PROMPT = DEFAULT_CKPT.parent / "heldout-sample.txt"  # a document the demo model never saw
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
