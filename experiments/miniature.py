@@ -170,12 +170,22 @@ def passkey_rows(named: dict) -> str:
     return "\n".join(lines)
 
 
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import torch
+    return f"{cpu}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch {torch.__version__}"
+
+
 def summary(mini: Miniature, results: dict, wall: float) -> str:
     a = mini.args
     parts = [f"# YaRN in miniature: results\n",
              f"Command: `python -m experiments.miniature --steps {a.steps}{' --quick' if a.quick else ''}`  ",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-             f"Python {platform.python_version()}  ",
+             f"Machine: {machine()}  ",
              f"Wall time: {wall / 60:.1f} min. Model: `{mini.ckpt.relative_to(ROOT) if mini.ckpt.is_relative_to(ROOT) else mini.ckpt}` "
              f"(L = {mini.L}); {a.documents} held-out documents, truncated to each window (Figure 1 protocol).  ",
              f"Fine-tuning budget per method: {a.finetune_steps} steps x {a.finetune_batch} sequences of "
