@@ -54,28 +54,28 @@ def add_rope_args(p: argparse.ArgumentParser) -> None:
                    help="sqrt(1/t) for yarn; default Eq. 22: 0.1 ln(s) + 1")
 
 
-def rope_from_args(args: argparse.Namespace, base: RopeConfig) -> RopeConfig:
-    """The checkpoint's RopeConfig `base`, with whatever the flags say on top.
-
-    --yarn-scale without --method means yarn. --dynamic without a scale means the paper's
-    s = max(1, l'/L) (a floor of 1), unless the checkpoint was fine-tuned at some s0."""
-    changes = {}
-    if args.method is not None:
-        changes["method"] = args.method
-    elif (args.scale is not None or args.dynamic) and base.method == "none":
-        changes["method"] = "yarn"  # --yarn-scale / --dynamic alone mean YaRN / Dynamic-YaRN
-    if args.scale is not None:
-        changes["scale"] = args.scale
-    if args.dynamic:
-        changes["dynamic"] = True
-    for flag, field in (("original_length", "original_length"), ("alpha", "alpha"), ("beta", "beta"),
-                        ("ramp", "ramp"), ("attention_factor", "attention_factor")):
-        if getattr(args, flag, None) is not None:
-            changes[field] = getattr(args, flag)
+def updated_rope(base: RopeConfig, changes: dict) -> RopeConfig:
+    """`base` with the given RopeConfig fields changed, the way every script reads its flags
+    (and eval_perplexity.py its --config): a scale or dynamic=True without a method on a
+    plain-RoPE base means YaRN / Dynamic-YaRN, and method none means s = 1. Raises ValueError
+    naming the field for a bad value."""
+    changes = dict(changes)
+    if "method" not in changes and base.method == "none" and ("scale" in changes or changes.get("dynamic")):
+        changes["method"] = "yarn"
     if changes.get("method") == "none":
         changes.setdefault("scale", 1.0)
+    return replace(base, **changes)
+
+
+def rope_from_args(args: argparse.Namespace, base: RopeConfig) -> RopeConfig:
+    """The checkpoint's RopeConfig `base`, with whatever the flags say on top (updated_rope)."""
+    flags = {"method": "method", "scale": "scale", "original_length": "original_length", "alpha": "alpha",
+             "beta": "beta", "ramp": "ramp", "attention_factor": "attention_factor"}
+    changes = {field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag, None) is not None}
+    if args.dynamic:
+        changes["dynamic"] = True
     try:
-        return replace(base, **changes)
+        return updated_rope(base, changes)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

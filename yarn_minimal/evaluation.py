@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import data
+from .cli import updated_rope
 from .generation import generate
 from .model import Transformer
 from .rope import RopeConfig
@@ -230,16 +231,11 @@ def parse_config(spec: str) -> dict:
 
 
 def apply_config(rope: RopeConfig, changes: dict, spec: str = "") -> RopeConfig:
-    """The RopeConfig `rope` with a parsed --config's fields on top (label/ckpt ignored).
-    As with the shared flags, a scale without a method on a plain-RoPE base means yarn, and
-    method=none means s = 1."""
+    """The RopeConfig `rope` with a parsed --config's fields on top (label/ckpt ignored), read
+    exactly as the shared rope flags are (cli.updated_rope)."""
     changes = {k: v for k, v in changes.items() if k not in ("label", "ckpt")}
-    if "scale" in changes and "method" not in changes and rope.method == "none":
-        changes["method"] = "yarn"
-    if changes.get("method") == "none":
-        changes.setdefault("scale", 1.0)
     try:
-        return replace(rope, **changes)
+        return updated_rope(rope, changes)
     except ValueError as e:
         raise EvalError(f"--config {spec!r}: {e}") from None
 
