@@ -128,7 +128,10 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow)") from None
 
     try:
         pf = pq.ParquetFile(path)
