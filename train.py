@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import yarn_minimal
 from yarn_minimal import cli, training
+from yarn_minimal.checkpoint import hf_rope_scaling
 from yarn_minimal.data import SegmentLoader, open_segments
 from yarn_minimal.model import ModelArgs, Transformer
 from yarn_minimal.rope import RopeConfig
@@ -166,8 +167,6 @@ def main(argv=None) -> None:
     device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
     env = training.init_distributed(device)
     device = env.device
-    if args.export_hf and not training.hf_export_supported():
-        raise SystemExit("error: --export-hf: this version of yarn_minimal.checkpoint.save has no format='hf'")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     segments, meta = open_segments(args.data)
@@ -180,6 +179,11 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     model, tokenizer = build_model(args, load_dtype=torch.float32 if dtype == torch.float32 else dtype)
     model.set_rope(choose_rope(args, model.rope))
+    if args.export_hf:  # find out now, not after 400 steps, that the setting has no HF form
+        try:
+            hf_rope_scaling(model.rope, model.args.head_dim)
+        except ValueError as e:
+            raise SystemExit(f"error: --export-hf: {e}") from None
     if meta.get("vocab_size", model.args.vocab_size) > model.args.vocab_size:
         raise SystemExit(f"error: {args.data}: tokenized with vocab_size {meta['vocab_size']}, "
                          f"the model has {model.args.vocab_size}")

@@ -192,15 +192,15 @@ def test_clear_stops(setup, tmp_path):
     assert sorted(state["segments"]) == [0, 1, 2, 3] and state["step"] == 0
 
 
-def test_export_hf_is_guarded(setup, tmp_path):
+def test_export_hf_writes_a_transformers_folder_or_stops_before_training(setup, tmp_path):
     tmp, _ = setup
-    if training.hf_export_supported():
-        train.main(flags(tmp, tmp_path / "hf", "--steps", "1", "--export-hf"))
-        assert (tmp_path / "hf" / "final-hf").is_dir()
-    else:
-        with pytest.raises(SystemExit, match="--export-hf"):
-            train.main(flags(tmp, tmp_path / "hf", "--steps", "1", "--export-hf"))
-        assert not (tmp_path / "hf" / "metrics.jsonl").exists()  # stopped before training
+    train.main(flags(tmp, tmp_path / "hf", "--steps", "1", "--export-hf"))  # YaRN s = 16: has an HF form
+    config = json.loads((tmp_path / "hf" / "final-hf" / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "yarn" and config["rope_scaling"]["factor"] == 16.0
+    with pytest.raises(SystemExit, match="--export-hf"):  # NTK-by-parts has none
+        train.main(flags(tmp, tmp_path / "nbp", "--steps", "1", "--export-hf", "--method", "ntk-by-parts",
+                              "--yarn-scale", "4"))
+    assert not (tmp_path / "nbp" / "metrics.jsonl").exists()  # stopped before training
 
 
 def test_memory_estimate_7b_64k_on_8x80gb():

@@ -417,21 +417,6 @@ def save_model(model, tokenizer, path: Path, dtype: torch.dtype, env: DistEnv, e
     env.barrier()
 
 
-def hf_export_supported() -> bool:
-    """Whether checkpoint.save knows format="hf" (tried on a one-layer model)."""
-    import tempfile
-
-    from . import checkpoint
-
-    tiny = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=1, vocab_size=8, multiple_of=8))
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            checkpoint.save(tiny, None, tmp, format="hf")
-        except (ValueError, NotImplementedError):
-            return False
-    return True
-
-
 def timer_sync(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
