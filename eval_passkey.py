@@ -12,7 +12,6 @@ passkey accuracy of Table 5 (mean accuracy over the lengths up to the passkey co
 """
 import argparse
 import sys
-import warnings
 
 from yarn_minimal import evaluation as ev
 from yarn_minimal.checkpoint import load
@@ -54,12 +53,7 @@ def lengths_from_args(args) -> list[int]:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
-    try:
-        run(args)
-    except ev.EvalError as e:
-        sys.exit(f"error: {e}")
+    ev.run_script(run, parse_args(argv))
 
 
 def run(args):

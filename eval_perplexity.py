@@ -54,12 +54,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
-    try:
-        run(args)
-    except ev.EvalError as e:
-        sys.exit(f"error: {e}")
+    ev.run_script(run, parse_args(argv))
 
 
 def run(args):

@@ -69,9 +69,8 @@ def updated_rope(base: RopeConfig, changes: dict) -> RopeConfig:
 
 def rope_from_args(args: argparse.Namespace, base: RopeConfig) -> RopeConfig:
     """The checkpoint's RopeConfig `base`, with whatever the flags say on top (updated_rope)."""
-    flags = {"method": "method", "scale": "scale", "original_length": "original_length", "alpha": "alpha",
-             "beta": "beta", "ramp": "ramp", "attention_factor": "attention_factor"}
-    changes = {field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag, None) is not None}
+    fields = ("method", "scale", "original_length", "alpha", "beta", "ramp", "attention_factor")
+    changes = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
     if args.dynamic:
         changes["dynamic"] = True
     try:

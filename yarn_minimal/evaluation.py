@@ -31,6 +31,7 @@ import json
 import math
 import random
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -550,6 +551,16 @@ def parse_floats(text: str, flag: str) -> list[float]:
     if not out:
         raise EvalError(f"{flag} {text!r}: no values given")
     return out
+
+
+def run_script(run, args) -> None:
+    """What eval_perplexity.py and eval_passkey.py do with parsed flags: run, with warnings as
+    one plain line and an EvalError as `error: ...` and exit status 1 instead of a traceback."""
+    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
+    try:
+        run(args)
+    except EvalError as e:
+        sys.exit(f"error: {e}")
 
 
 def write_json(path: str, obj: dict) -> None:
