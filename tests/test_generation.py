@@ -192,6 +192,21 @@ def test_chunked_prefill_equals_unchunked(rope, n_layers):
             assert (a - b).abs().max().item() <= 1e-4, chunk
 
 
+def test_cache_reused_after_a_rope_switch_uses_the_new_rotation():
+    # KVCache keeps one rotation table at s0 for all positions; a cache reset and reused after
+    # model.set_rope must not rotate with the previous setting's table.
+    from yarn_minimal.model import KVCache
+    model = tiny_model(RopeConfig(method="pi", scale=4.0, original_length=L))
+    prompt = torch.randint(0, 96, (2 * L,), generator=torch.Generator().manual_seed(5))[None]
+    cache = KVCache(model.args, 1, 3 * L)
+    with torch.no_grad():
+        model(prompt, cache=cache, last_only=True)
+        model.set_rope(RopeConfig(method="yarn", scale=4.0, original_length=L))
+        cache.reset()
+        cached = model(prompt, cache=cache, last_only=True)[0, -1]
+    assert (cached - full_forward_last(model, prompt[0].tolist())).abs().max().item() <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------

@@ -95,20 +95,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in float32 as Meta does: bf16 sums of squares lose precision
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # x / sqrt(mean(x^2) + eps) in float32 as Meta does (bf16 sums of squares lose
+        # precision), rounded back to x's dtype before the weight, in Meta's order
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """e^{i m theta} = cos + i sin as complex64 (T, 1, |D|/2), ready to broadcast over heads.
+    cos/sin come from rope.rope_tables and already carry YaRN's sqrt(1/t) (Sec. 3.4)."""
+    return torch.complex(cos, sin)[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Eq. 5: f(x_m, m) = e^{i m theta} x_m, where each interleaved pair (x_2d, x_2d+1) of a
-    head is one complex number (Eq. 3-4). x is (B, T, H, |D|); cos/sin are float32 (T, |D|/2)
-    and already carry YaRN's sqrt(1/t), so e^{i m theta} here is (cos + i sin)."""
-    # one complex multiplication; on CPU ~10x faster than the same arithmetic on strided
-    # real/imaginary views, with the same float32 result
+    head is one complex number (Eq. 3-4). x is (B, T, H, |D|), rot is `rotation(cos, sin)`."""
+    # one complex multiplication in float32; on CPU ~10x faster than the same arithmetic on
+    # strided real/imaginary views, with the same result
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    rotated = pairs * torch.complex(cos, sin)[:, None, :]  # broadcast over heads
-    return torch.view_as_real(rotated).flatten(-2).type_as(x)
+    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -170,9 +174,20 @@ class KVCache:
             self.k_rot = [zeros(max_len) for _ in range(args.n_layers)]
         self.length = 0      # positions filled
         self.scale = None    # s of the last forward pass
+        self._floor_rope, self._floor_rot = None, None
 
     def reset(self) -> None:
         self.length, self.scale = 0, None
+
+    def floor_rotation(self, rope: RopeConfig, head_dim: int, device) -> torch.Tensor:
+        """`rotation` of positions 0..max_len-1 at s = s0, the scale every static method uses
+        (and Dynamic Scaling up to L s0): computed on first use, then sliced by each forward
+        pass instead of recomputing cos/sin per token."""
+        if self._floor_rope is not rope:  # the model's RoPE setting (frozen) may be replaced between uses
+            positions = torch.arange(self.max_len)
+            self._floor_rot = rotation(*rope_tables(rope, head_dim, positions, rope.scale, device=device))
+            self._floor_rope = rope
+        return self._floor_rot
 
 
 class Attention(nn.Module):
@@ -189,9 +204,9 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q = apply_rope(q, rope.cos_new, rope.sin_new)
+        q = apply_rope(q, rope.rot_new)
         if cache is None:
-            k = apply_rope(k, rope.cos_new, rope.sin_new)
+            k = apply_rope(k, rope.rot_new)
         else:
             start, end = rope.start, rope.start + T
             cache.v[layer][:B, start:end] = v
@@ -201,9 +216,9 @@ class Attention(nn.Module):
                 keys = cache.scratch[:B, :end]
                 for a in range(0, end, ROTATE_BLOCK):  # in blocks, to bound float32 temporaries
                     b = min(a + ROTATE_BLOCK, end)
-                    keys[:, a:b] = apply_rope(cache.k[layer][:B, a:b], rope.cos[a:b], rope.sin[a:b])
+                    keys[:, a:b] = apply_rope(cache.k[layer][:B, a:b], rope.rot[a:b])
             else:  # s never changes for these keys: rotate each once, on arrival
-                cache.k_rot[layer][:B, start:end] = apply_rope(k, rope.cos_new, rope.sin_new)
+                cache.k_rot[layer][:B, start:end] = apply_rope(k, rope.rot_new)
                 keys = cache.k_rot[layer][:B, :end]
             k, v = keys, cache.v[layer][:B, :end]
         out = attention(q, k, v)
@@ -237,21 +252,16 @@ class TransformerBlock(nn.Module):
 
 @dataclass
 class RopeState:
-    """The cos/sin tables one forward pass needs, and where its tokens sit."""
+    """The rotations one forward pass needs, and where its tokens sit."""
 
     scale: float              # s in effect for this forward pass (Sec. 3.3)
     start: int                # position of the first new token
-    cos: torch.Tensor         # positions 0..end-1 when rotate_all, else the new positions
-    sin: torch.Tensor
+    rot: torch.Tensor         # `rotation` of positions 0..end-1 when rotate_all, else of the new ones
     rotate_all: bool          # rotate every cached key from the pre-RoPE cache (s above its floor)
 
     @property
-    def cos_new(self):
-        return self.cos[self.start:] if self.rotate_all else self.cos
-
-    @property
-    def sin_new(self):
-        return self.sin[self.start:] if self.rotate_all else self.sin
+    def rot_new(self):
+        return self.rot[self.start:] if self.rotate_all else self.rot
 
 
 class Transformer(nn.Module):
@@ -290,9 +300,12 @@ class Transformer(nn.Module):
         s = effective_scale(self.rope, scale_length if scale_length is not None else end)
         # a pre-RoPE cache past L s0: s differs from its floor and changes with every token
         rotate_all = cache is not None and cache.k is not None and s > self.rope.scale
-        first = 0 if rotate_all else start
-        cos, sin = rope_tables(self.rope, self.args.head_dim, torch.arange(first, end), s, device=device)
-        return RopeState(scale=s, start=start, cos=cos, sin=sin, rotate_all=rotate_all)
+        if cache is not None and s == self.rope.scale:  # s at its floor: one table for the whole cache
+            rot = cache.floor_rotation(self.rope, self.args.head_dim, device)[start:end]
+        else:
+            first = 0 if rotate_all else start
+            rot = rotation(*rope_tables(self.rope, self.args.head_dim, torch.arange(first, end), s, device=device))
+        return RopeState(scale=s, start=start, rot=rot, rotate_all=rotate_all)
 
     def hidden_states(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
                       scale_length: Optional[int] = None) -> torch.Tensor:
