@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,16 +51,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def ours(model, prompt, new_tokens, repeats, **opts) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s), best of `repeats` runs after a warm-up."""
-    best_prefill = best_decode = 0.0
-    for i in range(repeats + 1):
-        stats = GenerationStats()
-        generate(model, prompt, new_tokens, stats=stats, **opts)
-        if i > 0:  # the first run warms up (allocator, compile)
-            best_prefill = max(best_prefill, stats.prefill_tokens_per_s)
-            best_decode = max(best_decode, stats.decode_tokens_per_s)
-    return best_prefill, best_decode
+def ours(model, prompt, new_tokens, **opts) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of one generate() call."""
+    stats = GenerationStats()
+    generate(model, prompt, new_tokens, stats=stats, **opts)
+    return stats.prefill_tokens_per_s, stats.decode_tokens_per_s
 
 
 def hf_generate_seconds(hf, prompt_ids, new_tokens, device) -> float:
@@ -71,7 +68,7 @@ def hf_generate_seconds(hf, prompt_ids, new_tokens, device) -> float:
     return time.perf_counter() - t0
 
 
-def transformers_speed(model, prompt, new_tokens, repeats, device, dtype) -> tuple[float, float]:
+def transformers_model(model, device, dtype):
     from hf_oracle import hf_config, hf_state_dict
     from transformers import LlamaForCausalLM
 
@@ -79,16 +76,42 @@ def transformers_speed(model, prompt, new_tokens, repeats, device, dtype) -> tup
     cfg._attn_implementation = "sdpa"  # transformers' fastest built-in attention on CPU
     hf = LlamaForCausalLM(cfg).eval()
     hf.load_state_dict(hf_state_dict(model.state_dict(), model.args), strict=False)
-    hf.to(device=device, dtype=dtype)
+    return hf.to(device=device, dtype=dtype)
+
+
+def theirs(hf, prompt, new_tokens, device) -> tuple[float, float]:
+    """The same two figures for transformers: prefill from generate(1 new token), decode from
+    generate(N) minus generate(1)."""
     ids = torch.tensor([prompt], device=device)
-    best_first = best_total = float("inf")
     with torch.inference_mode():
-        for i in range(repeats + 1):
-            first = hf_generate_seconds(hf, ids, 1, device)
-            total = hf_generate_seconds(hf, ids, new_tokens, device)
+        first = hf_generate_seconds(hf, ids, 1, device)
+        total = hf_generate_seconds(hf, ids, new_tokens, device)
+    return len(prompt) / first, (new_tokens - 1) / max(total - first, 1e-9)
+
+
+def rounds(runs: dict[str, Callable[[], tuple[float, float]]], repeats: int) -> dict[str, list[tuple[float, float]]]:
+    """Each run once per round, round-robin, so that a noisy machine slows every side of a
+    round alike; the first round is a warm-up (allocator, compile) and is dropped.
+    Returns each run's (prefill, decode) tokens/s, round by round."""
+    results = {name: [] for name in runs}
+    for i in range(repeats + 1):
+        for name, run in runs.items():
+            speed = run()
             if i > 0:
-                best_first, best_total = min(best_first, first), min(best_total, total)
-    return len(prompt) / best_first, (new_tokens - 1) / max(best_total - best_first, 1e-9)
+                results[name].append(speed)
+    return results
+
+
+def best(speeds: list[tuple[float, float]]) -> tuple[float, float]:
+    return max(p for p, _ in speeds), max(d for _, d in speeds)
+
+
+def ratios(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> str:
+    """a / b from the best runs, and the median of the per-round ratios (paired runs)."""
+    (pa, da), (pb, db) = best(a), best(b)
+    paired = lambda i: statistics.median(x[i] / y[i] for x, y in zip(a, b))
+    return (f"prefill {pa / pb:.2f}x (paired median {paired(0):.2f}x), "
+            f"decode {da / db:.2f}x (paired median {paired(1):.2f}x)")
 
 
 def main(argv=None) -> None:
@@ -102,7 +125,8 @@ def main(argv=None) -> None:
     p.add_argument("--long-len", type=int, default=4096,
                    help="prompt length for the dynamic-vs-static comparison (L = half of it)")
     p.add_argument("--long-new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (best is kept)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds; every round runs each side once (best is kept); default 3")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="also torch.compile our decode step")
     p.add_argument("--skip-hf", action="store_true", help="leave transformers out")
@@ -125,37 +149,48 @@ def main(argv=None) -> None:
     print(f"# machine: {machine()}")
     print(f"# model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads, vocab {args.vocab_size} "
           f"({n_params / 1e6:.1f}M parameters), {str(dtype).removeprefix('torch.')} on {device}; batch 1, greedy")
-    rows = []  # (what, prefill tok/s, decode tok/s)
 
     t = f"prompt {args.prompt_len}, {args.new_tokens} new"
-    mine = ours(model, short, args.new_tokens, args.repeats)
-    rows.append((f"yarn-minimal ({t})", *mine))
+    runs = {f"yarn-minimal ({t})": lambda: ours(model, short, args.new_tokens)}
     if args.compile:
-        rows.append((f"yarn-minimal --compile ({t})", *ours(model, short, args.new_tokens, args.repeats, compile=True)))
+        runs[f"yarn-minimal --compile ({t})"] = lambda: ours(model, short, args.new_tokens, compile=True)
     if not args.skip_hf:
         import transformers
-        theirs = transformers_speed(model, short, args.new_tokens, args.repeats, device, dtype)
-        rows.append((f"transformers {transformers.__version__} generate ({t})", *theirs))
+        hf = transformers_model(model, device, dtype)
+        runs[f"transformers {transformers.__version__} generate ({t})"] = \
+            lambda: theirs(hf, short, args.new_tokens, device)
+    results = rounds(runs, args.repeats)
 
     # Dynamic Scaling above L: s = l'/L changes with every token, so every step re-rotates all
     # cached keys of every layer (Sec. 3.3). Static YaRN at s = 4 rotates only the new key.
     t = f"prompt {args.long_len} = 2L, {args.long_new_tokens} new"
     static = RopeConfig(method="yarn", scale=4.0, original_length=L)
     dynamic = RopeConfig(method="yarn", scale=1.0, original_length=L, dynamic=True)
-    long_rows = []
-    for name, rope, cache in (("static YaRN s=4", static, "pre-rope"),
-                              ("Dynamic-YaRN, pre-RoPE cache", dynamic, "pre-rope"),
-                              ("Dynamic-YaRN, rotated cache (stale)", dynamic, "rotated")):
-        model.set_rope(rope)
-        long_rows.append((f"{name} ({t})", *ours(model, prompt, args.long_new_tokens, args.repeats, cache=cache)))
 
-    print(f"\n{'':<62} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    for name, pre, dec in rows + long_rows:
+    def long_run(rope, cache):
+        model.set_rope(rope)
+        return ours(model, prompt, args.long_new_tokens, cache=cache)
+
+    long_names = [f"static YaRN s=4 ({t})", f"Dynamic-YaRN, pre-RoPE cache ({t})",
+                  f"Dynamic-YaRN, rotated cache (stale) ({t})"]
+    results.update(rounds({
+        long_names[0]: lambda: long_run(static, "pre-rope"),
+        long_names[1]: lambda: long_run(dynamic, "pre-rope"),
+        long_names[2]: lambda: long_run(dynamic, "rotated"),
+    }, args.repeats))
+
+    print(f"\n{'best of ' + str(args.repeats) + ' rounds':<62} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    for name, speeds in results.items():
+        pre, dec = best(speeds)
         print(f"{name:<62} {pre:>14.1f} {dec:>13.1f}")
+    names = list(runs)
+    print()
     if not args.skip_hf:
-        print(f"\nratio yarn-minimal / transformers: prefill {mine[0] / theirs[0]:.2f}x, decode {mine[1] / theirs[1]:.2f}x")
+        print(f"ratio yarn-minimal / transformers: {ratios(results[names[0]], results[names[-1]])}")
+        if args.compile:
+            print(f"ratio yarn-minimal --compile / transformers: {ratios(results[names[1]], results[names[-1]])}")
     print(f"ratio Dynamic-YaRN (pre-RoPE) / static YaRN at {args.long_len} tokens: "
-          f"prefill {long_rows[1][1] / long_rows[0][1]:.2f}x, decode {long_rows[1][2] / long_rows[0][2]:.2f}x")
+          f"{ratios(results[long_names[1]], results[long_names[0]])}")
 
 
 if __name__ == "__main__":
