@@ -143,7 +143,8 @@ def main(argv=None) -> None:
           f"{' (stopped at EOS)' if stats.stopped_at_eos else ''} | effective scale s at the end: "
           f"{stats.final_scale:g}\n"
           f"prefill: {stats.prefill_tokens_per_s:.1f} tokens/s ({stats.prefill_seconds:.2f} s) | "
-          f"decode: {stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, {stats.decode_seconds:.2f} s)\n"
+          f"decode: {stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, {stats.decode_seconds:.2f} s"
+          f"{f'; first step with compilation: {stats.compile_seconds:.1f} s' if args.compile else ''})\n"
           f"peak memory: {peak_memory(device)}", file=sys.stderr)
 
 

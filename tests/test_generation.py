@@ -207,6 +207,22 @@ def test_cache_reused_after_a_rope_switch_uses_the_new_rotation():
     assert (cached - full_forward_last(model, prompt[0].tolist())).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow  # 20 s warm, 80 s with a cold inductor cache (C++ compilation)
+@pytest.mark.filterwarnings("ignore:Torchinductor does not support code generation for complex")
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # pure: traced is fine
+def test_compiled_decoding_equals_eager():
+    # torch.compile of the decode step, through Dynamic Scaling's branch change at L (the
+    # pre-RoPE keys start being re-rotated every step): same tokens and logits as eager.
+    model = tiny_model(RopeConfig(method="yarn", dynamic=True, original_length=L))
+    eager_tokens, eager_logits = record(model, PROMPT, 2 * L)
+    stats = GenerationStats()
+    tokens, logits = record(model, PROMPT, 2 * L, compile=True, stats=stats)
+    assert tokens == eager_tokens
+    assert max((a - b).abs().max().item() for a, b in zip(logits, eager_logits)) <= 1e-4
+    # the first decode step (compilation) is reported apart from the decode rate
+    assert stats.compile_seconds > 0 and stats.decode_steps == 2 * L - 2
+
+
 # ---------------------------------------------------------------------------------------
 # Sampling
 # ---------------------------------------------------------------------------------------

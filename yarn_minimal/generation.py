@@ -38,6 +38,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_steps: int = 0         # forward passes after the prefill (one token each)
     decode_seconds: float = 0.0
+    compile_seconds: float = 0.0  # with compile=True: the first decode step, which compiles (not in decode_*)
     final_scale: float = 1.0      # s in effect for the last forward pass (Sec. 3.3)
     stopped_at_eos: bool = False
 
@@ -177,8 +178,11 @@ def _run(model, prompt_tokens, total, temperature, top_p, seed, cache, prefill_c
             on_logits(logits)
         token = sample(logits, temperature, top_p, generator)  # int(): waits for the device
         if t_step is not None:
-            stats.decode_seconds += time.perf_counter() - t_step
-            stats.decode_steps += 1
+            if compile and i == 1:  # the first compiled step is mostly compilation: keep it apart
+                stats.compile_seconds = time.perf_counter() - t_step
+            else:
+                stats.decode_seconds += time.perf_counter() - t_step
+                stats.decode_steps += 1
         if token == eos_id:
             stats.stopped_at_eos = True
             return
