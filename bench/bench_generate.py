@@ -51,6 +51,31 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def memory_bandwidth(device, n_bytes: int) -> float:
+    """Bytes/s of reading a buffer once (a sum over it), the best of 5: what a read-only
+    stream of memory traffic reaches on this device with these threads."""
+    buffer = torch.ones(n_bytes // 4, device=device)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t0 = time.perf_counter()
+        buffer.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return n_bytes / best
+
+
+def decode_bytes_per_token(model, context: int) -> int:
+    """Memory one decode step must read at least: every weight except the embedding table (one
+    row of it), and the cached keys and values of `context` positions in every layer."""
+    a = model.args
+    weights = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                  if not name.startswith("tok_embeddings"))
+    element = model.output.weight.element_size()
+    kv = 2 * a.n_layers * context * a.n_kv_heads * a.head_dim * element
+    return weights + a.dim * element + kv
+
+
 def ours(model, prompt, new_tokens, **opts) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of one generate() call."""
     stats = GenerationStats()
@@ -184,6 +209,15 @@ def main(argv=None) -> None:
         pre, dec = best(speeds)
         print(f"{name:<62} {pre:>14.1f} {dec:>13.1f}")
     names = list(runs)
+    # The decode bound: one step cannot be faster than reading its weights and KV cache once.
+    # Only meaningful where they do not fit in the caches (large models, GPUs).
+    per_token = decode_bytes_per_token(model, args.prompt_len + args.new_tokens // 2)
+    bandwidth = memory_bandwidth(device, 1 << (30 if device.type == "cuda" else 28))
+    bound = bandwidth / per_token
+    print(f"\nmemory-bandwidth bound on decode: {bound:.1f} tok/s ({per_token / 1e6:.1f} MB read per token at "
+          f"{bandwidth / 1e9:.1f} GB/s, measured by reading a buffer)")
+    for name in names:
+        print(f"  {name.split(' (')[0]}: {best(results[name])[1] / bound:.0%} of the bound")
     print()
     if not args.skip_hf:
         print(f"ratio yarn-minimal / transformers: {ratios(results[names[0]], results[names[-1]])}")
