@@ -207,7 +207,7 @@ def test_cache_reused_after_a_rope_switch_uses_the_new_rotation():
     assert (cached - full_forward_last(model, prompt[0].tolist())).abs().max().item() <= 1e-5
 
 
-@pytest.mark.slow  # 20 s warm, 80 s with a cold inductor cache (C++ compilation)
+@pytest.mark.slow  # 9 s warm, 31 s with a cold inductor cache (C++ compilation)
 @pytest.mark.filterwarnings("ignore:Torchinductor does not support code generation for complex")
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # pure: traced is fine
 def test_compiled_decoding_equals_eager():

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .model import KVCache, Transformer
+from .rope import effective_scale
 
 CACHE_MODES = ("pre-rope", "rotated")
 
@@ -38,7 +39,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_steps: int = 0         # forward passes after the prefill (one token each)
     decode_seconds: float = 0.0
-    compile_seconds: float = 0.0  # with compile=True: the first decode step, which compiles (not in decode_*)
+    compile_seconds: float = 0.0  # with compile=True: the first compiled step, mostly compilation (not in decode_*)
     final_scale: float = 1.0      # s in effect for the last forward pass (Sec. 3.3)
     stopped_at_eos: bool = False
 
@@ -116,8 +117,8 @@ def _decode_step(model: Transformer, token: torch.Tensor, cache: KVCache) -> tor
 
 
 def _compiled_decode_step() -> Callable:
-    # Shapes change every step (the cache grows), so dynamic shapes; the re-rotation branch
-    # under Dynamic Scaling is ordinary Python control flow and simply breaks the graph.
+    # The cache grows every step, so dynamic shapes. Only used while s is constant: s enters
+    # the graph as a constant, and a new s every step would mean a recompilation every step.
     return torch.compile(_decode_step, dynamic=True)
 
 
@@ -133,7 +134,7 @@ def stream(model: Transformer, prompt_tokens: list[int], max_new_tokens: int, te
     prefill_chunk  prompt tokens per prefill forward pass (bounds activation memory)
     eos_id         stop after this token is produced (it is not yielded)
     max_length     cap on prompt + new tokens
-    compile        torch.compile the decode step
+    compile        torch.compile the decode steps where s is constant (all, for static methods)
     stats          a GenerationStats to fill in (timings, final s)
     on_logits      called with the logits (vocab,) that every new token is sampled from
     progress       a tqdm bar (stderr) over the prefill chunks
@@ -158,7 +159,7 @@ def _run(model, prompt_tokens, total, temperature, top_p, seed, cache, prefill_c
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    step = _compiled_decode_step() if compile else _decode_step
+    compiled = _compiled_decode_step() if compile else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     t0 = time.perf_counter()
@@ -173,13 +174,15 @@ def _run(model, prompt_tokens, total, temperature, top_p, seed, cache, prefill_c
 
     n_new = total - P
     t_step = None  # the first new token comes from the prefill's logits
+    compiling = False  # the step being timed is the compiled function's first call
+    compiled_calls = 0
     for i in range(n_new):
         if on_logits is not None:
             on_logits(logits)
         token = sample(logits, temperature, top_p, generator)  # int(): waits for the device
         if t_step is not None:
-            if compile and i == 1:  # the first compiled step is mostly compilation: keep it apart
-                stats.compile_seconds = time.perf_counter() - t_step
+            if compiling:  # that step was mostly compilation: keep it out of the decode rate
+                stats.compile_seconds, compiling = time.perf_counter() - t_step, False
             else:
                 stats.decode_seconds += time.perf_counter() - t_step
                 stats.decode_steps += 1
@@ -191,6 +194,12 @@ def _run(model, prompt_tokens, total, temperature, top_p, seed, cache, prefill_c
         if i + 1 == n_new:
             return
         t_step = time.perf_counter()
+        step = _decode_step
+        # compiled while s stays at its floor (static methods always, Dynamic Scaling up to
+        # L s0); past it s changes with every token, and those steps run eagerly
+        if compiled is not None and effective_scale(model.rope, kv.length + 1) == model.rope.scale:
+            step, compiling = compiled, compiled_calls == 0
+            compiled_calls += 1
         logits = step(model, torch.tensor([[token]], dtype=torch.long, device=device), kv)
         stats.final_scale = kv.scale  # s of this step: l' = tokens so far (Sec. 3.3)
 
