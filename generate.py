@@ -106,6 +106,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def compile_note(stats: GenerationStats) -> str:
+    if stats.compiled_steps == 0:
+        return "; --compile: no step compiled, s changed at every step (Dynamic Scaling past L s0)"
+    return f"; {stats.compiled_steps} steps compiled, the first with compilation: {stats.compile_seconds:.1f} s"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
@@ -144,7 +150,7 @@ def main(argv=None) -> None:
           f"{stats.final_scale:g}\n"
           f"prefill: {stats.prefill_tokens_per_s:.1f} tokens/s ({stats.prefill_seconds:.2f} s) | "
           f"decode: {stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, {stats.decode_seconds:.2f} s"
-          f"{f'; first step with compilation: {stats.compile_seconds:.1f} s' if args.compile else ''})\n"
+          f"{compile_note(stats) if args.compile else ''})\n"
           f"peak memory: {peak_memory(device)}", file=sys.stderr)
 
 

@@ -221,6 +221,8 @@ def test_compiled_decoding_equals_eager():
     assert max((a - b).abs().max().item() for a, b in zip(logits, eager_logits)) <= 1e-4
     # the first decode step (compilation) is reported apart from the decode rate
     assert stats.compile_seconds > 0 and stats.decode_steps == 2 * L - 2
+    # compiled while s = 1, i.e. while the step's length l' = cached + 1 is at most L
+    assert stats.compiled_steps == L - len(PROMPT)
 
 
 # ---------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ class GenerationStats:
     decode_steps: int = 0         # forward passes after the prefill (one token each)
     decode_seconds: float = 0.0
     compile_seconds: float = 0.0  # with compile=True: the first compiled step, mostly compilation (not in decode_*)
+    compiled_steps: int = 0       # decode steps run by the compiled function (those where s was constant)
     final_scale: float = 1.0      # s in effect for the last forward pass (Sec. 3.3)
     stopped_at_eos: bool = False
 
@@ -175,7 +176,6 @@ def _run(model, prompt_tokens, total, temperature, top_p, seed, cache, prefill_c
     n_new = total - P
     t_step = None  # the first new token comes from the prefill's logits
     compiling = False  # the step being timed is the compiled function's first call
-    compiled_calls = 0
     for i in range(n_new):
         if on_logits is not None:
             on_logits(logits)
@@ -198,8 +198,8 @@ def _run(model, prompt_tokens, total, temperature, top_p, seed, cache, prefill_c
         # compiled while s stays at its floor (static methods always, Dynamic Scaling up to
         # L s0); past it s changes with every token, and those steps run eagerly
         if compiled is not None and effective_scale(model.rope, kv.length + 1) == model.rope.scale:
-            step, compiling = compiled, compiled_calls == 0
-            compiled_calls += 1
+            step, compiling = compiled, stats.compiled_steps == 0
+            stats.compiled_steps += 1
         logits = step(model, torch.tensor([[token]], dtype=torch.long, device=device), kv)
         stats.final_scale = kv.scale  # s of this step: l' = tokens so far (Sec. 3.3)
 
