@@ -5,7 +5,8 @@ RoPE uses Meta's interleaved convention: dimensions (2d, 2d+1) of a head form th
 number of frequency pair d (Eq. 3-4). Raw Llama 2 weights therefore load without renaming.
 
 The only place the extension methods enter is `Transformer._rope`, which asks rope.py for
-float32 cos/sin tables at the scale s in effect (Sec. 3.3). Everything below it (attention,
+float32 cos/sin tables at the scale s in effect (Sec. 3.3) and turns them into the complex
+rotation e^{i m theta} that `apply_rope` multiplies by. Everything below it (attention,
 the KV cache, flash-attn) is method-agnostic, which is the point of the "length scaling"
 trick of Sec. 3.4.
 """
