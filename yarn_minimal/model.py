@@ -101,15 +101,17 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """e^{i m theta} = cos + i sin as complex64 (T, 1, |D|/2), ready to broadcast over heads.
-    cos/sin come from rope.rope_tables and already carry YaRN's sqrt(1/t) (Sec. 3.4)."""
+def rotation(rope: RopeConfig, head_dim: int, positions: torch.Tensor, scale: float, device=None) -> torch.Tensor:
+    """e^{i m h(theta_d)} for the given positions m at scale s, as complex64 (T, 1, |D|/2) ready
+    to broadcast over heads: cos + i sin from rope.rope_tables, which already carry YaRN's
+    sqrt(1/t) (Sec. 3.4)."""
+    cos, sin = rope_tables(rope, head_dim, positions, scale, device=device)
     return torch.complex(cos, sin)[:, None, :]
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Eq. 5: f(x_m, m) = e^{i m theta} x_m, where each interleaved pair (x_2d, x_2d+1) of a
-    head is one complex number (Eq. 3-4). x is (B, T, H, |D|), rot is `rotation(cos, sin)`."""
+    head is one complex number (Eq. 3-4). x is (B, T, H, |D|), rot comes from `rotation`."""
     # one complex multiplication in float32; on CPU ~10x faster than the same arithmetic on
     # strided real/imaginary views, with the same result
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
@@ -185,8 +187,7 @@ class KVCache:
         (and Dynamic Scaling up to L s0): computed on first use, then sliced by each forward
         pass instead of recomputing cos/sin per token."""
         if self._floor_rope is not rope:  # the model's RoPE setting (frozen) may be replaced between uses
-            positions = torch.arange(self.max_len)
-            self._floor_rot = rotation(*rope_tables(rope, head_dim, positions, rope.scale, device=device))
+            self._floor_rot = rotation(rope, head_dim, torch.arange(self.max_len), rope.scale, device)
             self._floor_rope = rope
         return self._floor_rot
 
@@ -305,7 +306,7 @@ class Transformer(nn.Module):
             rot = cache.floor_rotation(self.rope, self.args.head_dim, device)[start:end]
         else:
             first = 0 if rotate_all else start
-            rot = rotation(*rope_tables(self.rope, self.args.head_dim, torch.arange(first, end), s, device=device))
+            rot = rotation(self.rope, self.args.head_dim, torch.arange(first, end), s, device)
         return RopeState(scale=s, start=start, rot=rot, rotate_all=rotate_all)
 
     def hidden_states(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
