@@ -25,7 +25,7 @@ from yarn_minimal.checkpoint import hf_rope_scaling
 from yarn_minimal.data import SegmentLoader, open_segments
 from yarn_minimal.model import ModelArgs, Transformer
 from yarn_minimal.rope import RopeConfig
-from yarn_minimal.tokenizer import Tokenizer
+from yarn_minimal.tokenizer import SentencePieceTokenizer
 
 SIZES = {  # Llama 2 shapes (params.json), for --init random and --estimate-memory
     "7b": dict(dim=4096, n_layers=32, n_heads=32),
@@ -142,7 +142,7 @@ def build_model(args, load_dtype):
     if args.init == "random":
         if args.tokenizer is None:
             raise SystemExit("error: --init random needs --tokenizer (a sentencepiece model)")
-        tokenizer = Tokenizer(args.tokenizer)
+        tokenizer = SentencePieceTokenizer(args.tokenizer)
         try:
             margs = ModelArgs(**size_args(args, vocab_size=tokenizer.vocab_size))
         except ValueError as e:

@@ -16,7 +16,7 @@ from hf_oracle import hf_model
 from yarn_minimal import CheckpointError, RopeConfig
 from yarn_minimal.checkpoint import SHARD_DIM, main as checkpoint_main
 from yarn_minimal.model import ModelArgs, Transformer
-from yarn_minimal.tokenizer import Tokenizer
+from yarn_minimal.tokenizer import SentencePieceTokenizer
 
 L = 16  # original context of the tiny models
 T = 3 * L + 5
@@ -90,7 +90,7 @@ META_CASES = {
 @pytest.mark.parametrize("name", META_CASES)
 def test_meta_layout_matches_transformers(name, tmp_path, tokenizer_path):
     case = META_CASES[name]
-    vocab = Tokenizer(tokenizer_path).vocab_size
+    vocab = SentencePieceTokenizer(tokenizer_path).vocab_size
     ref = random_model(vocab, **case["kw"])
     if name == "70b-style-gqa":
         assert ref.args.ffn_hidden_dim == 240 and ref.args.n_kv_heads == case["n_shards"]
@@ -108,7 +108,7 @@ def test_meta_layout_matches_transformers(name, tmp_path, tokenizer_path):
 
 
 def test_meta_layout_loads_into_requested_dtype(tmp_path, tokenizer_path):
-    vocab = Tokenizer(tokenizer_path).vocab_size
+    vocab = SentencePieceTokenizer(tokenizer_path).vocab_size
     ref = random_model(vocab)
     folder = meta_download(tmp_path, tokenizer_path, ref, 2)
     model, _ = yarn_minimal.load(folder, dtype=torch.bfloat16)
@@ -118,7 +118,7 @@ def test_meta_layout_loads_into_requested_dtype(tmp_path, tokenizer_path):
 
 
 def test_norm_eps_1e6_warns(tmp_path, tokenizer_path):
-    vocab = Tokenizer(tokenizer_path).vocab_size
+    vocab = SentencePieceTokenizer(tokenizer_path).vocab_size
     folder = tmp_path / "m"
     shutil.copy(tokenizer_path, tmp_path / "tokenizer.model")
     write_meta_shards(random_model(vocab), folder, 1, params_extra=dict(norm_eps=1e-6))
@@ -133,7 +133,7 @@ def test_norm_eps_1e6_warns(tmp_path, tokenizer_path):
 def hf_folder(tmp_path, tokenizer_path, rope_parameters, max_position_embeddings=L, sharded=False,
               intermediate_size=160, seed=0):
     """A LlamaForCausalLM with random weights, saved by transformers itself."""
-    vocab = Tokenizer(tokenizer_path).vocab_size
+    vocab = SentencePieceTokenizer(tokenizer_path).vocab_size
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                       max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
@@ -215,7 +215,7 @@ def test_hf_pytorch_bin_fallback_and_inv_freq(tmp_path, tokenizer_path):
     state = load_file(folder / "model.safetensors")
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     torch.save(state, folder / "pytorch_model.bin")
-    tokens = tokens_for(Tokenizer(tokenizer_path).vocab_size)
+    tokens = tokens_for(SentencePieceTokenizer(tokenizer_path).vocab_size)
     oracle = transformers_logits(folder, tokens)
     (folder / "model.safetensors").unlink()
     model, _ = yarn_minimal.load(folder)
@@ -262,7 +262,7 @@ SAVE_HF_ROPES = {
 
 @pytest.mark.parametrize("name", SAVE_HF_ROPES)
 def test_meta_to_hf_loads_in_transformers(name, tmp_path, tokenizer_path):
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     model = random_model(tok.vocab_size, rope=SAVE_HF_ROPES[name])
     yarn_minimal.save(model, tok, tmp_path / "hf", format="hf")
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
@@ -277,7 +277,7 @@ def test_meta_to_hf_loads_in_transformers(name, tmp_path, tokenizer_path):
 
 
 def test_hf_rope_scaling_keys_for_serving_tools(tmp_path, tokenizer_path):
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     model = random_model(tok.vocab_size, rope=RopeConfig(method="yarn", scale=16.0, original_length=L))
     yarn_minimal.save(model, tok, tmp_path / "hf", format="hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -294,7 +294,7 @@ def test_hf_rope_scaling_keys_for_serving_tools(tmp_path, tokenizer_path):
     RopeConfig(method="ntk", dynamic=True, scale=2.0, original_length=L),
 ], ids=["dynamic-yarn", "paper-ramp", "ntk-by-parts", "dynamic-pi", "dynamic-ntk-s0"])
 def test_save_hf_refuses_rope_without_equivalent(rope, tmp_path, tokenizer_path):
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     model = random_model(tok.vocab_size, rope=rope)
     with pytest.raises(CheckpointError, match="no Hugging Face rope_scaling equivalent"):
         yarn_minimal.save(model, tok, tmp_path / "hf", format="hf")
@@ -303,7 +303,7 @@ def test_save_hf_refuses_rope_without_equivalent(rope, tmp_path, tokenizer_path)
 
 def test_sharded_meta_save_meta_round_trip(tmp_path, tokenizer_path):
     """Merged shards -> save meta -> load: identical tensors and rope settings."""
-    vocab = Tokenizer(tokenizer_path).vocab_size
+    vocab = SentencePieceTokenizer(tokenizer_path).vocab_size
     ref = random_model(vocab, n_kv_heads=2)
     folder = meta_download(tmp_path, tokenizer_path, ref, 2)
     rope = RopeConfig(method="yarn", scale=8.0, original_length=L, dynamic=True, ramp="paper", alpha=2.0)
@@ -317,7 +317,7 @@ def test_sharded_meta_save_meta_round_trip(tmp_path, tokenizer_path):
 
 
 def test_convert_cli(tmp_path, tokenizer_path, capsys):
-    vocab = Tokenizer(tokenizer_path).vocab_size
+    vocab = SentencePieceTokenizer(tokenizer_path).vocab_size
     ref = random_model(vocab)
     folder = meta_download(tmp_path, tokenizer_path, ref, 2)
     checkpoint_main(["convert", str(folder), str(tmp_path / "hf"), "--format", "hf", "--dtype", "float32"])
@@ -337,7 +337,7 @@ def test_convert_cli(tmp_path, tokenizer_path, capsys):
 
 @pytest.fixture
 def meta_folder(tmp_path, tokenizer_path):
-    return meta_download(tmp_path, tokenizer_path, random_model(Tokenizer(tokenizer_path).vocab_size), 2)
+    return meta_download(tmp_path, tokenizer_path, random_model(SentencePieceTokenizer(tokenizer_path).vocab_size), 2)
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ import torch
 
 import yarn_minimal
 from yarn_minimal import RopeConfig
-from yarn_minimal.tokenizer import Tokenizer
+from yarn_minimal.tokenizer import SentencePieceTokenizer
 
 
 def test_save_load_round_trip(tmp_path, tokenizer_path):
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     rope = RopeConfig(method="yarn", scale=8.0, original_length=16, dynamic=True, ramp="paper")
     from yarn_minimal.model import ModelArgs, Transformer
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, multiple_of=32, rope=rope)
@@ -31,7 +31,7 @@ def test_save_load_round_trip(tmp_path, tokenizer_path):
 
 
 def test_tokenizer_llama_conventions(tokenizer_path):
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     ids = tok.encode("Here we go. There and back again.", bos=True, eos=True)
     assert ids[0] == 1 and ids[-1] == 2 and tok.bos_id == 1 and tok.eos_id == 2
     assert tok.decode(ids) == "Here we go. There and back again."

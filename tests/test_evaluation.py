@@ -21,7 +21,7 @@ from test_model import L, tiny_model
 from yarn_minimal import evaluation as ev
 from yarn_minimal.model import ModelArgs, Transformer
 from yarn_minimal.rope import RopeConfig
-from yarn_minimal.tokenizer import Tokenizer
+from yarn_minimal.tokenizer import SentencePieceTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 BOS = 1
@@ -145,7 +145,7 @@ def test_sweep_needs_yarn():
 
 @pytest.fixture(scope="module")
 def tok(tokenizer_path):
-    return Tokenizer(tokenizer_path)
+    return SentencePieceTokenizer(tokenizer_path)
 
 
 def test_passkey_prompt_has_exact_length_and_whole_sentences(tok):
@@ -300,7 +300,7 @@ def test_config_spec_applies_rope_fields():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tokenizer_path):
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, multiple_of=32,
                      rope=RopeConfig(original_length=64))
     torch.manual_seed(0)

@@ -342,7 +342,7 @@ def saved_checkpoint(tmp_path_factory, tokenizer_path):
     import yarn_minimal as ym
     from yarn_minimal.model import ModelArgs, Transformer
 
-    tokenizer = ym.Tokenizer(tokenizer_path)
+    tokenizer = ym.SentencePieceTokenizer(tokenizer_path)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tokenizer.vocab_size, multiple_of=32,
                      rope=RopeConfig(original_length=L))
     torch.manual_seed(0)
@@ -381,7 +381,7 @@ def test_text_stream_handles_spaces_and_multibyte_pieces(tokenizer_path):
     from generate import TextStream
     import yarn_minimal as ym
 
-    tokenizer = ym.Tokenizer(tokenizer_path)
+    tokenizer = ym.SentencePieceTokenizer(tokenizer_path)
     text = "the pass key is 日本語 ünïcode grass"  # CJK is not in the corpus: byte-fallback pieces
     ids = tokenizer.encode(text, bos=True)
     assert any(tokenizer.sp.IsByte(i) for i in ids)

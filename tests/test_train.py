@@ -18,7 +18,7 @@ from yarn_minimal import training
 from yarn_minimal.data import write_segments
 from yarn_minimal.model import ModelArgs, Transformer
 from yarn_minimal.rope import RopeConfig
-from yarn_minimal.tokenizer import Tokenizer
+from yarn_minimal.tokenizer import SentencePieceTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -40,7 +40,7 @@ def one_thread():
 def setup(tmp_path_factory, tokenizer_path):
     """A tiny checkpoint with plain RoPE (L = 16) and 4 segments of 33 tokens."""
     tmp = tmp_path_factory.mktemp("train")
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, multiple_of=32,
                      rope=RopeConfig(original_length=16))
     model = Transformer(args)

@@ -3,7 +3,7 @@
 Public API:
     RopeConfig                      which RoPE extension method, and its parameters (rope.py)
     ModelArgs, Transformer, KVCache the Llama 2 model (model.py)
-    Tokenizer                       sentencepiece wrapper (tokenizer.py)
+    Tokenizer                       one interface (tokenizer.py): SentencePieceTokenizer, HFTokenizer
     load(path, rope=None, device="cpu", dtype=torch.float32, progress=False) -> (model, tokenizer)
         reads Meta's raw layout (any number of shards), Hugging Face folders, and our own
     save(model, tokenizer, path, format="meta" | "hf")
@@ -15,7 +15,8 @@ import importlib
 # Imported on first use, so that `python -m yarn_minimal.rope` runs rope.py exactly once.
 _API = {
     "RopeConfig": "rope", "ModelArgs": "model", "Transformer": "model", "KVCache": "model",
-    "Tokenizer": "tokenizer", "load": "checkpoint", "save": "checkpoint", "CheckpointError": "checkpoint",
+    "Tokenizer": "tokenizer", "SentencePieceTokenizer": "tokenizer", "HFTokenizer": "tokenizer",
+    "load": "checkpoint", "save": "checkpoint", "CheckpointError": "checkpoint",
     "generate": "generation", "stream": "generation", "GenerationStats": "generation",
 }
 __all__ = list(_API)

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from .model import ModelArgs, Transformer
 from .rope import RopeConfig, ntk_aware_base
-from .tokenizer import Tokenizer
+from .tokenizer import SentencePieceTokenizer, Tokenizer
 
 
 class CheckpointError(ValueError):
@@ -67,7 +67,7 @@ def find_tokenizer(folder: Path) -> Path:
 def _open_tokenizer(folder: Path) -> Tokenizer:
     path = find_tokenizer(folder)
     try:
-        return Tokenizer(path)
+        return SentencePieceTokenizer(path)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
 

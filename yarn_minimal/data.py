@@ -192,11 +192,11 @@ def prepare(inputs: list[str], tokenizer_path: str | os.PathLike, seq_len: int, 
     give the same bytes. Returns meta.json's content."""
     from tqdm import tqdm
 
-    from .tokenizer import Tokenizer
+    from .tokenizer import SentencePieceTokenizer
 
     if seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2 (one input and one target token), got {seq_len}")
-    tok = Tokenizer(tokenizer_path)
+    tok = SentencePieceTokenizer(tokenizer_path)
     files = input_files(inputs)
     writer = SegmentWriter(out_dir, seq_len, tok.vocab_size)
     n_docs = 0
