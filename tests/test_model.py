@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_oracle import hf_model
+import yarn_minimal.model as m
 from yarn_minimal.model import KVCache, ModelArgs, Transformer, attention
 from yarn_minimal.rope import RopeConfig
 
@@ -68,7 +69,6 @@ def test_loss_equals_full_cross_entropy():
     targets[0, :5] = -100
     with torch.no_grad():
         ref = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), ignore_index=-100)
-    import yarn_minimal.model as m
     loss = m.chunked_cross_entropy(model.output, model.hidden_states(tokens), targets, chunk_size=7)
     torch.testing.assert_close(loss, ref)
     # gradients flow through the checkpointed chunks
@@ -92,7 +92,23 @@ def naive_causal_attention(q, k, v):
 def test_attention_kernel_paths(Tq, Tk):
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, Tq, 4, 8, generator=g), torch.randn(2, Tk, 2, 8, generator=g), torch.randn(2, Tk, 2, 8, generator=g)
-    torch.testing.assert_close(attention(q, k, v), naive_causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention(q, [(k, v)]), naive_causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("Tq, Tk, cut", [(1, 29, [10, 20]), (4, 29, [8, 16]), (4, 29, [24]), (7, 10, [2])])
+@pytest.mark.parametrize("tile_scores", [1 << 24, 40])
+def test_attention_over_blocks_merges_softmax_by_log_sum_exp(Tq, Tk, cut, tile_scores, monkeypatch):
+    # Keys in blocks (the block that ends with the queries first, then the earlier ones, as the
+    # pre-RoPE cache hands them over), merged through their log-sum-exp, against one softmax
+    # over all keys written out by hand. A small tile_scores splits the queries into tiles too.
+    monkeypatch.setattr(m, "SCORES_PER_TILE", tile_scores)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, Tq, 4, 8, generator=g), torch.randn(2, Tk, 2, 8, generator=g), torch.randn(2, Tk, 2, 8, generator=g)
+    q = q * 3  # peaked softmaxes, so that a wrong weight between blocks shows
+    edges = [0, *cut, Tk]
+    spans = [(edges[-2], Tk)] + list(zip(edges[:-2], edges[1:-1]))
+    blocks = ((k[:, a:b], v[:, a:b]) for a, b in spans)
+    torch.testing.assert_close(attention(q, blocks), naive_causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["none", "linear", "yarn"])
@@ -127,3 +143,18 @@ def test_dynamic_pre_rope_cache_is_exact_and_rotated_cache_is_stale(method):
                 assert err <= 1e-4  # below L, s = 1 throughout: nothing goes stale
             worst_rot = max(worst_rot, err)
     assert worst_rot > 1e-2
+
+
+def test_apply_rope_gradient_is_the_opposite_rotation():
+    # apply_rope is one custom op with its own backward; against autograd through Eq. 5
+    # written as a complex product
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 3, 8, generator=g, requires_grad=True)
+    angles = torch.rand(5, 4, generator=g) * 6
+    rot = torch.polar(torch.full_like(angles, 1.2), angles)
+    upstream = torch.randn(2, 5, 3, 8, generator=g)
+    (grad,) = torch.autograd.grad((m.apply_rope(x, rot) * upstream).sum(), x)
+    ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rot[:, None]).flatten(-2)
+    (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), x)
+    torch.testing.assert_close(m.apply_rope(x, rot), ref)
+    torch.testing.assert_close(grad, ref_grad)

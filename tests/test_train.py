@@ -222,7 +222,7 @@ def test_activation_bytes_per_token_match_autograd():
     model = Transformer(args).to(torch.bfloat16).train()
     T = 256
     x = torch.randn(1, T, args.dim, dtype=torch.bfloat16, requires_grad=True)
-    rope = model._rope(T, None, None, x.device)
+    rotation = model.rotation(0, T)
     storages = {}
 
     def pack(t):
@@ -230,8 +230,8 @@ def test_activation_bytes_per_token_match_autograd():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.layers[0](x, rope)
-    saved = sum(storages.values()) - x.numel() * 2 - rope.rot.numel() * 8  # minus input and the shared complex64 rotation
+        model.layers[0](x, rotation)
+    saved = sum(storages.values()) - x.numel() * 2 - rotation.table.numel() * 8  # minus input and the shared complex64 rotation
     per_token = training.estimate_memory(args, T, 1)["per_layer_per_token"]
     assert saved / T == pytest.approx(per_token, rel=0.15)
 

@@ -4,17 +4,21 @@ Parameter names are Meta's checkpoint keys (tok_embeddings, layers.N.attention.w
 RoPE uses Meta's interleaved convention: dimensions (2d, 2d+1) of a head form the complex
 number of frequency pair d (Eq. 3-4). Raw Llama 2 weights therefore load without renaming.
 
-The only place the extension methods enter is `Transformer._rope`, which asks rope.py for
+The only place the extension methods enter is `Transformer.rotation`, which asks rope.py for
 float32 cos/sin tables at the scale s in effect (Sec. 3.3) and turns them into the complex
 rotation e^{i m theta} that `apply_rope` multiplies by. Everything below it (attention,
-the KV cache, flash-attn) is method-agnostic, which is the point of the "length scaling"
-trick of Sec. 3.4.
+flash-attn) is method-agnostic, which is the point of the "length scaling" trick of Sec. 3.4.
+The KV cache knows one thing about the methods: whether s can change (Sec. 3.3), in which case
+it keeps keys before RoPE (`LayerCache.update`).
 """
 from __future__ import annotations
 
+import itertools
 import math
+import re
+import warnings
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +28,27 @@ from torch.utils.checkpoint import checkpoint
 
 from .rope import RopeConfig, check_head_dim, effective_scale, rope_tables
 
+FLASH_ATTN_MIN = (2, 1)  # before 2.1, flash-attn aligns the causal mask top-left when Tq != Tk
+
+
+def flash_attn_version_ok(version: str) -> bool:
+    """Whether this flash-attn aligns the causal mask bottom-right when there are fewer queries
+    than keys (a prefill chunk after a cached prefix), as `attention` needs: from 2.1 on."""
+    found = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    return found >= FLASH_ATTN_MIN
+
+
 try:  # optional: installed on CUDA machines only (see README)
+    import flash_attn
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
+else:  # pragma: no cover - depends on the machine
+    if not flash_attn_version_ok(flash_attn.__version__):
+        warnings.warn(f"flash-attn {flash_attn.__version__} aligns the causal mask top-left when a prefill chunk "
+                      f"follows cached tokens; yarn-minimal needs flash-attn >= 2.1 and uses SDPA instead")
+        flash_attn_func = None
+FLASH_DEVICES = {"cuda"}  # where flash-attn is used when installed (tests add "cpu" with a stand-in)
 
 
 @dataclass
@@ -101,34 +122,119 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rotation(rope: RopeConfig, head_dim: int, positions: torch.Tensor, scale: float, device=None) -> torch.Tensor:
-    """e^{i m h(theta_d)} for the given positions m at scale s, as complex64 (T, 1, |D|/2) ready
-    to broadcast over heads: cos + i sin from rope.rope_tables, which already carry YaRN's
-    sqrt(1/t) (Sec. 3.4)."""
-    cos, sin = rope_tables(rope, head_dim, positions, scale, device=device)
-    return torch.complex(cos, sin)[:, None, :]
+def rotation_table(rope: RopeConfig, head_dim: int, end: int, scale: float, device=None) -> torch.Tensor:
+    """e^{i m h(theta_d)} for positions m = 0..end-1 at scale s, as complex64 (end, |D|/2): cos +
+    i sin from rope.rope_tables, which already carry YaRN's sqrt(1/t) (Sec. 3.4)."""
+    cos, sin = rope_tables(rope, head_dim, torch.arange(end), scale, device=device)
+    return torch.complex(cos, sin)
 
 
-def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("yarn_minimal::apply_rope", mutates_args=())
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Eq. 5: f(x_m, m) = e^{i m theta} x_m, where each interleaved pair (x_2d, x_2d+1) of a
-    head is one complex number (Eq. 3-4). x is (B, T, H, |D|), rot comes from `rotation`."""
-    # one complex multiplication in float32; on CPU ~10x faster than the same arithmetic on
-    # strided real/imaginary views, with the same result
+    head is one complex number (Eq. 3-4). x is (B, T, H, |D|) in the model's dtype, rotation
+    the (T, |D|/2) rows of `rotation_table` for x's positions; the result has x's dtype.
+
+    One op (a torch.library custom op) so that the product is computed in float32 without
+    float32 copies of x in memory where a fused kernel exists (CUDA, below). This eager
+    version is the reference, and what runs on the CPU: one complex multiplication, on CPU
+    ~10x faster than the same arithmetic on strided real/imaginary views."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
+    return torch.view_as_real(pairs * rotation[:, None]).flatten(-2).type_as(x)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal softmax(q k^T / sqrt(|D|)) v (Eq. 2) where the Tq queries are the LAST Tq of the
-    Tk keys' positions. Shapes (B, T, H, |D|); k and v may have fewer (grouped) heads.
+@apply_rope.register_fake
+def _(x, rotation):
+    return torch.empty_like(x)
+
+
+def _apply_rope_backward(ctx, grad):
+    # a rotation's adjoint is the opposite rotation: multiply by the conjugate
+    rotation, = ctx.saved_tensors
+    return apply_rope(grad, torch.conj_physical(rotation)), None
+
+
+def _save_rotation(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+apply_rope.register_autograd(_apply_rope_backward, setup_context=_save_rotation)
+
+
+def _apply_rope_real(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    # the same product on real numbers (Inductor generates no code for complex ones): one
+    # fused kernel that reads x once and writes the result once, float32 only in registers
+    cos, sin = torch.view_as_real(rotation)[:, None].unbind(-1)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).to(x.dtype)
+
+
+apply_rope.register_kernel("cuda")(torch.compile(_apply_rope_real, dynamic=True))
+
+
+@dataclass
+class Rotation:
+    """RoPE for one forward pass: the scale s in effect (Sec. 3.3) and `rotation_table` at
+    that s for positions 0..end-1, where the pass's T new tokens are the last T positions."""
+
+    scale: float
+    start: int            # position of the first new token
+    table: torch.Tensor   # complex64 (end, |D|/2)
+
+    @property
+    def new(self) -> torch.Tensor:
+        """The rows of the new tokens."""
+        return self.table[self.start:]
+
+
+def flash_attn_applies(q: torch.Tensor) -> bool:
+    return flash_attn_func is not None and q.device.type in FLASH_DEVICES and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def attention(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Causal softmax(q k^T / sqrt(|D|)) v (Eq. 2), where the Tq queries are the LAST Tq
+    positions of the keys. Shapes (B, T, H, |D|); k and v may have fewer (grouped) heads.
+
+    The keys and values come as (k, v) blocks, usually one. The first block holds the queries'
+    own positions and ends with them (causal, aligned bottom-right); any further block lies
+    entirely before them. Each
+    block is attended on its own and the blocks' softmaxes are merged through their
+    log-sum-exp (as flash-decoding does), so only one block is in memory at a time: the
+    pre-RoPE cache rotates its keys a block at a time (LayerCache.update).
     Never builds a Tq x Tk score or mask tensor on the fast paths."""
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        # flash-attn aligns the causal mask bottom-right when Tq != Tk, and handles GQA
-        return flash_attn_func(q, k, v, causal=True)
+    blocks = iter(blocks)
+    k, v = next(blocks)
+    more = next(blocks, None)
+    if more is None:
+        return attention_block(q, k, v, causal=True)
+    out, lse = attention_block(q, k, v, causal=True, with_lse=True)
+    for k, v in itertools.chain([more], blocks):
+        out, lse = merge_softmax(out, lse, *attention_block(q, k, v, causal=False, with_lse=True))
+    return out.type_as(q)
+
+
+def merge_softmax(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two key sets from each set's output and log-sum-exp of its
+    scores (B, Tq, H): softmax over both = each set's softmax weighted by exp(lse - lse_both)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a * (lse_a - lse).exp()[..., None] + out_b * (lse_b - lse).exp()[..., None]
+    return out, lse
+
+
+def attention_block(q, k, v, causal: bool, with_lse: bool = False):
+    """Eq. 2 over one block of keys, aligned bottom-right if causal, otherwise every key is
+    visible. With with_lse: (float32 output, log-sum-exp of the scores (B, Tq, H))."""
+    if flash_attn_applies(q):  # (B, T, H, |D|) as flash-attn wants; it handles GQA
+        if not with_lse:
+            return flash_attn_func(q, k, v, causal=causal)
+        out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)  # lse (B, H, Tq)
+        return out.float(), lse.transpose(1, 2)
+    if with_lse:
+        return attention_with_lse(q, k, v, causal)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     Tq, Tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if Tq == 1:  # one new token attends to everything cached
+    if Tq == 1 or not causal:  # nothing to mask (one new token attends to everything cached)
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     elif Tq == Tk:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -137,59 +243,74 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out.transpose(1, 2)
 
 
-ROTATE_BLOCK = 8192  # positions re-rotated at a time when s changes
+SCORES_PER_TILE = 1 << 24  # float32 scores at a time in attention_with_lse (64 MiB)
 
 
-class KVCache:
-    """Keys and values of every layer for a batch of sequences, up to max_len positions.
+def attention_with_lse(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 2 written out, for blocks without flash-attn (SDPA does not return the log-sum-exp):
+    queries in tiles so that no more than SCORES_PER_TILE scores exist at once."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    q = q.view(B, Tq, Hkv, H // Hkv, D).permute(0, 2, 3, 1, 4)  # (B, Hkv, group, Tq, D)
+    k, v = k.permute(0, 2, 1, 3)[:, :, None], v.permute(0, 2, 1, 3)[:, :, None]  # (B, Hkv, 1, Tk, D)
+    tile = max(1, SCORES_PER_TILE // (B * H * Tk))
+    outs, lses = [], []
+    for a in range(0, Tq, tile):
+        scores = (q[..., a:a + tile, :] @ k.transpose(-1, -2)).float() / math.sqrt(D)
+        if causal:  # query i sees key j <= i + Tk - Tq
+            rows = torch.arange(a, min(a + tile, Tq), device=q.device)[:, None]
+            scores = scores.masked_fill(torch.arange(Tk, device=q.device) > rows + Tk - Tq, float("-inf"))
+        lse = scores.logsumexp(-1)
+        outs.append(((scores - lse[..., None]).exp().to(v.dtype) @ v).float())
+        lses.append(lse)
+    out, lse = torch.cat(outs, -2), torch.cat(lses, -1)  # (B, Hkv, group, Tq, D), (B, Hkv, group, Tq)
+    return out.permute(0, 3, 1, 2, 4).reshape(B, Tq, H, D), lse.permute(0, 3, 1, 2).reshape(B, Tq, H)
 
-    Sec. 3.3: under Dynamic Scaling, s changes with the sequence length and so does the
-    rotation of every cached key, so the correct cache keeps keys BEFORE RoPE (`k`). Two phases:
 
-    - while s stays at its floor s0 (lengths up to L s0), rotations never change: each key is
-      rotated once, when it arrives, into `k_rot` (L s0 positions per layer);
-    - past L s0, s = l'/L changes with every token: each forward pass rotates all cached keys
-      of a layer with the current s into `scratch`, one buffer shared by the layers.
+ROTATE_BLOCK = 8192  # pre-RoPE keys rotated (and attended) at a time
 
-    So the cache costs the pre-RoPE keys and values plus small extras (Llama 2 7B at 128k:
-    64 GiB + 1 GiB for k_rot + 1 GiB scratch), not a second full key buffer.
 
-    With a static method s never changes, so only rotated keys are kept (`k_rot`, full length).
-    mode="rotated" does that even under Dynamic Scaling, as Hugging Face, vLLM and the
-    authors' code do, so that old keys keep a stale s: it exists to measure that bug.
+class LayerCache:
+    """One layer's keys and values for a batch of sequences, up to max_len positions.
+
+    `update` stores the new tokens' keys and values and returns every key and value so far,
+    keys rotated at the s of this forward pass. Sec. 3.3 lives there: under Dynamic Scaling s
+    changes with the sequence length and so does the rotation of every cached key, so the cache
+    keeps keys BEFORE RoPE and rotates all of them at every forward pass, a block of
+    ROTATE_BLOCK positions at a time, each block just before `attention` reads it. So the cache
+    costs its keys and values and one rotated block (Llama 2 7B at 128k: 64 GiB + 64 MiB).
+
+    With a static method s never changes, so keys are stored already rotated. pre_rope=False
+    does that even under Dynamic Scaling, as Hugging Face, vLLM and the authors' code do, so
+    that old keys keep a stale s: `generate(cache="rotated")` uses it to measure that bug.
     """
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None,
-                 dtype=torch.float32, mode: str = "pre-rope"):
-        if mode not in ("pre-rope", "rotated"):
-            raise ValueError(f"KVCache.mode: {mode!r}; allowed: pre-rope, rotated")
-        rope = args.rope
-        zeros = lambda n: torch.zeros((batch_size, n, args.n_kv_heads, args.head_dim), device=device, dtype=dtype)
-        self.mode, self.max_len = mode, max_len
-        self.v = [zeros(max_len) for _ in range(args.n_layers)]
-        if mode == "pre-rope" and rope.dynamic:
-            floor_len = min(max_len, math.floor(rope.original_length * rope.scale))  # where s = s0
-            self.k = [zeros(max_len) for _ in range(args.n_layers)]
-            self.k_rot = [zeros(floor_len) for _ in range(args.n_layers)]
-            self.scratch = zeros(max_len)
-        else:
-            self.k = self.scratch = None
-            self.k_rot = [zeros(max_len) for _ in range(args.n_layers)]
-        self.length = 0      # positions filled
-        self.scale = None    # s of the last forward pass
-        self._floor_rope, self._floor_rot = None, None
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, pre_rope: bool,
+                 device=None, dtype=torch.float32):
+        shape = (batch_size, max_len, n_kv_heads, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.pre_rope = pre_rope
 
-    def reset(self) -> None:
-        self.length, self.scale = 0, None
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor, rotation: Rotation):
+        """Store k, v (B, T, Hkv, |D|, keys not rotated yet) at positions start..start+T-1;
+        return the (keys, values) blocks of positions 0..start+T-1 for `attention`."""
+        B, T = k.shape[:2]
+        end = start + T
+        self.values[:B, start:end] = v
+        if not self.pre_rope:  # s never changes for these keys: rotate each once, on arrival
+            self.keys[:B, start:end] = apply_rope(k, rotation.new)
+            return [(self.keys[:B, :end], self.values[:B, :end])]
+        self.keys[:B, start:end] = k  # Sec. 3.3: cache keys before RoPE
+        return self.rotated_blocks(B, start, end, rotation.table)
 
-    def floor_rotation(self, rope: RopeConfig, head_dim: int, device) -> torch.Tensor:
-        """`rotation` of positions 0..max_len-1 at s = s0, the scale every static method uses
-        (and Dynamic Scaling up to L s0): computed on first use, then sliced by each forward
-        pass instead of recomputing cos/sin per token."""
-        if self._floor_rope is not rope:  # the model's RoPE setting (frozen) may be replaced between uses
-            self._floor_rot = rotation(rope, head_dim, torch.arange(self.max_len), rope.scale, device)
-            self._floor_rope = rope
-        return self._floor_rot
+    def rotated_blocks(self, B: int, start: int, end: int, table: torch.Tensor):
+        """Every key so far rotated with `table` (this pass's s), block by block: first the
+        block holding the new tokens, then the earlier ones (the order `attention` expects)."""
+        last = start - start % ROTATE_BLOCK
+        spans = [(last, end)] + [(a, min(a + ROTATE_BLOCK, last)) for a in range(0, last, ROTATE_BLOCK)]
+        for a, b in spans:
+            yield apply_rope(self.keys[:B, a:b], table[a:b]), self.values[:B, a:b]
 
 
 class Attention(nn.Module):
@@ -201,29 +322,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, rope: "RopeState", cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x: torch.Tensor, rotation: Rotation, cache: Optional[LayerCache] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q = apply_rope(q, rope.rot_new)
+        q = apply_rope(q, rotation.new)
         if cache is None:
-            k = apply_rope(k, rope.rot_new)
-        else:
-            start, end = rope.start, rope.start + T
-            cache.v[layer][:B, start:end] = v
-            if cache.k is not None:
-                cache.k[layer][:B, start:end] = k  # Sec. 3.3: cache keys before RoPE
-            if rope.rotate_all:  # s is not at its floor: every cached key gets the current rotation
-                keys = cache.scratch[:B, :end]
-                for a in range(0, end, ROTATE_BLOCK):  # in blocks, to bound float32 temporaries
-                    b = min(a + ROTATE_BLOCK, end)
-                    keys[:, a:b] = apply_rope(cache.k[layer][:B, a:b], rope.rot[a:b])
-            else:  # s never changes for these keys: rotate each once, on arrival
-                cache.k_rot[layer][:B, start:end] = apply_rope(k, rope.rot_new)
-                keys = cache.k_rot[layer][:B, :end]
-            k, v = keys, cache.v[layer][:B, :end]
-        out = attention(q, k, v)
+            blocks = [(apply_rope(k, rotation.new), v)]
+        else:  # every key so far, rotated at this pass's s (Sec. 3.3 lives in the cache)
+            blocks = cache.update(rotation.start, k, v, rotation)
+        out = attention(q, blocks)
         return self.wo(out.reshape(B, T, -1))
 
 
@@ -247,23 +356,36 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, rope, cache=None, layer=0):
-        h = x + self.attention(self.attention_norm(x), rope, cache, layer)
+    def forward(self, x: torch.Tensor, rotation: Rotation, cache: Optional[LayerCache] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rotation, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-@dataclass
-class RopeState:
-    """The rotations one forward pass needs, and where its tokens sit."""
+class KVCache:
+    """The KV cache of a whole model (one LayerCache per layer) and how far they are filled."""
 
-    scale: float              # s in effect for this forward pass (Sec. 3.3)
-    start: int                # position of the first new token
-    rot: torch.Tensor         # `rotation` of positions 0..end-1 when rotate_all, else of the new ones
-    rotate_all: bool          # rotate every cached key from the pre-RoPE cache (s above its floor)
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None,
+                 dtype=torch.float32, mode: str = "pre-rope"):
+        if mode not in ("pre-rope", "rotated"):
+            raise ValueError(f"cache mode: {mode!r}; allowed: pre-rope, rotated")
+        pre_rope = mode == "pre-rope" and args.rope.dynamic  # static methods: rotated keys are exact
+        self.layers = [LayerCache(batch_size, max_len, args.n_kv_heads, args.head_dim, pre_rope, device, dtype)
+                       for _ in range(args.n_layers)]
+        self.max_len = max_len
+        self.length = 0      # positions filled
+        self.scale = None    # s of the last forward pass
+        self._s0_table = None  # (RopeConfig, rotation_table at its s0 for all max_len positions)
 
-    @property
-    def rot_new(self):
-        return self.rot[self.start:] if self.rotate_all else self.rot
+    def reset(self) -> None:
+        self.length, self.scale = 0, None
+
+    def s0_table(self, rope: RopeConfig, head_dim: int, device) -> torch.Tensor:
+        """rotation_table of all max_len positions at s0 = rope.scale, the s of every static
+        method (and of Dynamic Scaling up to L s0): computed once per RoPE setting, then
+        sliced by each forward pass instead of recomputing cos/sin for every new token."""
+        if self._s0_table is None or self._s0_table[0] != rope:
+            self._s0_table = (rope, rotation_table(rope, head_dim, self.max_len, rope.scale, device))
+        return self._s0_table[1]
 
 
 class Transformer(nn.Module):
@@ -295,19 +417,16 @@ class Transformer(nn.Module):
                 out_proj = name.endswith(("wo.weight", "w2.weight"))
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.args.n_layers) if out_proj else std, generator=gen)
 
-    def _rope(self, T: int, cache: Optional[KVCache], scale_length: Optional[int], device) -> RopeState:
-        start = cache.length if cache is not None else 0
+    def rotation(self, start: int, T: int, cache: Optional[KVCache] = None,
+                 scale_length: Optional[int] = None) -> Rotation:
+        """RoPE for a forward pass over T new tokens at positions start..start+T-1."""
         end = start + T
         # Sec. 3.3: s follows the length of the sequence this forward pass sees
         s = effective_scale(self.rope, scale_length if scale_length is not None else end)
-        # a pre-RoPE cache past L s0: s differs from its floor and changes with every token
-        rotate_all = cache is not None and cache.k is not None and s > self.rope.scale
+        device = self.tok_embeddings.weight.device
         if cache is not None and s == self.rope.scale:  # s at its floor: one table for the whole cache
-            rot = cache.floor_rotation(self.rope, self.args.head_dim, device)[start:end]
-        else:
-            first = 0 if rotate_all else start
-            rot = rotation(self.rope, self.args.head_dim, torch.arange(first, end), s, device)
-        return RopeState(scale=s, start=start, rot=rot, rotate_all=rotate_all)
+            return Rotation(s, start, cache.s0_table(self.rope, self.args.head_dim, device)[:end])
+        return Rotation(s, start, rotation_table(self.rope, self.args.head_dim, end, s, device))
 
     def hidden_states(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
                       scale_length: Optional[int] = None) -> torch.Tensor:
@@ -317,18 +436,20 @@ class Transformer(nn.Module):
         scale_length overrides the length that sets the dynamic scale (chunked prefill uses
         the whole prompt's length so that every chunk sees the same s as one big forward)."""
         B, T = tokens.shape
-        if cache is not None and cache.length + T > cache.max_len:
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length} used, {T} more requested")
-        rope = self._rope(T, cache, scale_length, tokens.device)
+        rotation = self.rotation(start, T, cache, scale_length)
+        layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         h = self.tok_embeddings(tokens)
-        for i, layer in enumerate(self.layers):
+        for layer, layer_cache in zip(self.layers, layer_caches):
             if self.activation_checkpointing and self.training and cache is None:
-                h = checkpoint(layer, h, rope, use_reentrant=False)
+                h = checkpoint(layer, h, rotation, use_reentrant=False)
             else:
-                h = layer(h, rope, cache, i)
+                h = layer(h, rotation, layer_cache)
         if cache is not None:
             cache.length += T
-            cache.scale = rope.scale
+            cache.scale = rotation.scale
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
