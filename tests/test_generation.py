@@ -18,6 +18,8 @@ import torch
 
 from hf_oracle import hf_model
 from test_model import tiny_model
+import yarn_minimal.model as model_module
+from yarn_minimal.model import KVCache
 from yarn_minimal.generation import GenerationStats, generate, sample, stream, top_p_filter
 from yarn_minimal.rope import RopeConfig, effective_scale, rope_tables
 
@@ -67,9 +69,16 @@ def full_forward_last(model, tokens) -> torch.Tensor:
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("method", list(STATIC_SCALE))
 def test_cached_greedy_decoding_equals_full_forward(method, dynamic):
-    # Exact cases: every static method (2 layers; s never changes) and every dynamic method
-    # with one layer (its keys depend only on the embeddings, so re-rotating the pre-RoPE keys
-    # at the current s is all a full forward does differently). Multi-layer dynamic: below.
+    """Every cached decoding step against a full forward without cache over the same tokens.
+
+    Exact for every static method on a multi-layer model (s never changes), and for Dynamic
+    Scaling on a one-layer model: its keys and values depend only on the embeddings, so
+    rotating the cached pre-RoPE keys at the current s is all a full forward does differently.
+    With more layers no cache can be exact under Dynamic Scaling: the keys and values of
+    layer 2 and above are computed from hidden states, and a token's hidden states were computed
+    in the forward pass that processed it, at the s of that moment; a full forward at a later s
+    recomputes them all. What a correct cache owes there is checked against a per-step brute
+    force below (test_multilayer_dynamic_cache_equals_per_step_brute_force)."""
     rope = rope_for(method, dynamic)
     model = tiny_model(rope, n_layers=1 if dynamic else 2)
     n_new = 3 * L
@@ -142,6 +151,27 @@ def test_multilayer_dynamic_cache_equals_per_step_brute_force(method):
         assert (ours - ref).abs().max().item() <= 1e-4, i
         assert tokens[i] == int(ref.argmax())
 
+
+
+@pytest.mark.parametrize("method", ["yarn", "ntk"])
+def test_pre_rope_cache_in_several_blocks(method, monkeypatch):
+    # The pre-RoPE cache rotates and attends its keys a block at a time and merges the blocks
+    # by log-sum-exp; with blocks of 8 positions every step past 8 tokens goes through that
+    # merge, in prefill chunks (7 tokens, after a cached prefix) and in decoding. One layer:
+    # against the full forward, exactly; two layers: against the per-step brute force.
+    monkeypatch.setattr(model_module, "ROTATE_BLOCK", 8)
+    one = tiny_model(rope_for(method, dynamic=True), n_layers=1)
+    prompt = PROMPT * 4  # 20 tokens: prefill chunks end past L
+    tokens, logits = record(one, prompt, 2 * L, prefill_chunk=7)
+    seq = list(prompt)
+    for i, step_logits in enumerate(logits):
+        full = full_forward_last(one, seq)
+        assert (step_logits - full).abs().max().item() <= 1e-4, i
+        seq.append(tokens[i])
+    two = tiny_model(rope_for(method, dynamic=True), n_layers=2)
+    tokens, logits = record(two, PROMPT, 2 * L)
+    for i, (ours, ref) in enumerate(zip(logits, per_step_scale_oracle(two, PROMPT, tokens))):
+        assert (ours - ref).abs().max().item() <= 1e-4, i
 
 
 def error_vs_full_forward(model, cache):
@@ -423,3 +453,86 @@ def test_generate_script_empty_prompt_file_and_cpu_dtype(saved_checkpoint, tmp_p
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--device cuda asked for CUDA"):
             main(["--ckpt", str(folder), "--device", "cuda"])
+
+
+# ---------------------------------------------------------------------------------------
+# flash-attn's calling contract, with a pure-PyTorch stand-in forced on the CPU
+# ---------------------------------------------------------------------------------------
+
+def flash_attn_stand_in(n_heads, n_kv_heads, head_dim, aligned="bottom-right"):
+    """flash_attn_func as its documentation states it: (B, T, H, |D|) inputs of one half
+    dtype, grouped key heads, causal mask aligned bottom-right when Tq != Tk (flash-attn >= 2.1;
+    "top-left" is what 2.0 did), and the log-sum-exp (B, H, Tq) with return_attn_probs."""
+    calls = []
+
+    def flash_attn_func(q, k, v, causal=False, return_attn_probs=False):
+        assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float16)
+        (B, Tq, H, D), Tk = q.shape, k.shape[1]
+        assert (H, D) == (n_heads, head_dim) and k.shape == v.shape == (B, Tk, n_kv_heads, head_dim)
+        calls.append((Tq, Tk, causal, return_attn_probs))
+        k, v = (t.float().repeat_interleave(H // n_kv_heads, dim=2) for t in (k, v))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) / math.sqrt(D)
+        if causal:
+            offset = Tk - Tq if aligned == "bottom-right" else 0
+            hidden = torch.arange(Tk)[None, :] > torch.arange(Tq)[:, None] + offset
+            scores = scores.masked_fill(hidden, float("-inf"))
+        out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).to(q.dtype)
+        return (out, scores.logsumexp(-1), None) if return_attn_probs else out
+
+    flash_attn_func.calls = calls
+    return flash_attn_func
+
+
+def cached_logits(model, tokens, prompt_len, chunk):
+    """Logits of a chunked prefill over tokens[:prompt_len] (every chunk at the prompt's s, as
+    generate does) and of one decode step per remaining token, teacher-forced."""
+    cache = KVCache(model.args, 1, len(tokens), dtype=torch.bfloat16)
+    x = torch.tensor([tokens])
+    with torch.no_grad():
+        out = [model(x[:, a:min(a + chunk, prompt_len)], cache=cache, scale_length=prompt_len)[0]
+               for a in range(0, prompt_len, chunk)]
+        out += [model(x[:, t:t + 1], cache=cache)[0] for t in range(prompt_len, len(tokens))]
+    return torch.cat(out).float()
+
+
+@pytest.mark.parametrize("rope", [RopeConfig(method="yarn", scale=4.0, original_length=L),
+                                  RopeConfig(method="yarn", dynamic=True, original_length=L)], ids=["static", "dynamic"])
+def test_flash_attn_contract_stand_in_matches_sdpa(rope, monkeypatch):
+    # bf16, a prefill in chunks of 7 (Tq != Tk after the first chunk) then decoding, through the
+    # flash path against the same model on SDPA. Blocks of 8 positions send the pre-RoPE cache
+    # through flash-attn's log-sum-exp too. A stand-in aligned top-left (flash-attn < 2.1)
+    # must fail the same comparison, or the comparison could not see misalignment.
+    monkeypatch.setattr(model_module, "ROTATE_BLOCK", 8)
+    model = tiny_model(rope).to(torch.bfloat16)
+    tokens = torch.randint(0, 96, (3 * L,), generator=torch.Generator().manual_seed(6)).tolist()
+    sdpa = cached_logits(model, tokens, 2 * L + 3, 7)
+    a = model.args
+    monkeypatch.setattr(model_module, "FLASH_DEVICES", {"cpu"})
+    errors = {}
+    for aligned in ("bottom-right", "top-left"):
+        stand_in = flash_attn_stand_in(a.n_heads, a.n_kv_heads, a.head_dim, aligned)
+        monkeypatch.setattr(model_module, "flash_attn_func", stand_in)
+        errors[aligned] = (cached_logits(model, tokens, 2 * L + 3, 7) - sdpa).abs().max().item()
+        assert any(Tq > 1 and Tk > Tq and causal for Tq, Tk, causal, _ in stand_in.calls)
+        assert any(lse for *_, lse in stand_in.calls) == rope.dynamic
+    scale = sdpa.abs().max().item()
+    assert errors["bottom-right"] <= 0.03 * scale, (errors, scale)  # bf16: the two round differently
+    assert errors["top-left"] > 10 * errors["bottom-right"], errors
+
+
+def test_flash_attn_before_2_1_is_refused_with_one_line(monkeypatch):
+    import types
+
+    def flash_attn_func(*args, **kwargs):
+        pass
+
+    for version, usable in (("2.0.9", False), ("1.0.5", False), ("2.1.0", True), ("2.7.4.post1", True)):
+        monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(__version__=version,
+                                                                             flash_attn_func=flash_attn_func))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = model_module.load_flash_attn()
+        assert (loaded is flash_attn_func) == usable, version
+        assert len(caught) == (0 if usable else 1), version
+        if not usable:
+            assert f"flash-attn {version}" in str(caught[0].message) and ">= 2.1" in str(caught[0].message)

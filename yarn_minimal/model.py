@@ -38,16 +38,22 @@ def flash_attn_version_ok(version: str) -> bool:
     return found >= FLASH_ATTN_MIN
 
 
-try:  # optional: installed on CUDA machines only (see README)
-    import flash_attn
-    from flash_attn import flash_attn_func
-except ImportError:  # pragma: no cover - depends on the machine
-    flash_attn_func = None
-else:  # pragma: no cover - depends on the machine
+def load_flash_attn():
+    """flash_attn_func if flash-attn >= 2.1 is installed (optional: CUDA machines only, see
+    README), else None, with a one-line warning for an older version."""
+    try:
+        import flash_attn
+        from flash_attn import flash_attn_func
+    except ImportError:
+        return None
     if not flash_attn_version_ok(flash_attn.__version__):
         warnings.warn(f"flash-attn {flash_attn.__version__} aligns the causal mask top-left when a prefill chunk "
-                      f"follows cached tokens; yarn-minimal needs flash-attn >= 2.1 and uses SDPA instead")
-        flash_attn_func = None
+                      f"follows cached tokens; yarn-minimal needs flash-attn >= 2.1, and uses SDPA instead")
+        return None
+    return flash_attn_func
+
+
+flash_attn_func = load_flash_attn()
 FLASH_DEVICES = {"cuda"}  # where flash-attn is used when installed (tests add "cpu" with a stand-in)
 
 

@@ -1,0 +1,82 @@
+"""bench/decode_traffic.py and bench/memory_7b.py on tiny models, against the bytes counted by
+hand from the shapes: every weight and every cached key and value read once per decode step;
+weights + K + V live through generation."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import decode_traffic  # noqa: E402
+import memory_7b  # noqa: E402
+from yarn_minimal.model import ModelArgs  # noqa: E402
+from yarn_minimal.rope import RopeConfig  # noqa: E402
+
+L = 256
+STATIC = RopeConfig(method="yarn", scale=8.0, original_length=L)
+DYNAMIC = RopeConfig(method="yarn", dynamic=True, original_length=L)
+
+
+D, LAYERS, HIDDEN = 512, 4, 1376  # head_dim 64 like Llama 2; hidden: 2/3 of 4 x 512 rounded up to 32
+
+
+def tiny(rope):
+    return ModelArgs(dim=D, n_layers=LAYERS, n_heads=8, vocab_size=96, multiple_of=32, rope=rope)
+
+
+def by_hand(positions):
+    """Weights and K + V bytes (bf16) from the shapes alone."""
+    weights = 2 * (2 * 96 * D + LAYERS * (4 * D * D + 3 * D * HIDDEN + 2 * D) + D)
+    kv = 2 * LAYERS * positions * D * 2
+    return weights, kv
+
+
+def test_decode_traffic_against_the_bytes_of_weights_and_cache():
+    context = 8191
+    weights, kv = by_hand(context + 1)
+    static = decode_traffic.decode_traffic(tiny(STATIC), context)
+    dynamic = decode_traffic.decode_traffic(tiny(DYNAMIC), context)
+    assert (static["weights"], static["kv"]) == (weights, kv)
+    assert dynamic["scale"] == pytest.approx((context + 1) / L) and static["scale"] == 8.0
+    # static: each weight and each cached key and value read once, plus small activations
+    assert weights + kv <= static["bytes"] <= 1.05 * (weights + kv)
+    # dynamic, on top: every pre-RoPE key read and its rotation written (apply_rope, one op),
+    # the rotated keys read by attention instead of stored ones (same bytes), and the rotation
+    # table of all positions at the new s: per position and pair, float64 angles (8 bytes)
+    # through outer, cos, sin, two products by sqrt(1/t), two casts and torch.complex
+    # (112 bytes), then read once per layer as complex64 (8 bytes per layer)
+    keys = kv // 2
+    table = (context + 1) * 32 * (112 + 8 * LAYERS)
+    extra = dynamic["bytes"] - static["bytes"]
+    assert 2 * keys <= extra <= 1.05 * (2 * keys + table)
+
+
+@pytest.mark.slow  # 15-30 s
+def test_decode_traffic_7b_at_128k_dynamic_at_most_twice_static(capsys):
+    decode_traffic.main(["--json"])
+    assert json.loads(capsys.readouterr().out)["ratio"] <= 2.0
+
+
+@pytest.mark.slow  # 3 minutes
+def test_memory_7b_at_128k_fits_77_5_gib(capsys):
+    memory_7b.main(["--json"])
+    for name, row in json.loads(capsys.readouterr().out).items():
+        assert row["floor"] == (6_738_415_616 * 2 + 2 * 32 * 131072 * 4096 * 2), name  # 12.55 + 64 GiB
+        assert row["peak"] <= 77.5 * 2 ** 30, name
+
+
+def test_memory_peak_against_weights_and_cache():
+    prompt, new, chunk = 2000, 16, 512
+    weights, kv = by_hand(prompt + new)
+    for rope in (STATIC, DYNAMIC):
+        r = memory_7b.peak_memory(tiny(rope), prompt, new, prefill_chunk=chunk)
+        assert r["floor"] == weights + kv
+        # above the floor: one forward pass's work. By hand, generously: a prefill chunk's
+        # activations (residual, q/k/v/out, SwiGLU's three hidden-wide tensors, bf16), one
+        # layer's rotated keys, the rotation table (complex64) with 8x that in temporaries
+        activations = chunk * (8 * 256 + 3 * 704) * 2
+        table = (prompt + new) * 32 * 8
+        assert weights + kv < r["peak"] <= weights + kv + activations + kv // 4 + 9 * table, rope
+    assert memory_7b.model_module.flash_attn_func is not memory_7b.flash_attn_stand_in  # restored
