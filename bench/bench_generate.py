@@ -12,6 +12,7 @@ passes (GenerationStats). This is a benchmark, not a test: nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -132,11 +133,12 @@ def best(speeds: list[tuple[float, float]]) -> tuple[float, float]:
 
 
 def ratios(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> str:
-    """a / b from the best runs, and the median of the per-round ratios (paired runs)."""
+    """a / b from the best runs, and the median and range of the per-round ratios (paired runs)."""
     (pa, da), (pb, db) = best(a), best(b)
-    paired = lambda i: statistics.median(x[i] / y[i] for x, y in zip(a, b))
-    return (f"prefill {pa / pb:.2f}x (paired median {paired(0):.2f}x), "
-            f"decode {da / db:.2f}x (paired median {paired(1):.2f}x)")
+    paired = lambda i: sorted(x[i] / y[i] for x, y in zip(a, b))
+    spread = lambda r: f"paired median {statistics.median(r):.2f}x, range {r[0]:.2f}-{r[-1]:.2f}x"
+    return (f"prefill {pa / pb:.2f}x ({spread(paired(0))}), "
+            f"decode {da / db:.2f}x ({spread(paired(1))})")
 
 
 def main(argv=None) -> None:
@@ -150,6 +152,11 @@ def main(argv=None) -> None:
     p.add_argument("--long-len", type=int, default=4096,
                    help="prompt length for the dynamic-vs-static comparison (L = half of it)")
     p.add_argument("--long-new-tokens", type=int, default=32)
+    p.add_argument("--long-original-length", type=int, default=None,
+                   help="L for the dynamic-vs-static comparison (default: half of --long-len); static YaRN "
+                        "gets the s that covers the whole sequence, at least 4")
+    p.add_argument("--long-only", action="store_true",
+                   help="only the dynamic-vs-static comparison (no short-prompt runs, no transformers)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed rounds; every round runs each side once (best is kept); default 3")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -161,7 +168,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    L = args.long_len // 2
+    L = args.long_original_length or args.long_len // 2
     margs = ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, vocab_size=args.vocab_size,
                       rope=RopeConfig(original_length=max(args.prompt_len + args.new_tokens, L)))
     with torch.device(device):
@@ -179,24 +186,25 @@ def main(argv=None) -> None:
     runs = {f"yarn-minimal ({t})": lambda: ours(model, short, args.new_tokens)}
     if args.compile:
         runs[f"yarn-minimal --compile ({t})"] = lambda: ours(model, short, args.new_tokens, compile=True)
-    if not args.skip_hf:
+    if not args.skip_hf and not args.long_only:
         import transformers
         hf = transformers_model(model, device, dtype)
         runs[f"transformers {transformers.__version__} generate ({t})"] = \
             lambda: theirs(hf, short, args.new_tokens, device)
-    results = rounds(runs, args.repeats)
+    results = rounds(runs, args.repeats) if not args.long_only else {}
 
     # Dynamic Scaling above L: s = l'/L changes with every token, so every step re-rotates all
     # cached keys of every layer (Sec. 3.3). Static YaRN at s = 4 rotates only the new key.
-    t = f"prompt {args.long_len} = 2L, {args.long_new_tokens} new"
-    static = RopeConfig(method="yarn", scale=4.0, original_length=L)
+    static_s = max(4.0, math.ceil((args.long_len + args.long_new_tokens) / L))
+    t = f"prompt {args.long_len}, L {L}, {args.long_new_tokens} new"
+    static = RopeConfig(method="yarn", scale=static_s, original_length=L)
     dynamic = RopeConfig(method="yarn", scale=1.0, original_length=L, dynamic=True)
 
     def long_run(rope, cache):
         model.set_rope(rope)
         return ours(model, prompt, args.long_new_tokens, cache=cache)
 
-    long_names = [f"static YaRN s=4 ({t})", f"Dynamic-YaRN, pre-RoPE cache ({t})",
+    long_names = [f"static YaRN s={static_s:g} ({t})", f"Dynamic-YaRN, pre-RoPE cache ({t})",
                   f"Dynamic-YaRN, rotated cache (stale) ({t})"]
     results.update(rounds({
         long_names[0]: lambda: long_run(static, "pre-rope"),
@@ -208,7 +216,7 @@ def main(argv=None) -> None:
     for name, speeds in results.items():
         pre, dec = best(speeds)
         print(f"{name:<62} {pre:>14.1f} {dec:>13.1f}")
-    names = list(runs)
+    names = list(runs) if not args.long_only else []
     # The decode bound: one step cannot be faster than reading its weights and KV cache once.
     # Only meaningful where they do not fit in the caches (large models, GPUs).
     per_token = decode_bytes_per_token(model, args.prompt_len + args.new_tokens // 2)
@@ -219,7 +227,7 @@ def main(argv=None) -> None:
     for name in names:
         print(f"  {name.split(' (')[0]}: {best(results[name])[1] / bound:.0%} of the bound")
     print()
-    if not args.skip_hf:
+    if not args.skip_hf and not args.long_only:
         print(f"ratio yarn-minimal / transformers: {ratios(results[names[0]], results[names[-1]])}")
         if args.compile:
             print(f"ratio yarn-minimal --compile / transformers: {ratios(results[names[1]], results[names[-1]])}")

@@ -4,10 +4,10 @@
     for token in stream(model, prompt_tokens, 64, temperature=0.8, top_p=0.9, seed=0):
         ...                                                                    # as produced
 
-The cache itself lives in model.py (KVCache): under Dynamic Scaling it keeps keys before
-RoPE and re-rotates them whenever s changes, as Sec. 3.3 of the paper asks; cache="rotated"
-keeps only rotated keys, the way Hugging Face, vLLM and the authors' code do, to measure the
-stale-rotation error that causes. This module only drives it:
+The cache itself lives in model.py (KVCache, one LayerCache per layer): under Dynamic Scaling
+it keeps keys before RoPE and hands them to attention rotated at the current s, as Sec. 3.3 of
+the paper asks; cache="rotated" keeps only rotated keys, the way Hugging Face, vLLM and the
+authors' code do, to measure the stale-rotation error that causes. This module only drives it:
 
   prefill  the prompt in chunks of `prefill_chunk` tokens. Every chunk is told the whole
            prompt's length (scale_length), so under Dynamic Scaling every chunk uses the s of

@@ -389,7 +389,8 @@ class KVCache:
         """rotation_table of all max_len positions at s0 = rope.scale, the s of every static
         method (and of Dynamic Scaling up to L s0): computed once per RoPE setting, then
         sliced by each forward pass instead of recomputing cos/sin for every new token."""
-        if self._s0_table is None or self._s0_table[0] != rope:
+        made_for = self._s0_table[0] if self._s0_table is not None else None
+        if made_for is not rope and made_for != rope:  # `is` first: the common case, and torch.compile-friendly
             self._s0_table = (rope, rotation_table(rope, head_dim, self.max_len, rope.scale, device))
         return self._s0_table[1]
 
