@@ -7,7 +7,7 @@ Nothing is computed and nothing is allocated: the model and its KV cache live on
 device, and a dispatch mode sees every op of one decode step (one new token after `context`
 cached positions). Every op that is not a view counts the bytes of its tensor inputs and
 outputs, as a kernel that reads its inputs and writes its outputs once would move them. A
-chain of elementwise ops therefore pays for every intermediate, and a fused op (apply_rope)
+chain of elementwise ops therefore pays for every intermediate, and a fused op (rope_op)
 pays once. This is a model of the traffic on a GPU, not a measurement: it counts neither
 cache hits nor kernels that read an input twice.
 

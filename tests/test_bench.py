@@ -42,7 +42,7 @@ def test_decode_traffic_against_the_bytes_of_weights_and_cache():
     assert dynamic["scale"] == pytest.approx((context + 1) / L) and static["scale"] == 8.0
     # static: each weight and each cached key and value read once, plus small activations
     assert weights + kv <= static["bytes"] <= 1.05 * (weights + kv)
-    # dynamic, on top: every pre-RoPE key read and its rotation written (apply_rope, one op),
+    # dynamic, on top: every pre-RoPE key read and its rotation written (rope_op, one op),
     # the rotated keys read by attention instead of stored ones (same bytes), and the rotation
     # table of all positions at the new s: per position and pair, float64 angles (8 bytes)
     # through outer, cos, sin, two products by sqrt(1/t), two casts and torch.complex

@@ -145,16 +145,21 @@ def test_dynamic_pre_rope_cache_is_exact_and_rotated_cache_is_stale(method):
     assert worst_rot > 1e-2
 
 
-def test_apply_rope_gradient_is_the_opposite_rotation():
-    # apply_rope is one custom op with its own backward; against autograd through Eq. 5
-    # written as a complex product
+def test_rope_op_and_its_gradient():
+    # rope_op is one custom op with its own backward (the opposite rotation); against autograd
+    # through Eq. 5 written as a complex product
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 5, 3, 8, generator=g, requires_grad=True)
     angles = torch.rand(5, 4, generator=g) * 6
     rot = torch.polar(torch.full_like(angles, 1.2), angles)
     upstream = torch.randn(2, 5, 3, 8, generator=g)
-    (grad,) = torch.autograd.grad((m.apply_rope(x, rot) * upstream).sum(), x)
+    (grad,) = torch.autograd.grad((m.rope_op(x, rot) * upstream).sum(), x)
     ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rot[:, None]).flatten(-2)
     (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), x)
-    torch.testing.assert_close(m.apply_rope(x, rot), ref)
+    torch.testing.assert_close(m.rope_op(x, rot), ref)
     torch.testing.assert_close(grad, ref_grad)
+    # the real-valued form compiled for CUDA, run eagerly here, and bf16 in / bf16 out
+    torch.testing.assert_close(m._rotate_pairs_real(x, rot), ref.detach())
+    xb = x.detach().bfloat16()
+    assert m.rope_op(xb, rot).dtype == torch.bfloat16
+    torch.testing.assert_close(m.rope_op(xb, rot), m._rotate_pairs_real(xb, rot), atol=0, rtol=2 ** -7)  # 1 bf16 ulp

@@ -135,47 +135,57 @@ def rotation_table(rope: RopeConfig, head_dim: int, end: int, scale: float, devi
     return torch.complex(cos, sin)
 
 
-@torch.library.custom_op("yarn_minimal::apply_rope", mutates_args=())
-def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Eq. 5: f(x_m, m) = e^{i m theta} x_m, where each interleaved pair (x_2d, x_2d+1) of a
     head is one complex number (Eq. 3-4). x is (B, T, H, |D|) in the model's dtype, rotation
     the (T, |D|/2) rows of `rotation_table` for x's positions; the result has x's dtype.
-
-    One op (a torch.library custom op) so that the product is computed in float32 without
-    float32 copies of x in memory where a fused kernel exists (CUDA, below). This eager
-    version is the reference, and what runs on the CPU: one complex multiplication, on CPU
-    ~10x faster than the same arithmetic on strided real/imaginary views."""
+    One complex multiplication in float32: on CPU ~10x faster than the same arithmetic on
+    strided real/imaginary views."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation[:, None]).flatten(-2).type_as(x)
 
 
-@apply_rope.register_fake
+# The same product as one op (a torch.library custom op), so that it can be one fused kernel:
+# bf16 in and out, float32 only inside. Eagerly, `rotate_pairs` above is its body; on CUDA
+# it is the real-valued form below compiled by Inductor (which generates no code for complex
+# numbers); its fake implementation lets the meta device and torch.compile see its shapes.
+rope_op = torch.library.custom_op("yarn_minimal::rotate_pairs", rotate_pairs, mutates_args=())
+
+
+@rope_op.register_fake
 def _(x, rotation):
     return torch.empty_like(x)
 
 
-def _apply_rope_backward(ctx, grad):
+def _rotate_pairs_real(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    # reads x once and writes the result once; float32 only in registers
+    cos, sin = torch.view_as_real(rotation)[:, None].unbind(-1)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).to(x.dtype)
+
+
+rope_op.register_kernel("cuda")(torch.compile(_rotate_pairs_real, dynamic=True))
+
+
+def _rope_op_backward(ctx, grad):
     # a rotation's adjoint is the opposite rotation: multiply by the conjugate
     rotation, = ctx.saved_tensors
-    return apply_rope(grad, torch.conj_physical(rotation)), None
+    return rope_op(grad, torch.conj_physical(rotation)), None
 
 
 def _save_rotation(ctx, inputs, output):
     ctx.save_for_backward(inputs[1])
 
 
-apply_rope.register_autograd(_apply_rope_backward, setup_context=_save_rotation)
+rope_op.register_autograd(_rope_op_backward, setup_context=_save_rotation)
 
 
-def _apply_rope_real(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    # the same product on real numbers (Inductor generates no code for complex ones): one
-    # fused kernel that reads x once and writes the result once, float32 only in registers
-    cos, sin = torch.view_as_real(rotation)[:, None].unbind(-1)
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).to(x.dtype)
-
-
-apply_rope.register_kernel("cuda")(torch.compile(_apply_rope_real, dynamic=True))
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Eq. 5 (`rotate_pairs`), as one op except in eager CPU code, where the op's dispatch would
+    cost more (15-35 us a call on this project's CPU) than its fusion saves."""
+    if x.is_cpu and not torch.compiler.is_compiling():
+        return rotate_pairs(x, rotation)
+    return rope_op(x, rotation)
 
 
 @dataclass
