@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hf_oracle import hf_model
 import yarn_minimal.model as m
 from yarn_minimal.model import KVCache, ModelArgs, Transformer, attention
-from yarn_minimal.rope import RopeConfig
+from yarn_minimal.rope import RopeConfig, yarn_attention_factor
 
 L = 16  # a tiny original context, so that short test sequences go well beyond it
 
@@ -163,3 +163,14 @@ def test_rope_op_and_its_gradient():
     xb = x.detach().bfloat16()
     assert m.rope_op(xb, rot).dtype == torch.bfloat16
     torch.testing.assert_close(m.rope_op(xb, rot), m._rotate_pairs_real(xb, rot), atol=0, rtol=2 ** -7)  # 1 bf16 ulp
+
+
+@pytest.mark.parametrize("end", [1, 63, 64, 6001, 131072])
+def test_rotation_table_equals_cos_sin_of_every_position(end):
+    # rotation_table factors e^{i m h} into two small tables; against rope_tables' cos and sin of
+    # every position (float64 angles), the direct computation
+    rope = RopeConfig(method="yarn", scale=32.0, original_length=4096)
+    cos, sin = m.rope_tables(rope, 128, torch.arange(end), 32.0)
+    table = m.rotation_table(rope, 128, end, 32.0)
+    assert table.shape == (end, 64) and table.dtype == torch.complex64
+    assert (table - torch.complex(cos, sin)).abs().max().item() <= 4e-7 * yarn_attention_factor(32.0)
