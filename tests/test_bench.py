@@ -44,11 +44,10 @@ def test_decode_traffic_against_the_bytes_of_weights_and_cache():
     assert weights + kv <= static["bytes"] <= 1.05 * (weights + kv)
     # dynamic, on top: every pre-RoPE key read and its rotation written (rope_op, one op),
     # the rotated keys read by attention instead of stored ones (same bytes), and the rotation
-    # table of all positions at the new s: per position and pair, float64 angles (8 bytes)
-    # through outer, cos, sin, two products by sqrt(1/t), two casts and torch.complex
-    # (112 bytes), then read once per layer as complex64 (8 bytes per layer)
+    # table of all positions at the new s: written once as complex64 (8 bytes per position and
+    # pair; its two factors are 64 and context/64 rows) and read by each layer's rotation
     keys = kv // 2
-    table = (context + 1) * 32 * (112 + 8 * LAYERS)
+    table = (context + 1) * 32 * 8 * (1 + LAYERS)
     extra = dynamic["bytes"] - static["bytes"]
     assert 2 * keys <= extra <= 1.05 * (2 * keys + table)
 

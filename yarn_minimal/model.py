@@ -219,10 +219,9 @@ def attention(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Tensor
 
     The keys and values come as (k, v) blocks, usually one. The first block holds the queries'
     own positions and ends with them (causal, aligned bottom-right); any further block lies
-    entirely before them. Each
-    block is attended on its own and the blocks' softmaxes are merged through their
-    log-sum-exp (as flash-decoding does), so only one block is in memory at a time: the
-    pre-RoPE cache rotates its keys a block at a time (LayerCache.update).
+    entirely before them. Each block is attended on its own and the blocks' softmaxes are
+    merged through their log-sum-exp (as flash-decoding does), so that only one block needs to
+    exist at a time: the pre-RoPE cache rotates its keys a block at a time (LayerCache.update).
     Never builds a Tq x Tk score or mask tensor on the fast paths."""
     blocks = iter(blocks)
     k, v = next(blocks)
