@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from yarn_minimal import cli  # noqa: E402
 from yarn_minimal.generation import GenerationStats, generate  # noqa: E402
-from yarn_minimal.model import ModelArgs, Transformer  # noqa: E402
+from yarn_minimal.model import KVCache, ModelArgs, Transformer  # noqa: E402
 from yarn_minimal.rope import RopeConfig  # noqa: E402
 
 
@@ -141,6 +141,41 @@ def ratios(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> str:
             f"decode {da / db:.2f}x ({spread(paired(1))})")
 
 
+@torch.inference_mode()
+def interleaved_steps(model, prompt: list[int], ropes: dict[str, RopeConfig], steps: int) -> dict[str, list[float]]:
+    """Seconds of each decode step under each RoPE setting, one step of each in turn, after one
+    prefill per setting: the finest interleaving, for a machine whose load changes within a
+    generate() call. Each step is generate's decode step (one token, the KV cache, last logits)."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    tokens = torch.tensor([prompt], device=device)
+    caches = {}
+    for name, rope in ropes.items():
+        model.set_rope(rope)
+        caches[name] = KVCache(model.args, 1, len(prompt) + steps, device=device, dtype=dtype)
+        for a in range(0, len(prompt), 4096):
+            model(tokens[:, a:a + 4096], cache=caches[name], last_only=True, scale_length=len(prompt))
+    times = {name: [] for name in ropes}
+    for i in range(steps):
+        for name, rope in ropes.items():
+            model.set_rope(rope)
+            sync(device)
+            t0 = time.perf_counter()
+            model(tokens[:, i:i + 1], cache=caches[name], last_only=True)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def step_ratio(dynamic: list[float], static: list[float]) -> str:
+    """Dynamic / static decode speed from step times: best steps, median steps, and the median
+    and quartiles of the per-pair ratios."""
+    pairs = sorted(s / d for s, d in zip(static, dynamic))
+    q = lambda f: pairs[int(f * (len(pairs) - 1))]
+    return (f"best {min(static) / min(dynamic):.2f}x, median {statistics.median(static) / statistics.median(dynamic):.2f}x, "
+            f"per-pair median {statistics.median(pairs):.2f}x (quartiles {q(0.25):.2f}-{q(0.75):.2f}x)")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dim", type=int, default=512)
@@ -155,10 +190,13 @@ def main(argv=None) -> None:
     p.add_argument("--long-original-length", type=int, default=None,
                    help="L for the dynamic-vs-static comparison (default: half of --long-len); static YaRN "
                         "gets the s that covers the whole sequence, at least 4")
+    p.add_argument("--step-pairs", type=int, default=0,
+                   help="also time N decode steps of static YaRN and Dynamic-YaRN alternately, step by step, "
+                        "after the --long-len prompt (robust to a machine whose load changes within a run)")
     p.add_argument("--long-only", action="store_true",
                    help="only the dynamic-vs-static comparison (no short-prompt runs, no transformers)")
     p.add_argument("--repeats", type=int, default=3,
-                   help="timed rounds; every round runs each side once (best is kept); default 3")
+                   help="timed rounds; every round runs each side once (best is kept); default 3 (0: none, with --step-pairs)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="also torch.compile our decode step")
     p.add_argument("--skip-hf", action="store_true", help="leave transformers out")
@@ -194,7 +232,8 @@ def main(argv=None) -> None:
     results = rounds(runs, args.repeats) if not args.long_only else {}
 
     # Dynamic Scaling above L: s = l'/L changes with every token, so every step re-rotates all
-    # cached keys of every layer (Sec. 3.3). Static YaRN at s = 4 rotates only the new key.
+    # cached keys of every layer (Sec. 3.3). Static YaRN (s covering the sequence, at least 4)
+    # rotates only the new key.
     static_s = max(4.0, math.ceil((args.long_len + args.long_new_tokens) / L))
     t = f"prompt {args.long_len}, L {L}, {args.long_new_tokens} new"
     static = RopeConfig(method="yarn", scale=static_s, original_length=L)
@@ -206,12 +245,23 @@ def main(argv=None) -> None:
 
     long_names = [f"static YaRN s={static_s:g} ({t})", f"Dynamic-YaRN, pre-RoPE cache ({t})",
                   f"Dynamic-YaRN, rotated cache (stale) ({t})"]
-    results.update(rounds({
-        long_names[0]: lambda: long_run(static, "pre-rope"),
-        long_names[1]: lambda: long_run(dynamic, "pre-rope"),
-        long_names[2]: lambda: long_run(dynamic, "rotated"),
-    }, args.repeats))
+    if args.repeats:
+        results.update(rounds({
+            long_names[0]: lambda: long_run(static, "pre-rope"),
+            long_names[1]: lambda: long_run(dynamic, "pre-rope"),
+            long_names[2]: lambda: long_run(dynamic, "rotated"),
+        }, args.repeats))
 
+    if args.step_pairs:
+        ropes = {"static": static, "dynamic": dynamic}
+        times = interleaved_steps(model, prompt, ropes, args.step_pairs)
+        for name in ropes:
+            print(f"# {name}: decode step best {min(times[name]) * 1e3:.2f} ms, "
+                  f"median {statistics.median(times[name]) * 1e3:.2f} ms over {args.step_pairs} steps")
+        print(f"step-interleaved Dynamic-YaRN / static YaRN decode at {args.long_len} tokens: "
+              f"{step_ratio(times['dynamic'], times['static'])}")
+        if not args.repeats:
+            return
     print(f"\n{'best of ' + str(args.repeats) + ' rounds':<62} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, speeds in results.items():
         pre, dec = best(speeds)
