@@ -202,11 +202,10 @@ class Rotation:
     scale: float
     start: int            # position of the first new token
     table: torch.Tensor   # complex64 (end, |D|/2)
+    new: torch.Tensor = field(init=False)  # the rows of the new tokens
 
-    @property
-    def new(self) -> torch.Tensor:
-        """The rows of the new tokens."""
-        return self.table[self.start:]
+    def __post_init__(self):
+        self.new = self.table[self.start:]
 
 
 def flash_attn_applies(q: torch.Tensor) -> bool:
