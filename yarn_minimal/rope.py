@@ -44,8 +44,18 @@ class RopeConfig:
     ramp            "code": linear in the pair index between floor/ceil correction dims (what
                     the released YaRN checkpoints, transformers, vLLM and llama.cpp use);
                     "paper": Eq. 18, linear in r.
-    attention_factor sqrt(1/t). None means Eq. 22 (0.1 ln(s) + 1) for "yarn", 1 otherwise.
+    attention_factor sqrt(1/t). None means Eq. 22 (c ln(s) + 1) for "yarn", 1 otherwise.
+    attention_coefficient
+                    c in Eq. 22: 0.1 as the paper fits it for Llama 2. The released
+                    Yarn-Mistral checkpoints were trained with 0.07 (see yarn_attention_factor).
     truncate        ramp="code" only: round the correction dims to integers (HF's `truncate`).
+
+    Llama 3.1's rope_type "llama3" is not a method of its own: it is NTK-by-parts (Eq. 17-20)
+    with the paper's ramp (Eq. 18, linear in r = L/lambda), alpha = low_freq_factor,
+    beta = high_freq_factor, L = original_max_position_embeddings, s = factor and no
+    temperature, i.e. RopeConfig(method="ntk-by-parts", ramp="paper", alpha=1, beta=4, scale=8,
+    original_length=8192, base=500000) for Llama 3.1 (tests/test_real_configs.py checks it
+    against transformers' own llama3 init).
     """
 
     method: str = "none"
@@ -57,6 +67,7 @@ class RopeConfig:
     beta: float = 32.0
     ramp: str = "code"
     attention_factor: Optional[float] = None
+    attention_coefficient: float = 0.1
     truncate: bool = True
 
     def __post_init__(self):
@@ -74,6 +85,8 @@ class RopeConfig:
             raise ValueError(f"RopeConfig.alpha/beta: need 0 < alpha < beta, got alpha={self.alpha}, beta={self.beta}")
         if self.attention_factor is not None and not (self.attention_factor > 0):
             raise ValueError(f"RopeConfig.attention_factor: must be > 0, got {self.attention_factor}")
+        if not (self.attention_coefficient >= 0):
+            raise ValueError(f"RopeConfig.attention_coefficient: must be >= 0 (c in Eq. 22), got {self.attention_coefficient}")
 
     @property
     def window(self) -> Optional[int]:
@@ -216,10 +229,14 @@ def effective_scale(cfg: RopeConfig, seq_len: int) -> float:
 # Section 3.4: YaRN
 # ---------------------------------------------------------------------------------------
 
-def yarn_attention_factor(scale: float) -> float:
-    """Eq. 22: sqrt(1/t) = 0.1 ln(s) + 1 (Eq. 25: s = 8 gives 1.208). 1 when s <= 1,
-    since there is nothing to correct when the context is not extended."""
-    return 0.1 * math.log(scale) + 1.0 if scale > 1 else 1.0
+def yarn_attention_factor(scale: float, coefficient: float = 0.1) -> float:
+    """Eq. 22: sqrt(1/t) = c ln(s) + 1 with the paper's c = 0.1 (Eq. 25: s = 8 gives 1.208).
+    1 when s <= 1, since there is nothing to correct when the context is not extended.
+
+    c is a fitted constant, not a law: the authors' Mistral code uses c = 0.07
+    (jquesnelle/yarn, scaled_rope/modeling_mistral_yarn.py, `_yarn_get_mscale`), and
+    DeepSeek's mscale multiplies c by a per-model factor. This is the only place Eq. 22 is written."""
+    return coefficient * math.log(scale) + 1.0 if scale > 1 else 1.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,7 +262,7 @@ def frequencies(cfg: RopeConfig, head_dim: int, scale: float) -> tuple[torch.Ten
     elif cfg.attention_factor is not None:
         factor = float(cfg.attention_factor)
     else:
-        factor = yarn_attention_factor(scale)
+        factor = yarn_attention_factor(scale, cfg.attention_coefficient)
     return inv_freq, factor
 
 
