@@ -314,8 +314,9 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
     provenance: dict[str, str] = {}
     notes: list[str] = []
 
-    def read(field: str, names: list[str], default, why: str):
-        """The first of the config keys `names` that is set ("a.b" looks inside a); else default."""
+    def read(field: str, names: list[str], default, why: str, fallback: str = "default"):
+        """The first of the config keys `names` that is set ("a.b" looks inside a); else default,
+        recorded as `fallback` (and noted when it is a plain default)."""
         for name in names:
             value = cfg
             for part in name.split("."):
@@ -323,8 +324,9 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
             if value is not None:
                 provenance[field] = name
                 return value
-        provenance[field] = "default"
-        notes.append(f"{' / '.join(names)} not set: using {default:g} ({why})")
+        provenance[field] = fallback
+        if fallback == "default":
+            notes.append(f"{' / '.join(names)} not set: using {default:g} ({why})")
         return default
 
     def need(name):
@@ -393,9 +395,11 @@ def _yarn_from_hf(cfg, scaling, key, max_pos, base, model_type, read, provenance
                         "max_position_embeddings"))
     scale = float(read("scale", [f"{key}.factor"], max_pos / original,
                        "max_position_embeddings / original_max_position_embeddings"))
+    provenance["ramp"] = provenance["method"]  # "yarn" means the public code's ramp
     remote = _remote_code(cfg) if model_type == "mistral" else None
+    fallback = f"remote code ({remote})" if remote else "default"
     if remote:
-        constants, why = YARN_MISTRAL_CONSTANTS, f"the Yarn-Mistral remote code auto_map names, {remote}"
+        constants, why = YARN_MISTRAL_CONSTANTS, "the Yarn-Mistral remote code"
         notes.append(f"auto_map -> {remote}: beta_fast 128, beta_slow 2 and sqrt(1/t) = 0.07 ln(s) + 1 live in "
                      "that remote code (jquesnelle/yarn scaled_rope/modeling_mistral_yarn.py), not in this config")
     else:
@@ -404,8 +408,8 @@ def _yarn_from_hf(cfg, scaling, key, max_pos, base, model_type, read, provenance
             notes.append("model_type mistral with yarn and no auto_map to the authors' modeling_mistral_yarn.py: "
                          "transformers' constants (32 / 1 / 0.1) are used; NousResearch's Yarn-Mistral checkpoints "
                          "were trained with 128 / 2 / 0.07")
-    alpha = float(read("alpha", [f"{key}.beta_slow"], constants["alpha"], why))
-    beta = float(read("beta", [f"{key}.beta_fast"], constants["beta"], why))
+    alpha = float(read("alpha", [f"{key}.beta_slow"], constants["alpha"], why, fallback))
+    beta = float(read("beta", [f"{key}.beta_fast"], constants["beta"], why, fallback))
     factor = scaling.get("attention_factor")
     coefficient = constants["attention_coefficient"]
     mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
@@ -415,7 +419,7 @@ def _yarn_from_hf(cfg, scaling, key, max_pos, base, model_type, read, provenance
         factor = yarn_attention_factor(scale, 0.1 * mscale) / yarn_attention_factor(scale, 0.1 * mscale_all_dim)
         provenance["attention_factor"] = f"{key}.mscale / {key}.mscale_all_dim"
     else:
-        provenance["attention_coefficient"] = f"remote code ({remote})" if remote else "default"
+        provenance["attention_coefficient"] = fallback
     rope = RopeConfig(method="yarn", scale=scale, original_length=original, base=base, alpha=alpha, beta=beta,
                       attention_factor=None if factor is None else float(factor), attention_coefficient=coefficient,
                       truncate=bool(scaling.get("truncate", True)))
@@ -602,6 +606,7 @@ def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device="cpu
     else:
         raise CheckpointError(f"{folder}: no params.json (Meta's layout: params.json + consolidated.*.pth) "
                               "and no config.json (Hugging Face's layout: config.json + *.safetensors)")
+    model.eos_ids = tokenizer.eos_ids  # generation stops at these unless told not to
     return model.eval(), tokenizer
 
 

@@ -289,6 +289,10 @@ class Transformer(nn.Module):
         """Switch the extension method; weights are untouched (methods need no new parameters)."""
         self.args = replace(self.args, rope=rope)
 
+    # The checkpoint's end-of-sequence ids (load() sets them from the tokenizer files, as
+    # transformers keeps them in generation_config); generation stops at any of them by default.
+    eos_ids: tuple[int, ...] = ()
+
     def check_length(self, length: int) -> None:
         """Refuse sequences longer than a Mistral checkpoint's sliding window: past it the
         checkpoint expects banded attention, and silent full attention would be a different model."""
