@@ -315,8 +315,9 @@ def test_smollm2_tokenizer_round_trip_equals_transformers(smollm2):
 def test_smollm2_logits_equal_transformers(smollm2):
     """256 tokens of real text. Tolerance: both sides run float32 on the same bf16-stored
     weights; 30 layers of differently ordered float32 sums (complex rotation vs rotate_half,
-    SDPA vs eager attention) move logits of magnitude ~20 by about 1e-4, so 1e-3 is tight enough
-    to catch any wrong weight, rotation or norm (those move them by > 0.1)."""
+    SDPA vs eager attention) moved logits of magnitude up to 42 by at most 6.3e-5 when measured
+    (2-core VM, torch 2.13.0+cpu). 5e-4 leaves 8x margin and still catches any wrong weight,
+    rotation or norm, which move logits by > 0.1."""
     from transformers import AutoModelForCausalLM
 
     model, tok = yarn_minimal.load(smollm2, dtype=torch.float32)
@@ -326,5 +327,5 @@ def test_smollm2_logits_equal_transformers(smollm2):
     tokens = torch.tensor([tok.encode(TEXT, bos=tok.add_bos)[:256]])
     with torch.no_grad():
         ours, theirs = model(tokens), ref(tokens).logits
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-3)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=5e-4)
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
