@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 import tempfile
@@ -308,123 +307,130 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
                theta/factor where lambda > L/low_freq_factor (r < alpha: gamma = 0) and blends
                with smooth = (L/lambda - low)/(high - low) = gamma(r) in between.
     """
-    key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
-    scaling = cfg.get(key) or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    provenance: dict[str, str] = {}
-    notes: list[str] = []
-
-    def read(field: str, names: list[str], default, why: str, fallback: str = "default"):
-        """The first of the config keys `names` that is set ("a.b" looks inside a); else default,
-        recorded as `fallback` (and noted when it is a plain default)."""
-        for name in names:
-            value = cfg
-            for part in name.split("."):
-                value = value.get(part) if isinstance(value, dict) else None
-            if value is not None:
-                provenance[field] = name
-                return value
-        provenance[field] = fallback
-        if fallback == "default":
-            notes.append(f"{' / '.join(names)} not set: using {default:g} ({why})")
-        return default
-
-    def need(name):
-        if scaling.get(name) is None:
-            raise CheckpointError(f"{source}: {key} of type {kind!r} has no {name!r}")
-        provenance[_FIELD_OF.get(name, name)] = f"{key}.{name}"
-        return scaling[name]
-
+    r = _ConfigReading(cfg, source)
+    key, kind = r.key, r.kind
     model_type = cfg.get("model_type", "llama")
-    base = float(read("base", [f"{key}.rope_theta", "rope_theta"], 10000.0, "LlamaConfig's default"))
-    max_default = DEFAULT_MAX_POSITIONS.get(model_type, 2048)
-    max_pos = int(read("max_position_embeddings", ["max_position_embeddings"], max_default,
-                       f"{model_type} config default"))
-    provenance["original_length"] = provenance["max_position_embeddings"]  # L, unless the method states another
-    provenance["method"] = f"{key}.{'rope_type' if 'rope_type' in scaling else 'type'}" if scaling else "default"
+    base = float(r.read("base", [f"{key}.rope_theta", "rope_theta"], 10000.0, "LlamaConfig's default"))
+    max_pos = int(r.read("max_position_embeddings", ["max_position_embeddings"],
+                         DEFAULT_MAX_POSITIONS.get(model_type, 2048), f"{model_type} config default"))
+    r.provenance["original_length"] = r.provenance["max_position_embeddings"]  # L, unless the method states another
+    r.provenance["method"] = f"{key}.{'rope_type' if 'rope_type' in r.scaling else 'type'}" if r.scaling else "default"
 
     try:
         if kind in ("default", "none", None):
-            return RopeConfig(base=base, original_length=max_pos), provenance, notes
-        if kind == "linear":
-            provenance["scale"] = f"{key}.factor"
-            return RopeConfig(method="pi", scale=float(need("factor")), original_length=max_pos, base=base), provenance, notes
-        if kind == "dynamic":
-            factor = float(read("scale", [f"{key}.factor"], 1.0, "the paper's Dynamic NTK"))
+            rope = RopeConfig(base=base, original_length=max_pos)
+        elif kind == "linear":
+            rope = RopeConfig(method="pi", scale=float(r.need("factor")), original_length=max_pos, base=base)
+        elif kind == "dynamic":
+            factor = float(r.read("scale", [f"{key}.factor"], 1.0, "the paper's Dynamic NTK"))
             if factor != 1.0:
                 raise CheckpointError(
                     f"{source}: {key} dynamic with factor {factor:g}: transformers then uses "
                     f"b' = b (factor l/L - (factor - 1))^(D/(D-2)), which differs from the paper's Dynamic NTK "
                     f"(s = max(1, l/L), i.e. factor 1) and has no RopeConfig equivalent. Pass rope= to load(), "
                     f"e.g. RopeConfig(method='ntk', dynamic=True, original_length={max_pos}), to choose explicitly")
-            provenance["dynamic"] = provenance["method"]
-            return RopeConfig(method="ntk", dynamic=True, original_length=max_pos, base=base), provenance, notes
-        if kind == "llama3":
-            rope = RopeConfig(method="ntk-by-parts", ramp="paper", scale=float(need("factor")),
-                              original_length=int(need("original_max_position_embeddings")), base=base,
-                              alpha=float(need("low_freq_factor")), beta=float(need("high_freq_factor")))
-            provenance["ramp"] = provenance["method"]
-            _check_factor(rope, max_pos, key, notes)
-            return rope, provenance, notes
-        if kind == "yarn":
-            return _yarn_from_hf(cfg, scaling, key, max_pos, base, model_type, read, provenance, notes), provenance, notes
+            r.provenance["dynamic"] = r.provenance["method"]
+            rope = RopeConfig(method="ntk", dynamic=True, original_length=max_pos, base=base)
+        elif kind == "llama3":
+            rope = RopeConfig(method="ntk-by-parts", ramp="paper", scale=float(r.need("factor")),
+                              original_length=int(r.need("original_max_position_embeddings")), base=base,
+                              alpha=float(r.need("low_freq_factor")), beta=float(r.need("high_freq_factor")))
+            r.provenance["ramp"] = r.provenance["method"]
+            r.check_factor(rope, max_pos)
+        elif kind == "yarn":
+            rope = _yarn_from_hf(r, max_pos, base, model_type)
+        else:
+            raise CheckpointError(f"{source}: {key} type {kind!r} is not supported; supported: default, linear, "
+                                  "dynamic, yarn, llama3")
     except ValueError as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{source}: {key}: {e}") from None
-    raise CheckpointError(f"{source}: {key} type {kind!r} is not supported; supported: default, linear, dynamic, "
-                          "yarn, llama3")
+    return rope, r.provenance, r.notes
 
 
-# config key -> RopeConfig field, for the provenance of required keys
-_FIELD_OF = {"factor": "scale", "original_max_position_embeddings": "original_length",
-             "low_freq_factor": "alpha", "high_freq_factor": "beta"}
+class _ConfigReading:
+    """A config.json being read for its RoPE: each value with the key it came from, and notes
+    on what is ambiguous."""
+
+    FIELD_OF = {"factor": "scale", "original_max_position_embeddings": "original_length",
+                "low_freq_factor": "alpha", "high_freq_factor": "beta"}  # config key -> RopeConfig field
+
+    def __init__(self, cfg: dict, source: Path):
+        self.cfg, self.source = cfg, source
+        self.key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+        self.scaling = cfg.get(self.key) or {}
+        self.kind = self.scaling.get("rope_type", self.scaling.get("type", "default"))
+        self.provenance: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    def read(self, field: str, names: list[str], default, why: str, fallback: str = "default"):
+        """The first of the config keys `names` that is set ("a.b" looks inside a); else default,
+        recorded as `fallback` (and noted when it is a plain default)."""
+        for name in names:
+            value = self.cfg
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None:
+                self.provenance[field] = name
+                return value
+        self.provenance[field] = fallback
+        if fallback == "default":
+            self.notes.append(f"{' / '.join(names)} not set: using {default:g} ({why})")
+        return default
+
+    def need(self, name: str):
+        """A rope_scaling key the method cannot do without."""
+        if self.scaling.get(name) is None:
+            raise CheckpointError(f"{self.source}: {self.key} of type {self.kind!r} has no {name!r}")
+        self.provenance[self.FIELD_OF.get(name, name)] = f"{self.key}.{name}"
+        return self.scaling[name]
+
+    def check_factor(self, rope: RopeConfig, max_pos: int) -> None:
+        """Two keys state the extension ratio; say so when they disagree (transformers issue 38224)."""
+        if max_pos != rope.window:
+            self.notes.append(f"{self.key}.factor {rope.scale:g} disagrees with max_position_embeddings / "
+                              f"original_max_position_embeddings = {max_pos} / {rope.original_length} = "
+                              f"{max_pos / rope.original_length:g}; s = factor is used (as transformers does), "
+                              f"so the intended window L x s is {rope.window}, not {max_pos}")
 
 
-def _check_factor(rope: RopeConfig, max_pos: int, key: str, notes: list[str]) -> None:
-    """Two keys state the extension ratio; say so when they disagree (transformers issue 38224)."""
-    if max_pos != rope.window:
-        notes.append(f"{key}.factor {rope.scale:g} disagrees with max_position_embeddings / "
-                     f"original_max_position_embeddings = {max_pos} / {rope.original_length} = "
-                     f"{max_pos / rope.original_length:g}; s = factor is used (as transformers does), "
-                     f"so the intended window L x s is {rope.window}, not {max_pos}")
-
-
-def _yarn_from_hf(cfg, scaling, key, max_pos, base, model_type, read, provenance, notes) -> RopeConfig:
-    original = int(read("original_length", [f"{key}.original_max_position_embeddings"], max_pos,
-                        "max_position_embeddings"))
-    scale = float(read("scale", [f"{key}.factor"], max_pos / original,
-                       "max_position_embeddings / original_max_position_embeddings"))
-    provenance["ramp"] = provenance["method"]  # "yarn" means the public code's ramp
-    remote = _remote_code(cfg) if model_type == "mistral" else None
+def _yarn_from_hf(r: _ConfigReading, max_pos: int, base: float, model_type: str) -> RopeConfig:
+    key, scaling = r.key, r.scaling
+    original = int(r.read("original_length", [f"{key}.original_max_position_embeddings"], max_pos,
+                          "max_position_embeddings"))
+    scale = float(r.read("scale", [f"{key}.factor"], max_pos / original,
+                         "max_position_embeddings / original_max_position_embeddings"))
+    r.provenance["ramp"] = r.provenance["method"]  # "yarn" means the public code's ramp
+    remote = _remote_code(r.cfg) if model_type == "mistral" else None
     fallback = f"remote code ({remote})" if remote else "default"
     if remote:
         constants, why = YARN_MISTRAL_CONSTANTS, "the Yarn-Mistral remote code"
-        notes.append(f"auto_map -> {remote}: beta_fast 128, beta_slow 2 and sqrt(1/t) = 0.07 ln(s) + 1 live in "
-                     "that remote code (jquesnelle/yarn scaled_rope/modeling_mistral_yarn.py), not in this config")
+        r.notes.append(f"auto_map -> {remote}: beta_fast 128, beta_slow 2 and sqrt(1/t) = 0.07 ln(s) + 1 live in "
+                       "that remote code (jquesnelle/yarn scaled_rope/modeling_mistral_yarn.py), not in this config")
     else:
         constants, why = {"beta": 32.0, "alpha": 1.0, "attention_coefficient": 0.1}, "transformers' and the paper's default"
         if model_type == "mistral":
-            notes.append("model_type mistral with yarn and no auto_map to the authors' modeling_mistral_yarn.py: "
-                         "transformers' constants (32 / 1 / 0.1) are used; NousResearch's Yarn-Mistral checkpoints "
-                         "were trained with 128 / 2 / 0.07")
-    alpha = float(read("alpha", [f"{key}.beta_slow"], constants["alpha"], why, fallback))
-    beta = float(read("beta", [f"{key}.beta_fast"], constants["beta"], why, fallback))
+            r.notes.append("model_type mistral with yarn and no auto_map to the authors' modeling_mistral_yarn.py: "
+                           "transformers' constants (32 / 1 / 0.1) are used; NousResearch's Yarn-Mistral checkpoints "
+                           "were trained with 128 / 2 / 0.07")
+    alpha = float(r.read("alpha", [f"{key}.beta_slow"], constants["alpha"], why, fallback))
+    beta = float(r.read("beta", [f"{key}.beta_fast"], constants["beta"], why, fallback))
     factor = scaling.get("attention_factor")
-    coefficient = constants["attention_coefficient"]
     mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
     if factor is not None:
-        provenance["attention_factor"] = f"{key}.attention_factor"
+        r.provenance["attention_factor"] = f"{key}.attention_factor"
     elif mscale and mscale_all_dim:  # DeepSeek-style: the ratio of two Eq. 22 forms
         factor = yarn_attention_factor(scale, 0.1 * mscale) / yarn_attention_factor(scale, 0.1 * mscale_all_dim)
-        provenance["attention_factor"] = f"{key}.mscale / {key}.mscale_all_dim"
+        r.provenance["attention_factor"] = f"{key}.mscale / {key}.mscale_all_dim"
     else:
-        provenance["attention_coefficient"] = fallback
+        r.provenance["attention_coefficient"] = fallback
     rope = RopeConfig(method="yarn", scale=scale, original_length=original, base=base, alpha=alpha, beta=beta,
-                      attention_factor=None if factor is None else float(factor), attention_coefficient=coefficient,
+                      attention_factor=None if factor is None else float(factor),
+                      attention_coefficient=constants["attention_coefficient"],
                       truncate=bool(scaling.get("truncate", True)))
     if "original_max_position_embeddings" in scaling and "factor" in scaling:
-        _check_factor(rope, max_pos, key, notes)
+        r.check_factor(rope, max_pos)
     return rope
 
 
@@ -705,6 +711,8 @@ def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.Path
     stale = [f for f in sorted(folder.glob("consolidated.*.pth")) if f.name != "consolidated.00.pth"]
     stale += [f for f in (folder / "model.safetensors.index.json",) if f.is_file()]
     stale += [f for f in (folder / "params.json",) if format == "hf" and f.is_file()]
+    # open_tokenizer prefers tokenizer.model to tokenizer.json
+    stale += [f for f in (folder / "tokenizer.model",) if isinstance(tokenizer, HFTokenizer) and f.is_file()]
     if stale:
         raise CheckpointError(f"{folder}: already holds {', '.join(f.name for f in stale)}, which load() would read "
                               "instead of or beside what save() writes; save into an empty folder")
