@@ -12,7 +12,9 @@ plus an attention factor sqrt(1/t) that multiplies cos and sin (Sec. 3.4). One f
 `rope_tables`, turns them into the float32 cos/sin tables the model uses; the model never
 knows which method made them.
 
-This module imports nothing from the rest of the package.
+This module imports nothing from the rest of the package. (Its command line's --config reads
+a checkpoint's files, which only checkpoint.py knows; main() imports that one function when
+the flag is given.)
 """
 from __future__ import annotations
 
