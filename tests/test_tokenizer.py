@@ -230,3 +230,37 @@ def test_scripts_show_the_new_flags(capsys):
         out = capsys.readouterr().out
         assert "--bos, --no-bos" in out and "checkpoint's own setting" in out, script
         assert script != "generate.py" or "--ignore-eos" in out
+
+
+@pytest.mark.parametrize("W, S", [(16, 4), (16, 15), (40, 8)])
+def test_perplexity_without_bos_matches_transformers(W, S):
+    """--no-bos windows: [tokens[begin:end]] alone, every token after the window's first one
+    scored once (by the first window that reaches it), each from one transformers forward over
+    its window on the same weights."""
+    import numpy as np
+
+    from hf_oracle import hf_model
+    from test_evaluation import hf_token_nll, random_docs
+    from test_model import L, tiny_model
+    from yarn_minimal import evaluation as ev
+
+    model = tiny_model(RopeConfig(method="yarn", scale=2.0, original_length=L))
+    hf = hf_model(model, max_position_embeddings=L)
+    docs = random_docs([40, 23])
+    scores = ev.score_documents(model, docs, None, W, S)
+    total, count = 0.0, 0
+    for doc, ours in zip(docs, scores.token_nll):
+        ref, reached = {}, 0
+        for begin in range(0, len(doc), S):
+            end = min(begin + W - 1, len(doc))
+            full = hf_token_nll(hf, doc[begin:end])  # full[j] predicts doc[begin + j + 1]
+            for i in range(max(begin + 1, reached), end):
+                ref[i] = full[i - begin - 1]
+            reached = max(reached, end)
+            if end == len(doc):
+                break
+        assert sorted(np.flatnonzero(np.isfinite(ours))) == sorted(ref) and 0 not in ref
+        assert max(abs(ours[i] - v) for i, v in ref.items()) < 1e-4
+        total, count = total + sum(ref.values()), count + len(ref)
+    assert scores.tokens == count
+    assert scores.perplexity == pytest.approx(np.exp(total / count), rel=1e-5)
