@@ -173,6 +173,7 @@ def mistral_window(tmp_path_factory, tokenizer_path):
 def test_sliding_window_shorter_than_the_context_is_an_error(mistral_window):
     model, tok = yarn_minimal.load(mistral_window)  # its own setting loads: runs fit in 48 tokens
     assert model.args.sliding_window == 48
+    assert any("sliding_window 48 is shorter than the intended window 256" in n for n in read_config(mistral_window)[2])
     model(torch.zeros(1, 48, dtype=torch.long))
     with pytest.raises(ValueError, match="sequence of 49 tokens, longer than the checkpoint's sliding_window 48"):
         model(torch.zeros(1, 49, dtype=torch.long))

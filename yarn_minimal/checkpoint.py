@@ -469,6 +469,10 @@ def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> tuple[M
                   norm_eps=cfg.get("rms_norm_eps", 1e-6),  # 1e-6: LlamaConfig's default
                   sliding_window=cfg.get("sliding_window"))  # Mistral 7B v0.1: 4096; null: full attention
     own, provenance, notes = rope_from_hf(cfg, source)
+    window = cfg.get("sliding_window")
+    if window is not None and own.window is not None and own.window > window:
+        notes.append(f"sliding_window {window} is shorter than the intended window {own.window}: this model has "
+                     f"full attention only, so sequences longer than {window} tokens are refused")
     if rope is not None:
         provenance, notes = {field: "rope= (given to load)" for field in provenance}, []
     return _model_args(params, rope if rope is not None else own, source), provenance, notes
