@@ -14,7 +14,7 @@ import argparse
 import sys
 import warnings
 
-from yarn_minimal import evaluation as ev
+from yarn_minimal import cli, evaluation as ev
 from yarn_minimal.cli import (add_checkpoint_arg, add_device_args, add_rope_args, resolve_checkpoint,
                               resolve_device_dtype, rope_from_args)
 
@@ -120,4 +120,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -93,6 +94,8 @@ def parse_args(argv=None):
     g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest N step checkpoints (0: all)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from OUT/latest (or the given checkpoint folder), with the same flags")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run (its checkpoints, final/ and metrics are deleted)")
     g.add_argument("--export-hf", action="store_true", help="also write the final model in HF layout to OUT/final-hf")
     g = p.add_argument_group("memory estimate (dry run: loads nothing)")
     g.add_argument("--estimate-memory", action="store_true", help="print per-GPU memory and exit")
@@ -158,6 +161,34 @@ def build_model(args, load_dtype):
         raise SystemExit(f"error: {e}") from None
 
 
+RUN_FILES = ("latest", "final", "final-hf", "metrics.jsonl")  # what makes an --out folder a run
+
+
+def claim_out(out: Path, resume, overwrite: bool) -> None:
+    """A finished or interrupted run is never overwritten by accident: continue it with --resume,
+    or start over with --overwrite (which deletes the old run's files first)."""
+    held = [name for name in RUN_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("step-*"))
+    if not held or resume:
+        return
+    if not overwrite:
+        raise SystemExit(f"error: --out {out} holds a run ({', '.join(held[:4])}); continue it with --resume, "
+                         "or start over with --overwrite")
+    for name in held:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def interrupted(out: Path, step: int, save_every: int) -> str:
+    """What Ctrl-C in the training loop says: the last step on disk and how to go on from it."""
+    latest = out / "latest"
+    if latest.is_file():
+        saved = latest.read_text().strip()
+        return (f"interrupted during step {step + 1}; the last checkpoint is {out / saved} (step {int(saved[5:])}). "
+                "Continue with the same command plus --resume")
+    return (f"interrupted during step {step + 1}, before the first checkpoint (--save-every {save_every}); "
+            "nothing to resume: run the same command again with --overwrite")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.estimate_memory:
@@ -165,11 +196,15 @@ def main(argv=None) -> None:
     if args.data is None or args.out is None:
         raise SystemExit("error: --data and --out are required (or use --estimate-memory)")
     device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
+    if dtype == torch.float16:
+        raise SystemExit("error: --dtype float16: float16 training needs loss scaling, which this trainer does not "
+                         "do (gradients underflow); use --dtype bfloat16, the paper's precision")
+    out = Path(args.out)
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume and --overwrite: choose one")
+    segments, meta = open_segments(args.data)  # every input is checked before --out is touched
     env = training.init_distributed(device)
     device = env.device
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    segments, meta = open_segments(args.data)
     try:
         loader = SegmentLoader(segments, args.global_batch_size, args.micro_batch_size, env.rank,
                                env.world_size, args.seed, args.seq_len)
@@ -187,6 +222,10 @@ def main(argv=None) -> None:
     if meta.get("vocab_size", model.args.vocab_size) > model.args.vocab_size:
         raise SystemExit(f"error: {args.data}: tokenized with vocab_size {meta['vocab_size']}, "
                          f"the model has {model.args.vocab_size}")
+    if env.main:
+        claim_out(out, args.resume, args.overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+    env.barrier()
     model.activation_checkpointing = args.activation_checkpointing
     if env.distributed:
         model = training.shard_model(model, env, dtype)
@@ -211,42 +250,46 @@ def main(argv=None) -> None:
     flops_token = training.flops_per_token(model.args, loader.seq_len - 1)
     tokens_step = args.global_batch_size * (loader.seq_len - 1)
 
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not env.main, desc="training")
-    for step in bar:
-        t0 = training.timer_sync(device)
-        loss_sum = torch.zeros((), device=device)
-        for inputs, targets in loader.micro_batches(step):
-            with training.autocast(device, dtype, env):
-                loss = model(inputs.to(device), targets=targets.to(device))
-            (loss / loader.accumulation_steps).backward()
-            loss_sum += loss.detach().float()
-        loss = env.mean(loss_sum / loader.accumulation_steps).item()
-        grad_norm = training.grad_norm_and_clip(model, args.grad_clip).item()
-        lr = optimizer.param_groups[0]["lr"]
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            # weights are still those before this step: save them and the batch to inspect
-            name = f"nonfinite-step-{step + 1:06d}"
-            training.save_checkpoint(out, name, model, optimizer, scheduler,
-                                     dict(same, step=step, loss=loss, grad_norm=grad_norm,
-                                          segments=loader.global_indices(step).tolist()), env)
-            raise SystemExit(f"error: step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
-                             f"(loss {loss}, grad norm {grad_norm}); weights before the step and the batch's segment "
-                             f"ids saved to {out / name}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = training.timer_sync(device) - t0
-        record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_step / dt,
-                      mfu=None if peak is None else tokens_step / dt * flops_token / (peak * env.world_size),
-                      max_memory_gb=training.max_memory_gb(device))
-        if env.main:
-            metrics.write(record)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3f}",
-                            tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['max_memory_gb']:.1f}GB",
-                            **({} if record["mfu"] is None else {"mfu": f"{record['mfu']:.1%}"}))
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
-            training.save_checkpoint(out, f"step-{step + 1:06d}", model, optimizer, scheduler,
-                                     dict(same, step=step + 1), env, keep=args.keep_checkpoints)
+    step = start
+    try:  # Ctrl-C: one line saying which step is on disk and how to go on
+        bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not env.main, desc="training")
+        for step in bar:
+            t0 = training.timer_sync(device)
+            loss_sum = torch.zeros((), device=device)
+            for inputs, targets in loader.micro_batches(step):
+                with training.autocast(device, dtype, env):
+                    loss = model(inputs.to(device), targets=targets.to(device))
+                (loss / loader.accumulation_steps).backward()
+                loss_sum += loss.detach().float()
+            loss = env.mean(loss_sum / loader.accumulation_steps).item()
+            grad_norm = training.grad_norm_and_clip(model, args.grad_clip).item()
+            lr = optimizer.param_groups[0]["lr"]
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                # weights are still those before this step: save them and the batch to inspect
+                name = f"nonfinite-step-{step + 1:06d}"
+                training.save_checkpoint(out, name, model, optimizer, scheduler,
+                                         dict(same, step=step, loss=loss, grad_norm=grad_norm,
+                                              segments=loader.global_indices(step).tolist()), env)
+                raise SystemExit(f"error: step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                                 f"(loss {loss}, grad norm {grad_norm}); weights before the step and the batch's segment "
+                                 f"ids saved to {out / name}")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = training.timer_sync(device) - t0
+            record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_step / dt,
+                          mfu=None if peak is None else tokens_step / dt * flops_token / (peak * env.world_size),
+                          max_memory_gb=training.max_memory_gb(device))
+            if env.main:
+                metrics.write(record)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3f}",
+                                tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['max_memory_gb']:.1f}GB",
+                                **({} if record["mfu"] is None else {"mfu": f"{record['mfu']:.1%}"}))
+            if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
+                training.save_checkpoint(out, f"step-{step + 1:06d}", model, optimizer, scheduler,
+                                         dict(same, step=step + 1), env, keep=args.keep_checkpoints)
+    except KeyboardInterrupt:
+        raise SystemExit(f"error: {interrupted(out, step, args.save_every)}" if env.main else 1) from None
     training.save_model(model, tokenizer, out / "final", dtype, env, export_hf=args.export_hf)
     if env.main:
         print(f"final model: {out / 'final'}", file=sys.stderr)
@@ -255,4 +298,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -172,6 +172,13 @@ class SegmentWriter:
             self.pending = [stream[n * self.seq_len:]]
             self.n_pending = len(self.pending[0])
 
+    def discard(self, remove_folder: bool) -> None:
+        """Delete what was written (and the folder, when it was made for this and is empty)."""
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+        if remove_folder and not any(self.out_dir.iterdir()):
+            self.out_dir.rmdir()
+
     def close(self, meta: dict) -> Path:
         self.file.close()
         full_meta = dict(meta)
@@ -198,6 +205,7 @@ def prepare(inputs: list[str], tokenizer_path: str | os.PathLike, seq_len: int, 
         raise ValueError(f"--seq-len must be >= 2 (one input and one target token), got {seq_len}")
     tok = SentencePieceTokenizer(tokenizer_path)
     files = input_files(inputs)
+    created = not Path(out_dir).exists()  # removed again if this run fails: no empty --out folders
     writer = SegmentWriter(out_dir, seq_len, tok.vocab_size)
     n_docs = 0
     try:
@@ -211,12 +219,10 @@ def prepare(inputs: list[str], tokenizer_path: str | os.PathLike, seq_len: int, 
                 n_docs += 1
             bar.set_postfix(docs=n_docs, segments=writer.n_segments)
     except BaseException:  # leave no half-written tokens.bin.tmp behind
-        writer.file.close()
-        writer.tmp.unlink()
+        writer.discard(created)
         raise
     if writer.n_segments == 0:
-        writer.file.close()
-        writer.tmp.unlink()
+        writer.discard(created)
         raise ValueError(f"{n_docs} documents hold {writer.n_tokens} tokens with BOS/EOS, fewer than one segment "
                          f"of --seq-len {seq_len}")
     meta = dict(tokenizer=str(Path(tokenizer_path).resolve()), bos_id=tok.bos_id, eos_id=tok.eos_id,
@@ -308,4 +314,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from yarn_minimal.cli import run_main
+
+    run_main(main)

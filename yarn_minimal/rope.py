@@ -325,4 +325,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from yarn_minimal.cli import run_main
+
+    run_main(main)

@@ -12,9 +12,11 @@ schedule, FSDP2 wrapping, resumable checkpoints, the memory estimate, and the me
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .checkpoint import CheckpointError, verify_checksums, write_checksums
 from .model import ModelArgs, Transformer
 
 # Sec. 4.1. What the paper leaves open is chosen in the comments beside each value.
@@ -116,6 +119,12 @@ class DistEnv:
         return x
 
 
+# Rank 0 alone writes the final model (13.5 GB for 7B in bf16, twice with --export-hf) and deletes
+# old checkpoints while the other ranks wait in a barrier: NCCL's default 10 minutes is too short
+# on a slow shared disk (200 MB/s: 27 GB in 2.3 minutes, 13 B or 70 B far longer).
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=90)
+
+
 def init_distributed(device: torch.device) -> DistEnv:
     """Single process unless torchrun set WORLD_SIZE > 1; then NCCL on CUDA, gloo on CPU, one
     GPU per process (cuda:LOCAL_RANK)."""
@@ -126,7 +135,8 @@ def init_distributed(device: torch.device) -> DistEnv:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT,
+                            device_id=device if device.type == "cuda" else None)
     return DistEnv(dist.get_rank(), world_size, local_rank, device)
 
 
@@ -296,10 +306,18 @@ class MetricsLog:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: OUT/step-000100/ (DCP shards of model + optimizer, trainer.json, rng-rank*.pt)
+# Checkpoints: OUT/step-000100/ (DCP shards of model + optimizer, trainer.json, rng-rank*.pt,
+# checksums-rank*.json). Nothing is unpickled that could run code: the RNG states are tensors
+# and numbers (torch.load(weights_only=True)), trainer.json is JSON, and DCP's own pickled
+# .metadata is read with only DCP's types allowed.
 
 def rng_state() -> dict:
-    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    """Every RNG's state as tensors, numbers and strings: loadable with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    state = dict(torch=torch.get_rng_state(), numpy_keys=torch.from_numpy(keys.astype(np.int64)),
+                 numpy=[kind, int(pos), int(has_gauss), float(gauss)],
+                 python_mt=torch.tensor(mt, dtype=torch.int64), python=[version, gauss_next])
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -307,10 +325,40 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, gauss_next = state["python"]
+    random.setstate((version, tuple(state["python_mt"].tolist()), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# The types DCP's .metadata pickle holds (torch 2.5-2.13); anything else is refused unbuilt.
+DCP_METADATA_TYPES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                      ("torch.serialization", "_get_layout"), ("torch", "Size"), ("collections", "OrderedDict"),
+                      ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+                      ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        allowed = (module == "torch.distributed.checkpoint.metadata" or (module, name) in DCP_METADATA_TYPES
+                   or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                                     torch.memory_format))))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a type a checkpoint's metadata holds")
+        return super().find_class(module, name)
+
+
+def check_dcp_metadata(path: Path) -> None:
+    """dcp.load unpickles .metadata with plain pickle, which runs whatever code a crafted file
+    names. Unpickle it first with only DCP's types allowed, so such a file stops here."""
+    try:
+        with (path / ".metadata").open("rb") as f:
+            _DcpMetadataUnpickler(f).load()
+    except Exception as e:
+        raise CheckpointError(f"{path / '.metadata'}: refused ({type(e).__name__}: {e}); a checkpoint's metadata "
+                              "holds only DCP's own types, so this file is corrupt or crafted") from None
 
 
 def save_checkpoint(out: Path, name: str, model, optimizer, scheduler, trainer_state: dict, env: DistEnv,
@@ -332,10 +380,14 @@ def save_checkpoint(out: Path, name: str, model, optimizer, scheduler, trainer_s
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng-rank{env.rank}.pt")
-    env.barrier()
+    mine = [f"rng-rank{env.rank}.pt"] + [f.name for f in tmp.glob(f"__{env.rank}_*.distcp")]
     if env.main:
         state = dict(trainer_state, scheduler=scheduler.state_dict(), world_size=env.world_size)
         (tmp / "trainer.json").write_text(json.dumps(state, indent=2) + "\n")
+        mine += ["trainer.json", ".metadata"]
+    write_checksums(tmp, mine, f"checksums-rank{env.rank}.json")  # each rank sums only what it wrote
+    env.barrier()
+    if env.main:
         if final.exists():  # re-saving the same step: move the old one aside first
             old = out / (name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -370,24 +422,41 @@ def find_checkpoint(resume: str, out: Path) -> Path:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv, expected: dict) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from a save_checkpoint folder.
-    `expected` holds settings that must match (batch, seed, data, rope, ...)."""
+    `expected` holds settings that must match (batch, seed, data, rope, ...). Every file is
+    checked against the checksums its rank wrote before a byte of it is used."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    manifests = sorted(f.name for f in path.glob("checksums-rank*.json"))
+    if "checksums-rank0.json" not in manifests:
+        raise CheckpointError(f"{path}: no checksums-rank0.json; not a complete checkpoint")
+    for manifest in manifests:  # every rank's files: a few GB/s, small next to the load itself
+        verify_checksums(path, manifest, required=True)
     state = json.loads((path / "trainer.json").read_text())
+    for key in ("step", "scheduler", "world_size"):
+        if key not in state:
+            raise CheckpointError(f"{path / 'trainer.json'}: no {key!r}")
     for key, value in expected.items():
         if state.get(key) != value:
             raise SystemExit(f"error: --resume {path}: {key} was {state.get(key)!r} in the checkpoint, "
                              f"now {value!r}; resume with the same settings")
+    check_dcp_metadata(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        scheduler.load_state_dict(state["scheduler"])
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be restored ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     rng = path / f"rng-rank{env.rank}.pt"
     if state["world_size"] == env.world_size and rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=False))
+        try:
+            set_rng_state(torch.load(rng, weights_only=True))
+        except Exception as e:  # a pickle that would build anything but tensors and numbers
+            raise CheckpointError(f"{rng}: refused ({type(e).__name__}: {str(e).splitlines()[0]}); RNG states are "
+                                  "stored as tensors, so this file is corrupt or crafted") from None
     return state
 
 
