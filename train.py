@@ -152,9 +152,8 @@ def build_model(args, load_dtype):
             raise SystemExit(f"error: {e}") from None
         if margs.vocab_size != tokenizer.vocab_size:  # yarn_minimal.load would refuse the result
             raise SystemExit(f"error: --vocab-size {margs.vocab_size}, but {args.tokenizer} has {tokenizer.vocab_size} pieces")
-        model = Transformer(margs)
-        model.init_weights(seed=args.seed)
-        return model, tokenizer
+        with torch.device("meta"):  # materialized per block later: training.materialize_random
+            return Transformer(margs), tokenizer
     try:
         return yarn_minimal.load(start_folder(args), dtype=load_dtype)
     except yarn_minimal.CheckpointError as e:
@@ -195,10 +194,10 @@ def main(argv=None) -> None:
         return estimate(args)
     if args.data is None or args.out is None:
         raise SystemExit("error: --data and --out are required (or use --estimate-memory)")
-    device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
-    if dtype == torch.float16:
+    if args.dtype == "float16":
         raise SystemExit("error: --dtype float16: float16 training needs loss scaling, which this trainer does not "
                          "do (gradients underflow); use --dtype bfloat16, the paper's precision")
+    device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
     out = Path(args.out)
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume and --overwrite: choose one")
@@ -227,9 +226,12 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
     env.barrier()
     model.activation_checkpointing = args.activation_checkpointing
+    random_seed = args.seed if args.init == "random" else None
     if env.distributed:
-        model = training.shard_model(model, env, dtype)
+        model = training.shard_model(model, env, dtype, init_seed=random_seed)
     else:
+        if random_seed is not None:
+            training.materialize_random(model, random_seed)
         model.to(device=device, dtype=torch.float32)
     model.train()
     optimizer = training.make_optimizer(model, args.lr)

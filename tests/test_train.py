@@ -179,10 +179,11 @@ def test_clear_stops(setup, tmp_path):
         train.main(flags(tmp, tmp_path / "a", "--seq-len", "40"))
     with pytest.raises(SystemExit, match="4 segments, fewer than one global batch of 8"):
         train.main(flags(tmp, tmp_path / "a") + ["--global-batch-size", "8"])
-    # a NaN weight: stop at step 1 with the weights and the batch saved
+    # a finite weight that overflows float32 in the forward pass (a NaN weight is refused at
+    # load): stop at step 1 with the weights and the batch saved
     model, tok = yarn_minimal.load(tmp / "ckpt")
     with torch.no_grad():
-        model.layers[0].attention.wq.weight[0, 0] = float("nan")
+        model.output.weight.fill_(3e38)
     yarn_minimal.save(model, tok, tmp_path / "nan")
     bad = flags(tmp, tmp_path / "b", "--steps", "2")
     bad[1] = str(tmp_path / "nan")
@@ -262,3 +263,65 @@ def test_two_process_resume_matches_uninterrupted(setup):
     w1, w2 = weights(tmp / "straight2" / "final"), weights(tmp / "resumed2" / "final")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-6, atol=1e-7)
+
+
+def test_a_finished_run_is_not_overwritten(setup, tmp_path):
+    """train.py again into a finished --out: stop and ask for --resume or --overwrite; the old
+    run's files are untouched until --overwrite is given."""
+    tmp, _ = setup
+    out = tmp_path / "run"
+    train.main(flags(tmp, out, "--steps", "1"))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(SystemExit, match="holds a run .*--resume.*--overwrite"):
+        train.main(flags(tmp, out, "--steps", "1"))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    train.main(flags(tmp, out, "--steps", "2", "--overwrite"))
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000002"]
+
+
+def test_float16_training_is_refused(setup, tmp_path):
+    tmp, _ = setup
+    with pytest.raises(SystemExit, match="float16 training needs loss scaling.*bfloat16"):
+        train.main(flags(tmp, tmp_path / "f16", "--dtype", "float16"))
+    assert not (tmp_path / "f16").exists()
+
+
+def test_ctrl_c_says_which_step_is_saved_and_how_to_resume(setup, tmp_path, monkeypatch):
+    tmp, _ = setup
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    clip = training.grad_norm_and_clip
+
+    def interrupt_in_step_3(*a, **kw):  # Ctrl-C arrives inside the third step's backward/clip
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return clip(*a, **kw)
+
+    monkeypatch.setattr(training, "grad_norm_and_clip", interrupt_in_step_3)
+    with pytest.raises(SystemExit) as e:
+        train.main(flags(tmp, out, "--steps", "4"))
+    assert str(e.value.code) == (f"error: interrupted during step 3; the last checkpoint is {out / 'step-000002'} "
+                                 "(step 2). Continue with the same command plus --resume")
+    monkeypatch.setattr(training, "grad_norm_and_clip", clip)
+    train.main(flags(tmp, out, "--steps", "4", "--resume"))
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_random_init_on_the_meta_device_gives_init_weights_values():
+    """--init random builds on the meta device and materializes block by block (under FSDP,
+    each block is sharded before the next is made) with the values init_weights gives."""
+    args = ModelArgs(dim=64, n_layers=3, n_heads=4, vocab_size=100, multiple_of=32)
+    full = Transformer(args)
+    full.init_weights(seed=5)
+    with torch.device("meta"):
+        lazy = Transformer(args)
+    placed = []
+    training.materialize_random(lazy, 5, place=placed.append)
+    assert placed == [lazy.tok_embeddings, *lazy.layers, lazy.norm, lazy.output]
+    for (k, a), b in zip(full.state_dict().items(), lazy.state_dict().values()):
+        assert torch.equal(a, b), k
+    # an independent draw: the first embedding row is the generator's first 64 normals x 0.02
+    first = torch.randn(64, generator=torch.Generator().manual_seed(5)) * 0.02
+    assert torch.equal(lazy.tok_embeddings.weight[0], first)

@@ -113,6 +113,7 @@ def run_main(main, argv=None) -> None:
         warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
         main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except SystemExit as e:  # argparse's usage errors and the scripts' own `error: ...` lines
         if debug and e.code not in (0, None):
             traceback.print_exc()
@@ -132,5 +133,6 @@ def run_main(main, argv=None) -> None:
             traceback.print_exc()
         # our own errors (CheckpointError, EvalError, ValueError from a bad value) already name
         # the file and the value; anything else also says what kind of failure it was
-        message = str(e) if isinstance(e, (ValueError, OSError)) and str(e) else f"{type(e).__name__}: {e}"
-        sys.exit(f"error: {message}" + ("" if debug else " (--debug shows the traceback)"))
+        if isinstance(e, (ValueError, OSError)) and str(e):
+            sys.exit(f"error: {e}")
+        sys.exit(f"error: {type(e).__name__}: {e}" + ("" if debug else " (--debug shows the traceback)"))

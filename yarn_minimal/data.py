@@ -88,8 +88,9 @@ def input_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
                 raise FileNotFoundError(f"{path}: the folder holds no {', '.join(DOCUMENT_SUFFIXES)} files")
             files.extend(found)
         elif path.is_file():
-            if path.suffix.lower() not in DOCUMENT_SUFFIXES:
-                raise ValueError(f"{path}: unknown input type {path.suffix!r}; expected one of {', '.join(DOCUMENT_SUFFIXES)}")
+            if path.suffix and path.suffix.lower() not in DOCUMENT_SUFFIXES:  # no extension: plain text
+                raise ValueError(f"{path}: unknown input type {path.suffix!r}; expected one of "
+                                 f"{', '.join(DOCUMENT_SUFFIXES)}, or a plain-text file with no extension")
             files.append(path)
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
@@ -97,8 +98,8 @@ def input_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of one file: a text file is one document (PG19 stores one book per
-    file); a .jsonl file has one JSON object per line; a .parquet file one row per document,
+    """Yield the documents of one file: a text file (or one with no extension) is one document
+    (PG19 stores one book per file); a .jsonl file has one JSON object per line; a .parquet file one row per document,
     the text in `text_field`. Every problem is a ValueError naming the file (and line)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":

@@ -140,23 +140,48 @@ def init_distributed(device: torch.device) -> DistEnv:
     return DistEnv(dist.get_rank(), world_size, local_rank, device)
 
 
-def shard_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype) -> Transformer:
+def materialize_random(model: Transformer, seed: int, place=lambda unit: None) -> Transformer:
+    """A model built on the meta device (train.py --init random) made real one unit at a time
+    (embedding, each block, final norm, output) and initialized with init_weights' rule from
+    one seeded stream, in named_parameters order: the values init_weights(seed) gives. place(unit)
+    runs as soon as a unit is done (under FSDP: move and shard it), so no process ever holds
+    more than one full block beside the embedding."""
+    gen = torch.Generator().manual_seed(seed)
+    units = [("tok_embeddings", model.tok_embeddings)] + [(f"layers.{i}", b) for i, b in enumerate(model.layers)]
+    for prefix, unit in units + [("norm", model.norm), ("output", model.output)]:
+        unit.to_empty(device="cpu")
+        for name, p in unit.named_parameters():
+            with torch.no_grad():
+                model.init_parameter(f"{prefix}.{name}", p, generator=gen)
+        place(unit)
+    return model
+
+
+def shard_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype, init_seed: Optional[int] = None) -> Transformer:
     """FSDP2: one unit per TransformerBlock plus the root (embedding, final norm, output).
     Masters, gradients and AdamW states stay float32 and sharded; each unit is all-gathered in
     the compute dtype for its forward/backward, and gradients are reduce-scattered in float32.
-    Blocks are moved to the device one at a time, so the full float32 model never has to fit."""
+    Blocks are moved to the device one at a time, so the full float32 model never has to fit;
+    a meta-device model (--init random) is initialized block by block the same way (init_seed)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                               reduce_dtype=torch.float32)
-    for block in model.layers:
-        block.to(device=env.device, dtype=torch.float32)
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    for module in (model.tok_embeddings, model.norm, model.output):  # the root's own parameters
-        module.to(device=env.device, dtype=torch.float32)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    blocks = set(model.layers)
+
+    def place(unit):
+        unit.to(device=env.device, dtype=torch.float32)
+        if unit in blocks:
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
+
+    if init_seed is not None:
+        materialize_random(model, init_seed, place)
+    else:
+        for unit in (*model.layers, model.tok_embeddings, model.norm, model.output):
+            place(unit)
+    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embedding, final norm, output
     return model
 
 
