@@ -35,11 +35,13 @@ SIZES = {  # Llama 2 shapes (params.json), for --init random and --estimate-memo
 }
 
 OPEN_CHOICES = """what the paper leaves open, and what this script does:
-  schedule after warmup   constant (the paper names only the 20-step linear warmup)
+  schedule after warmup   linear decay to 0 at --steps, as the authors' finetune.py (which trained
+                          the released models) does; --schedule constant holds the rate (the
+                          paper names only the 20-step linear warmup)
   warmup shape            lr x min(1, (step + 1) / 20) for 0-based optimizer steps: step 0 uses
-                          lr/20, steps 19 onward the full 2e-5
-  gradient clipping       total-norm clipping at 1.0 (not in the paper; the public code meant
-                          1.0 but its check never ran); --grad-clip 0 turns it off
+                          lr/20, step 19 the full 2e-5
+  gradient clipping       total-norm clipping at 1.0 (not in the paper; the public code's flag
+                          never clips and its DeepSpeed config leaves it "auto"); --grad-clip 0: off
   AdamW epsilon           1e-8 (PyTorch's default)
   precision               float32 master weights, gradients and AdamW states; bf16 compute
   data order              a fresh seeded shuffle of all segments every epoch
@@ -80,9 +82,10 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch-size", type=int, default=1,
                    help="sequences per forward pass per rank (default 1); accumulation steps = global / (world x micro)")
     g.add_argument("--lr", type=float, default=training.LR, help="peak learning rate (default 2e-5)")
-    g.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
-                   help="lr after warmup: constant (the paper's fine-tuning, default) or cosine decay to "
-                        "0.1 x lr at --steps (for pre-training from scratch, e.g. the demo model)")
+    g.add_argument("--schedule", choices=training.SCHEDULES, default=training.SCHEDULE,
+                   help="lr after warmup: linear decay to 0 at --steps (default; the authors' finetune.py), "
+                        "constant (the paper states no decay), or cosine decay to 0.1 x lr at --steps (for "
+                        "pre-training from scratch, e.g. the demo model)")
     g.add_argument("--warmup-steps", type=int, default=training.WARMUP_STEPS, help="linear warmup steps (default 20)")
     g.add_argument("--grad-clip", type=float, default=training.GRAD_CLIP, help="max gradient norm, 0 = off (default 1.0)")
     g.add_argument("--seed", type=int, default=0, help="data order and random init (default 0)")
@@ -237,7 +240,7 @@ def main(argv=None) -> None:
     optimizer = training.make_optimizer(model, args.lr)
     scheduler = training.make_scheduler(optimizer, args.warmup_steps, args.schedule, args.steps)
 
-    same = dict(global_batch_size=args.global_batch_size, seed=args.seed, seq_len=loader.seq_len,
+    same = dict(global_batch_size=args.global_batch_size, seed=args.seed, seq_len=loader.seq_len, schedule=args.schedule,
                 data_segments=int(segments.shape[0]), rope=model.rope.to_dict())
     start = 0
     if args.resume:

@@ -64,10 +64,37 @@ def weights(folder):
     return torch.load(folder / "consolidated.00.pth", weights_only=True)
 
 
+def rates(schedule_for, steps=401):
+    """The rate each optimizer step uses under the scheduler schedule_for(optimizer) makes."""
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, multiple_of=32))
+    opt = training.make_optimizer(model)
+    sched = schedule_for(opt)
+    lrs = []
+    for step in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_default_schedule_is_the_authors_linear_decay():
+    """The authors' finetune.py: transformers' get_linear_schedule_with_warmup(20, 400). After
+    warmup ours is that schedule exactly; in warmup ours is one step ahead ((k + 1) / 20, so
+    that step 0 learns), and both reach 0 at step 400."""
+    from transformers import get_linear_schedule_with_warmup
+
+    ours = rates(training.make_scheduler)
+    theirs = rates(lambda opt: get_linear_schedule_with_warmup(opt, 20, 400))
+    assert ours[20:] == pytest.approx(theirs[20:], rel=1e-12, abs=0)
+    assert ours[:20] == pytest.approx(theirs[1:21], rel=1e-12)
+    assert ours[399] == pytest.approx(2e-5 / 380) and ours[400] == 0.0
+    assert train.parse_args([]).schedule == "linear"
+
+
 def test_recipe_objects():
     model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, multiple_of=32))
     opt = training.make_optimizer(model)
-    sched = training.make_scheduler(opt)
+    sched = training.make_scheduler(opt, schedule="constant")
     assert type(opt) is torch.optim.AdamW and len(opt.param_groups) == 1
     group = opt.param_groups[0]
     assert group["betas"] == (0.9, 0.95) and group["weight_decay"] == 0.0 and group["initial_lr"] == 2e-5
@@ -77,7 +104,7 @@ def test_recipe_objects():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    # Sec. 4.1: linear warmup over 20 steps to 2e-5, then constant
+    # --schedule constant: Sec. 4.1's linear warmup over 20 steps to 2e-5, then nothing more
     for step, factor in {0: 1 / 20, 10: 11 / 20, 19: 1.0, 20: 1.0, 400: 1.0}.items():
         assert lrs[step] == pytest.approx(2e-5 * factor, rel=1e-12), step
     args = train.parse_args([])

@@ -43,7 +43,8 @@ WARMUP_STEPS = 20
 STEPS = 400              # s = 16; the s = 32 continuation runs 200
 GLOBAL_BATCH = 64
 SEQ_LEN = 65536
-GRAD_CLIP = 1.0          # not stated in the paper; the public code meant 1.0 but never clipped
+GRAD_CLIP = 1.0          # not stated in the paper, nor recorded in the public code (docs/training.md)
+SCHEDULE = "linear"      # after warmup: not stated in the paper; the authors' finetune.py decays to 0
 YARN_SCALE = 16.0
 ORIGINAL_LENGTH = 4096
 
@@ -57,15 +58,25 @@ def make_optimizer(model: torch.nn.Module, lr: float = LR) -> torch.optim.AdamW:
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
-    """lr multiplier at optimizer step `step` (0-based): linear warmup, then constant.
+    """lr multiplier at optimizer step `step` (0-based): linear warmup, then constant
+    (--schedule constant: the paper says "linear warmup of 20 steps" and nothing after it).
 
-    The paper says "linear warmup of 20 steps" and nothing after it, so the rate stays
-    constant. We ramp (step + 1) / warmup so that the first step already learns (lr / 20)
-    and step warmup - 1 is the first at the full rate; HF's step / warmup would spend the
-    first step at lr = 0."""
+    We ramp (step + 1) / warmup so that the first step already learns (lr / 20) and step
+    warmup - 1 is the first at the full rate; HF's step / warmup would spend the first step
+    at lr = 0."""
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, (step + 1) / warmup_steps)
+
+
+def linear_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Warmup, then linear decay to 0 at total_steps (--schedule linear, the default): what
+    the authors' finetune.py, which trained the released models, does on both of its paths
+    (transformers' get_linear_schedule_with_warmup; DeepSpeed's WarmupDecayLR). After warmup
+    this is their (total - step) / (total - warmup) exactly."""
+    if step < warmup_steps:
+        return warmup_factor(step, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
 def cosine_factor(step: int, warmup_steps: int, total_steps: int, floor: float = 0.1) -> float:
@@ -77,15 +88,19 @@ def cosine_factor(step: int, warmup_steps: int, total_steps: int, floor: float =
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+SCHEDULES = ("linear", "constant", "cosine")
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = WARMUP_STEPS,
-                   schedule: str = "constant", total_steps: Optional[int] = None):
+                   schedule: str = SCHEDULE, total_steps: int = STEPS):
     # stepped exactly once per optimizer step on every rank (the public code's accelerate path
     # could advance it once per process)
-    if schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, warmup_steps, total_steps))
-    if schedule != "constant":
-        raise ValueError(f"schedule: {schedule!r}; allowed: constant, cosine")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup_steps))
+    factor = {"linear": lambda step: linear_factor(step, warmup_steps, total_steps),
+              "constant": lambda step: warmup_factor(step, warmup_steps),
+              "cosine": lambda step: cosine_factor(step, warmup_steps, total_steps)}.get(schedule)
+    if factor is None:
+        raise ValueError(f"schedule: {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ---------------------------------------------------------------------------------------------
