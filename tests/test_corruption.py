@@ -166,6 +166,7 @@ def test_corruption_is_detected_or_harmless(folders, kind, name, kinds, n):
             tmp.write_bytes(original)
             os.replace(tmp, path)
     assert sum(outcomes.values()) == n
+    print(f"{kind}/{name}: {outcomes}")  # pytest -s shows the counts quoted in README.md
     assert outcomes["refused"] > 0  # the campaign reached the checks
 
 
