@@ -180,6 +180,16 @@ def claim_out(out: Path, resume, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def discard_if_empty(out: Path, created: bool) -> None:
+    """A run that fails before finishing its first step leaves nothing behind: no empty
+    metrics.jsonl, and no --out folder if it made it."""
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size == 0:
+        metrics.unlink()
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
 def interrupted(out: Path, step: int, save_every: int) -> str:
     """What Ctrl-C in the training loop says: the last step on disk and how to go on from it."""
     latest = out / "latest"
@@ -187,6 +197,8 @@ def interrupted(out: Path, step: int, save_every: int) -> str:
         saved = latest.read_text().strip()
         return (f"interrupted during step {step + 1}; the last checkpoint is {out / saved} (step {int(saved[5:])}). "
                 "Continue with the same command plus --resume")
+    if not (out / "metrics.jsonl").is_file():
+        return f"interrupted during step {step + 1}; nothing was saved or kept: run the same command again"
     return (f"interrupted during step {step + 1}, before the first checkpoint (--save-every {save_every}); "
             "nothing to resume: run the same command again with --overwrite")
 
@@ -224,6 +236,7 @@ def main(argv=None) -> None:
     if meta.get("vocab_size", model.args.vocab_size) > model.args.vocab_size:
         raise SystemExit(f"error: {args.data}: tokenized with vocab_size {meta['vocab_size']}, "
                          f"the model has {model.args.vocab_size}")
+    created = not out.exists()
     if env.main:
         claim_out(out, args.resume, args.overwrite)
         out.mkdir(parents=True, exist_ok=True)
@@ -293,8 +306,12 @@ def main(argv=None) -> None:
             if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
                 training.save_checkpoint(out, f"step-{step + 1:06d}", model, optimizer, scheduler,
                                          dict(same, step=step + 1), env, keep=args.keep_checkpoints)
-    except KeyboardInterrupt:
-        raise SystemExit(f"error: {interrupted(out, step, args.save_every)}" if env.main else 1) from None
+    except BaseException as e:
+        if env.main:
+            discard_if_empty(out, created)
+        if isinstance(e, KeyboardInterrupt):
+            raise SystemExit(f"error: {interrupted(out, step, args.save_every)}" if env.main else 1) from None
+        raise
     training.save_model(model, tokenizer, out / "final", dtype, env, export_hf=args.export_hf)
     if env.main:
         print(f"final model: {out / 'final'}", file=sys.stderr)

@@ -352,3 +352,15 @@ def test_random_init_on_the_meta_device_gives_init_weights_values():
     # an independent draw: the first embedding row is the generator's first 64 normals x 0.02
     first = torch.randn(64, generator=torch.Generator().manual_seed(5)) * 0.02
     assert torch.equal(lazy.tok_embeddings.weight[0], first)
+
+
+def test_ctrl_c_in_the_first_step_leaves_nothing(setup, tmp_path, monkeypatch):
+    tmp, _ = setup
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "grad_norm_and_clip", interrupt)
+    with pytest.raises(SystemExit, match="interrupted during step 1; nothing was saved or kept: run the same command"):
+        train.main(flags(tmp, tmp_path / "run", "--steps", "2"))
+    assert not (tmp_path / "run").exists()
