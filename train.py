@@ -255,6 +255,8 @@ def main(argv=None) -> None:
 
     same = dict(global_batch_size=args.global_batch_size, seed=args.seed, seq_len=loader.seq_len, schedule=args.schedule,
                 data_segments=int(segments.shape[0]), rope=model.rope.to_dict())
+    if args.schedule != "constant":  # a decaying rate is a function of --steps: changing it mid-run would jump
+        same["steps"] = args.steps
     start = 0
     if args.resume:
         start = training.load_checkpoint(training.find_checkpoint(args.resume, out), model, optimizer,

@@ -150,8 +150,10 @@ def test_two_processes_match_one_and_an_independent_loss(setup, tokenizer_path):
         assert m["mfu"] is None and m["tokens_per_s"] > 0 and m["max_memory_gb"] > 0 and m["grad_norm"] > 0
     assert two[-1]["loss"] < two[0]["loss"] - 0.05  # the same 4 segments every step: loss falls
     for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"] == 1e-3
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    # warmup 1, then linear decay to 0 at step 3: (3 - k) / (3 - 1) for k = 1, 2
+    assert [m["lr"] for m in two] == [1e-3, 1e-3, 5e-4]
     w1, w2 = weights(tmp / "one" / "final"), weights(tmp / "two" / "final")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
@@ -169,13 +171,15 @@ def test_two_processes_match_one_and_an_independent_loss(setup, tokenizer_path):
 
 
 def test_resume_matches_uninterrupted(setup):
+    """A run of 2 steps continued to 4 equals 4 steps straight (with the constant schedule,
+    where --steps does not change the rate; the default decay is resumed in the Ctrl-C test)."""
     tmp, _ = setup
-    train.main(flags(tmp, tmp / "straight", "--steps", "4"))
-    train.main(flags(tmp, tmp / "resumed", "--steps", "2"))
+    train.main(flags(tmp, tmp / "straight", "--steps", "4", "--schedule", "constant"))
+    train.main(flags(tmp, tmp / "resumed", "--steps", "2", "--schedule", "constant"))
     # a save killed half-way leaves only a .tmp folder, which resume ignores
     (tmp / "resumed" / "step-000004.tmp").mkdir()
     (tmp / "resumed" / "step-000004.tmp" / "__0_0.distcp").write_bytes(b"garbage")
-    train.main(flags(tmp, tmp / "resumed", "--steps", "4", "--resume"))
+    train.main(flags(tmp, tmp / "resumed", "--steps", "4", "--resume", "--schedule", "constant"))
     a, b = metrics(tmp / "straight"), metrics(tmp / "resumed")
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
@@ -186,7 +190,10 @@ def test_resume_matches_uninterrupted(setup):
     state = json.loads((tmp / "resumed" / "step-000004" / "trainer.json").read_text())
     assert state["step"] == 4 and state["scheduler"]["last_epoch"] == 4
     with pytest.raises(SystemExit, match="global_batch_size was 4 in the checkpoint, now 2"):
-        train.main(flags(tmp, tmp / "resumed", "--steps", "6", "--resume") + ["--global-batch-size", "2"])
+        train.main(flags(tmp, tmp / "resumed", "--steps", "6", "--resume", "--schedule", "constant")
+                   + ["--global-batch-size", "2"])
+    with pytest.raises(SystemExit, match="schedule was 'constant' in the checkpoint, now 'linear'"):
+        train.main(flags(tmp, tmp / "resumed", "--steps", "6", "--resume"))
 
 
 def test_from_scratch_demo_path(setup, tokenizer_path):
@@ -282,9 +289,9 @@ def test_two_process_resume_matches_uninterrupted(setup):
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
 
-    torchrun(tmp / "straight2", "--steps", "4")
-    torchrun(tmp / "resumed2", "--steps", "2")
-    torchrun(tmp / "resumed2", "--steps", "4", "--resume")
+    torchrun(tmp / "straight2", "--steps", "4", "--schedule", "constant")
+    torchrun(tmp / "resumed2", "--steps", "2", "--schedule", "constant")
+    torchrun(tmp / "resumed2", "--steps", "4", "--resume", "--schedule", "constant")
     for x, y in zip(metrics(tmp / "straight2"), metrics(tmp / "resumed2")):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
     w1, w2 = weights(tmp / "straight2" / "final"), weights(tmp / "resumed2" / "final")
@@ -332,8 +339,18 @@ def test_ctrl_c_says_which_step_is_saved_and_how_to_resume(setup, tmp_path, monk
     assert str(e.value.code) == (f"error: interrupted during step 3; the last checkpoint is {out / 'step-000002'} "
                                  "(step 2). Continue with the same command plus --resume")
     monkeypatch.setattr(training, "grad_norm_and_clip", clip)
+    with pytest.raises(SystemExit, match="steps was 4 in the checkpoint, now 6"):  # the decay depends on --steps
+        train.main(flags(tmp, out, "--steps", "6", "--resume"))
     train.main(flags(tmp, out, "--steps", "4", "--resume"))
-    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    # the same as 4 steps straight, under the default linear decay
+    train.main(flags(tmp, tmp_path / "straight", "--steps", "4"))
+    resumed, straight = metrics(out), metrics(tmp_path / "straight")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for x, y in zip(resumed, straight):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6) and x["lr"] == y["lr"]
+    w1, w2 = weights(out / "final"), weights(tmp_path / "straight" / "final")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-6, atol=1e-7)
 
 
 def test_random_init_on_the_meta_device_gives_init_weights_values():
@@ -364,3 +381,23 @@ def test_ctrl_c_in_the_first_step_leaves_nothing(setup, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="interrupted during step 1; nothing was saved or kept: run the same command"):
         train.main(flags(tmp, tmp_path / "run", "--steps", "2"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_process_random_init_matches_one(setup, tokenizer_path):
+    """--init random under torchrun: each rank builds the model on the meta device and makes it
+    block by block; after one step the model equals the single-process run's."""
+    tmp, _ = setup
+    scratch = ["--init", "random", "--tokenizer", tokenizer_path, "--dim", "64", "--n-layers", "2", "--n-heads", "4",
+               "--multiple-of", "32", "--method", "none", "--original-length", "32", "--data", str(tmp / "data"),
+               "--steps", "1", "--global-batch-size", "4", "--lr", "1e-3", "--save-every", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           str(ROOT / "train.py"), *scratch, "--out", str(tmp / "scratch2")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    train.main(scratch + ["--out", str(tmp / "scratch1")])
+    assert metrics(tmp / "scratch1")[0]["loss"] == pytest.approx(metrics(tmp / "scratch2")[0]["loss"], rel=1e-5)
+    w1, w2 = weights(tmp / "scratch1" / "final"), weights(tmp / "scratch2" / "final")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)

@@ -619,6 +619,15 @@ def hf_config(model: Transformer, dtype: torch.dtype) -> dict:
     }
 
 
+def _stamps(folder: Path) -> dict:
+    """name -> (inode, size, mtime) of the files in folder: a file save() wrote differs (each is
+    renamed into place, so at least its inode is new)."""
+    if not folder.is_dir():
+        return {}
+    return {f.name: (s.st_ino, s.st_size, s.st_mtime_ns) for f in folder.iterdir()
+            if f.is_file() and f.name != CHECKSUMS and (s := f.stat())}
+
+
 def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.PathLike, format: str = "meta") -> Path:
     """Write the model (and tokenizer.model) to a folder.
 
@@ -639,6 +648,7 @@ def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.Path
     if stale:
         raise CheckpointError(f"{folder}: already holds {', '.join(f.name for f in stale)}, which load() would read "
                               "instead of or beside what save() writes; save into an empty folder")
+    before = _stamps(folder)  # checksums.json covers exactly the files this save writes
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if format == "hf":
         config = hf_config(model, next(iter(state.values())).dtype)  # refuses unsupported RoPE before writing
@@ -658,8 +668,7 @@ def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.Path
         _write_json(folder / "rope.json", model.rope.to_dict())
     if tokenizer is not None:
         _atomic_write(folder / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer.path, tmp))
-    written = ["model.safetensors", "config.json"] if format == "hf" else ["consolidated.00.pth", "params.json", "rope.json"]
-    write_checksums(folder, written + (["tokenizer.model"] if tokenizer is not None else []))
+    write_checksums(folder, [name for name, stamp in _stamps(folder).items() if before.get(name) != stamp])
     return folder
 
 

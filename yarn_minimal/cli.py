@@ -88,6 +88,8 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default cuda when available")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="model dtype; default bfloat16 on CUDA, float32 on CPU")
+    # listed for --help only: run_main takes --debug out of the command line before parsing
+    p.add_argument("--debug", action="store_true", help="on a failure, show the Python traceback")
 
 
 def resolve_device_dtype(device: Optional[str], dtype: Optional[str]) -> tuple[torch.device, torch.dtype]:

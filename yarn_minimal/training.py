@@ -337,7 +337,11 @@ class MetricsLog:
         self.path = path
         kept = []
         if resume_step and path.is_file():
-            kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+            try:
+                kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: not one JSON record with a 'step' per line ({e!r}); move it aside "
+                                 "to resume without the old metrics") from None
         path.write_text("".join(l + "\n" for l in kept))
 
     def write(self, record: dict) -> None:
