@@ -76,6 +76,17 @@ def test_debug_shows_the_traceback(corrupt_demo, capsys):
     assert code != 0 and "Traceback" in err and "consolidated.00.pth" in err
 
 
+def test_ctrl_c_in_generate_during_prefill(capsys, monkeypatch):
+    """The issue's report: Ctrl-C while the prompt is being processed printed a traceback."""
+    def prefill_interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(generate, "stream", prefill_interrupted)
+    code, _, err = run(generate.main, ["--prompt", "hi"], capsys)
+    assert code == 130 and one_line_error(code, err) == "interrupted"
+
+
 def test_ctrl_c_and_unexpected_errors_are_one_line(capsys):
     def interrupted(argv):
         raise KeyboardInterrupt
@@ -115,6 +126,21 @@ def test_data_tool_failures_leave_no_folder(tmp_path, capsys):
                                    str(tmp_path / "out")], capsys)
     one_line_error(code, err, "fewer than one segment")
     assert not (tmp_path / "out").exists()
+
+
+def test_checksums_protect_a_download(tmp_path, capsys):
+    """`python -m yarn_minimal.checkpoint checksums FOLDER` on a download without checksums.json;
+    a later change to its tokenizer (which has no checksum of its own) then stops the load."""
+    folder = tmp_path / "download"
+    shutil.copytree(DEFAULT_CKPT, folder, ignore=shutil.ignore_patterns("checksums.json"))
+    code, _, err = run(ckpt_module.main, ["checksums", str(folder)], capsys)
+    assert code in (0, None) and sorted(json.loads((folder / "checksums.json").read_text())) == \
+        ["consolidated.00.pth", "params.json", "rope.json", "tokenizer.model"]
+    raw = bytearray((folder / "tokenizer.model").read_bytes())
+    raw[-100] ^= 1
+    (folder / "tokenizer.model").write_bytes(bytes(raw))
+    code, _, err = run(generate.main, ["--ckpt", str(folder), "--prompt", "hi"], capsys)
+    one_line_error(code, err, "tokenizer.model", "CRC-32")
 
 
 def test_params_json_without_dim_is_named(tmp_path, capsys):

@@ -23,9 +23,10 @@ assigned (not copied into a second, randomly initialised model). A one-shard Met
 in its stored dtype is used straight from the page cache.
 
 `save(model, tokenizer, folder, format="meta" | "hf")` writes either layout; every file goes
-to a temporary name first and is renamed into place.
+to a temporary name first and is renamed into place, and checksums.json records them all.
 
     python -m yarn_minimal.checkpoint convert SRC DST --format hf
+    python -m yarn_minimal.checkpoint checksums FOLDER     # protect a download you trust
 """
 from __future__ import annotations
 
@@ -696,7 +697,20 @@ def main(argv=None) -> None:
                         "meta: params.json + consolidated.00.pth + rope.json")
     c.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                    help="dtype of the written weights; default bfloat16 (Llama 2's released precision)")
+    k = sub.add_parser("checksums", help="record the size and CRC-32 of FOLDER's files in FOLDER/checksums.json",
+                       description="Write FOLDER/checksums.json (every file but *.md), which load() then verifies: "
+                                   "run it once on a download you trust, and later damage to any of its files stops "
+                                   "the load with a message naming the file.")
+    k.add_argument("folder")
     args = p.parse_args(argv)
+    if args.command == "checksums":
+        folder = Path(args.folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: not a folder")
+        names = [f.name for f in sorted(folder.iterdir()) if f.is_file() and f.name != CHECKSUMS and f.suffix != ".md"]
+        write_checksums(folder, names)
+        print(f"wrote {folder / CHECKSUMS}: {len(names)} files", file=sys.stderr)
+        return
     src, dst = Path(args.src), Path(args.dst)
     if src.resolve() == dst.resolve():
         p.error("SRC and DST must be different folders")
