@@ -194,8 +194,9 @@ def interrupted(out: Path, step: int, save_every: int) -> str:
     """What Ctrl-C in the training loop says: the last step on disk and how to go on from it."""
     latest = out / "latest"
     if latest.is_file():
-        saved = latest.read_text().strip()
-        return (f"interrupted during step {step + 1}; the last checkpoint is {out / saved} (step {int(saved[5:])}). "
+        saved = out / latest.read_text().strip()
+        saved_step = json.loads((saved / "trainer.json").read_text())["step"]
+        return (f"interrupted during step {step + 1}; the last checkpoint is {saved} (step {saved_step}). "
                 "Continue with the same command plus --resume")
     if not (out / "metrics.jsonl").is_file():
         return f"interrupted during step {step + 1}; nothing was saved or kept: run the same command again"
@@ -236,6 +237,7 @@ def main(argv=None) -> None:
     if meta.get("vocab_size", model.args.vocab_size) > model.args.vocab_size:
         raise SystemExit(f"error: {args.data}: tokenized with vocab_size {meta['vocab_size']}, "
                          f"the model has {model.args.vocab_size}")
+    resume_from = training.find_checkpoint(args.resume, out) if args.resume else None
     created = not out.exists()
     if env.main:
         claim_out(out, args.resume, args.overwrite)
@@ -259,8 +261,7 @@ def main(argv=None) -> None:
         same["steps"] = args.steps
     start = 0
     if args.resume:
-        start = training.load_checkpoint(training.find_checkpoint(args.resume, out), model, optimizer,
-                                         scheduler, env, same)["step"]
+        start = training.load_checkpoint(resume_from, model, optimizer, scheduler, env, same)["step"]
     metrics = training.MetricsLog(out / "metrics.jsonl", start) if env.main else None
     if env.main:
         print(f"# {model.rope.describe()}; {env.world_size} process(es) on {device.type}, {str(dtype)[6:]}; "

@@ -319,6 +319,9 @@ def test_float16_training_is_refused(setup, tmp_path):
     with pytest.raises(SystemExit, match="float16 training needs loss scaling.*bfloat16"):
         train.main(flags(tmp, tmp_path / "f16", "--dtype", "float16"))
     assert not (tmp_path / "f16").exists()
+    with pytest.raises(SystemExit, match="no checkpoint to resume from"):  # --resume into a mistyped --out
+        train.main(flags(tmp, tmp_path / "typo", "--resume"))
+    assert not (tmp_path / "typo").exists()
 
 
 def test_ctrl_c_says_which_step_is_saved_and_how_to_resume(setup, tmp_path, monkeypatch):
