@@ -127,8 +127,8 @@ def file_crc32(path: Path) -> int:
 def check_zip_crcs(path: Path) -> None:
     """torch.save writes a zip archive that stores a CRC-32 for every entry (the pickle and each
     tensor's bytes), but torch.load(mmap=True) never verifies them: a shard with overwritten
-    bytes loads silently. Reading every entry through zipfile checks them (about 2 GB/s on
-    one CPU core). Legacy (pre-zip) files carry no checksum and are left to torch.load."""
+    bytes loads silently. Reading every entry through zipfile checks them (0.8-2.3 GB/s on one
+    core, docs/checkpoints.md). Legacy (pre-zip) files carry no checksum: torch.load decides."""
     if not zipfile.is_zipfile(path):
         return
     try:
@@ -171,8 +171,8 @@ def verify_checksums(folder: Path, manifest: str = CHECKSUMS, required: bool = F
             raise CheckpointError(f"{folder}: no {manifest}; not a complete checkpoint")
         return
     entries = _read_json(path)
-    if not isinstance(entries, dict):
-        raise CheckpointError(f"{path}: expected an object of file -> size and crc32, found {type(entries).__name__}")
+    changed = (f"the file is corrupt, or was changed after it was saved (if you changed it, record it with "
+               f"`python -m yarn_minimal.checkpoint checksums {folder}`)")
     for name, entry in entries.items():
         target = folder / name
         try:
@@ -183,14 +183,12 @@ def verify_checksums(folder: Path, manifest: str = CHECKSUMS, required: bool = F
             raise CheckpointError(f"{target}: listed in {path.name} but missing")
         found = target.stat().st_size
         if found != size:
-            raise CheckpointError(f"{target}: {found} bytes, but {path.name} says {size}; the file is truncated "
-                                  "or corrupt")
+            raise CheckpointError(f"{target}: {found} bytes, but {path.name} says {size}; {changed}")
         if target.match("consolidated.*.pth"):
             continue  # _torch_load checks the zip's own per-entry CRCs as it reads the shard
         found_crc = file_crc32(target)
         if found_crc != crc:
-            raise CheckpointError(f"{target}: CRC-32 {found_crc:08x}, but {path.name} says {crc:08x}; the file "
-                                  "is corrupt")
+            raise CheckpointError(f"{target}: CRC-32 {found_crc:08x}, but {path.name} says {crc:08x}; {changed}")
 
 
 def _check_tokenizer(tokenizer: Tokenizer, args: ModelArgs, source: Path) -> None:
