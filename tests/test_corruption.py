@@ -200,3 +200,10 @@ def test_a_pickle_that_would_run_code_is_refused(folders, tmp_path):
         with pytest.raises(CheckpointError, match=f"{name}: refused"):
             restore_training(folder)
         assert not marker.exists()
+
+
+def test_dcp_metadata_allows_only_dcp_types(tmp_path):
+    """The allow-list admits classes DCP defines, not names its module imports (`os` is one)."""
+    (tmp_path / ".metadata").write_bytes(b"ctorch.distributed.checkpoint.metadata\nos\n.")
+    with pytest.raises(CheckpointError, match=r"\.metadata: refused .*metadata\.os is not a type"):
+        training.check_dcp_metadata(tmp_path)

@@ -386,7 +386,11 @@ DCP_METADATA_TYPES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"
 
 class _DcpMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        allowed = (module == "torch.distributed.checkpoint.metadata" or (module, name) in DCP_METADATA_TYPES
+        import torch.distributed.checkpoint.metadata as dcp_metadata
+
+        found = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
+        allowed = ((isinstance(found, type) and found.__module__ == module)  # a class DCP defines, not an import
+                   or (module, name) in DCP_METADATA_TYPES
                    or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
                                                                                      torch.memory_format))))
         if not allowed:
