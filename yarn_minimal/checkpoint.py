@@ -425,10 +425,14 @@ def load_hf(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=Fa
 def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device="cpu",
          dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[Transformer, Tokenizer]:
     """Load (model, tokenizer) from a checkpoint folder in any of the three layouts (see the
-    module docstring). rope=None keeps the checkpoint's own setting (rope.json, or config.json's
+    module docstring), or from a llama.cpp .gguf file (formats/gguf.py). rope=None keeps the checkpoint's own setting (rope.json, or config.json's
     rope_scaling; plain RoPE for raw Llama 2); a RopeConfig overrides it. progress=True shows a
     tqdm bar while tensors are read."""
     folder = Path(path)
+    if folder.suffix == ".gguf" and not folder.is_dir():
+        from .formats.gguf import load_gguf  # llama.cpp's single-file format (formats/gguf.py)
+
+        return load_gguf(folder, rope, device, dtype, progress)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder")
     if (folder / "params.json").is_file():
