@@ -512,16 +512,23 @@ def hf_config(model: Transformer, dtype: torch.dtype) -> dict:
 
 
 def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.PathLike, format: str = "meta") -> Path:
-    """Write the model (and tokenizer.model) to a folder.
+    """Write the model (and tokenizer.model) to a folder, or to one .gguf file.
 
     format="meta": this project's layout (params.json, consolidated.00.pth, rope.json), which
                    Meta's own loader also reads; any RopeConfig round-trips exactly.
     format="hf":   config.json with rope_scaling, model.safetensors with wq / wk permuted to
                    HF's split-half rotation; loads with transformers' from_pretrained, vLLM and
                    llama.cpp's convert_hf_to_gguf.py. Refuses RoPE settings HF cannot express.
+    format="gguf": one llama.cpp file at `path` (formats/gguf.py) with llama.cpp's rope-scaling
+                   metadata and the tokenizer's vocabulary. Refuses RoPE settings llama.cpp
+                   cannot run (Dynamic Scaling, the paper's ramp, non-default alpha/beta).
     Weights keep the model's dtype. Each file is written under a temporary name and renamed."""
-    if format not in ("meta", "hf"):
-        raise ValueError(f"save: format {format!r}; allowed: meta, hf")
+    if format not in ("meta", "hf", "gguf"):
+        raise ValueError(f"save: format {format!r}; allowed: meta, hf, gguf")
+    if format == "gguf":
+        from .formats.gguf import save_gguf  # one file, not a folder (formats/gguf.py)
+
+        return save_gguf(model, tokenizer, Path(path))
     folder = Path(path)
     # files another save left that `load` would read instead of (or beside) the new ones
     stale = [f for f in sorted(folder.glob("consolidated.*.pth")) if f.name != "consolidated.00.pth"]
@@ -564,18 +571,21 @@ def main(argv=None) -> None:
         prog="python -m yarn_minimal.checkpoint",
         description="Convert a Llama 2 checkpoint between layouts: Meta's raw download (params.json + "
                     "consolidated.*.pth, any number of model-parallel shards), a Hugging Face folder "
-                    "(config.json + *.safetensors) or this project's own (Meta's + rope.json).")
+                    "(config.json + *.safetensors), this project's own (Meta's + rope.json) or llama.cpp's .gguf "
+                    "(read: any type the gguf package dequantizes; written: F32 / F16 / BF16).")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="read SRC (any layout), write DST in --format",
                        description="Read SRC in any supported layout and write DST. The RoPE setting travels "
                                    "with the weights: rope.json or config.json's rope_scaling.")
-    c.add_argument("src", help="checkpoint folder to read")
-    c.add_argument("dst", help="folder to write (created; files in it are replaced)")
-    c.add_argument("--format", choices=("hf", "meta"), required=True,
+    c.add_argument("src", help="checkpoint folder (or .gguf file) to read")
+    c.add_argument("dst", help="folder to write (created; files in it are replaced), or the .gguf file for --format gguf")
+    c.add_argument("--format", choices=("hf", "meta", "gguf"), required=True,
                    help="hf: config.json + model.safetensors (transformers, vLLM, llama.cpp); "
-                        "meta: params.json + consolidated.00.pth + rope.json")
-    c.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
-                   help="dtype of the written weights; default bfloat16 (Llama 2's released precision)")
+                        "meta: params.json + consolidated.00.pth + rope.json; "
+                        "gguf: one llama.cpp / Ollama file with its rope-scaling metadata")
+    c.add_argument("--dtype", "--outtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="dtype of the written weights (gguf: F32 / F16 / BF16); default bfloat16 "
+                        "(Llama 2's released precision)")
     args = p.parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
     if src.resolve() == dst.resolve():

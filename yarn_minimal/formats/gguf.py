@@ -101,6 +101,8 @@ def _reader_class():
         the file (the stock reader fails on a reshape deep inside numpy instead)."""
 
         def _get(self, offset, dtype, count=1, override_order=None):
+            if type(self.data) is np.memmap:  # slices of a plain view of the same map parse ~3x faster
+                self.data = self.data.view(np.ndarray)
             end = int(offset) + int(count) * np.dtype(dtype).itemsize
             if end > len(self.data):
                 raise _Truncated(f"the file has {len(self.data)} bytes, but its header places data up to byte {end}")
@@ -217,6 +219,10 @@ def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
             beta = read("beta", "rope.scaling.yarn_beta_fast", 32.0)
             # Sec. 3.4: llama.cpp multiplies Eq. 22 by attn_factor; 1 leaves Eq. 22 itself (None)
             factor = None if attn == 1.0 else attn * yarn_attention_factor(scale)
+            if factor is not None and abs(factor - 1.0) < 1e-6:  # float32 attn_factor = 1 / Eq. 22
+                # YaRN without its attention factor is NTK-by-parts (Eq. 17-20), what gguf_rope writes for it
+                return RopeConfig(method="ntk-by-parts", scale=scale, original_length=original, base=base,
+                                  alpha=alpha, beta=beta), prov, notes
             return RopeConfig(method="yarn", scale=scale, original_length=original, base=base,
                               alpha=alpha, beta=beta, attention_factor=factor), prov, notes
     except ValueError as e:
@@ -430,4 +436,177 @@ def tokenizer_from_metadata(meta: Metadata) -> HFTokenizer:
     out = HFTokenizer(tok, None if ids["bos"] is None else int(ids["bos"]),
                       None if ids["eos"] is None else int(ids["eos"]), meta.path)
     out.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama"))
+    # what save(format="gguf") writes back: every tokenizer.* key with its stored types
+    out.gguf_vocab = {key: (meta.get(key), f.types[0], f.types[1] if len(f.types) > 1 else None)
+                      for key, f in meta.reader.fields.items() if key.startswith("tokenizer.")}
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------
+
+def gguf_rope(rope: RopeConfig, head_dim: int) -> tuple[float, dict, int]:
+    """(freq_base, {metadata key suffix: value}, context_length) that make llama.cpp apply `rope`.
+
+    PI      -> scaling.type "linear", factor s (Eq. 10).
+    NTK     -> plain RoPE with freq_base b' (Eq. 16), as Code Llama's rope_theta.
+    YaRN    -> scaling.type "yarn", factor s, original_context_length L; llama.cpp multiplies
+               cos/sin by attn_factor * (0.1 ln s + 1), so an explicit sqrt(1/t) is written as
+               attn_factor = sqrt(1/t) / (0.1 ln s + 1).
+    NTK-by-parts -> the same YaRN entry with sqrt(1/t) = 1 (Eq. 17-20 without Sec. 3.4).
+    context_length is the extended window L' = s L (what llama.cpp and Ollama use as the
+    model's context). What llama.cpp cannot run is refused, never written approximately."""
+    L, s = rope.original_length, rope.scale
+    where = f"format='gguf': {rope.describe()}"
+    if rope.dynamic:
+        raise CheckpointError(f"{where}: llama.cpp has no Dynamic Scaling (Sec. 3.3); its RoPE is static. "
+                              "Save a static setting (e.g. the s you fine-tuned with), or use format='meta'")
+    if rope.method == "none" or (s == 1 and rope.method != "ntk" and rope.attention_factor is None):
+        return rope.base, {}, L
+    if rope.method == "pi":
+        return rope.base, {"rope.scaling.type": "linear", "rope.scaling.factor": float(s),
+                           "rope.scaling.original_context_length": L}, int(round(L * s))
+    if rope.method == "ntk":
+        return ntk_aware_base(rope.base, s, head_dim), {}, int(round(L * s))
+    # "yarn" and "ntk-by-parts": llama.cpp's ggml_rope_yarn_corr_dims is the code's ramp, floored/ceiled
+    if rope.ramp != "code" or not rope.truncate:
+        raise CheckpointError(f"{where} with ramp={rope.ramp!r}, truncate={rope.truncate}: llama.cpp's YaRN ramp is "
+                              "the public code's, with floor/ceil correction dims (ramp='code', truncate=True)")
+    if (rope.alpha, rope.beta) != (1.0, 32.0):
+        raise CheckpointError(f"{where}: alpha={rope.alpha:g}, beta={rope.beta:g}; llama.cpp reads "
+                              "rope.scaling.yarn_beta_fast/slow only for a few other architectures and uses 32/1 "
+                              "for 'llama'")
+    target = rope.attention_factor if rope.attention_factor is not None else (
+        yarn_attention_factor(s) if rope.method == "yarn" else 1.0)
+    scaling = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(s), "rope.scaling.original_context_length": L}
+    attn = target / yarn_attention_factor(s)
+    if abs(attn - 1.0) > 1e-7:
+        scaling["rope.scaling.attn_factor"] = attn
+    return rope.base, scaling, int(round(L * s))
+
+
+def _sentencepiece_vocab(tok: SentencePieceTokenizer) -> dict:
+    """tokenizer.ggml.* for a sentencepiece model: llama.cpp's "llama" vocabulary."""
+    sp = tok.sp
+    n = sp.get_piece_size()
+
+    def kind(i):  # gguf.TokenType: 1 normal, 2 unknown, 3 control, 5 unused, 6 byte
+        return 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i) else 1
+
+    vocab = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+             "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+             "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)],
+             "tokenizer.ggml.token_type": [kind(i) for i in range(n)],
+             "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
+             # sentencepiece's add_dummy_prefix, seen from the outside: "a" encodes as "▁a"
+             "tokenizer.ggml.add_space_prefix": sp.encode_as_pieces("a")[0].startswith("▁")}
+    if sp.unk_id() >= 0:
+        vocab["tokenizer.ggml.unknown_token_id"] = sp.unk_id()
+    return vocab
+
+
+def tokenizer_metadata(tok: Tokenizer) -> dict:
+    """tokenizer.ggml.* for a tokenizer: sentencepiece as "llama"; one read from a GGUF file
+    as it was read. A tokenizer.json has no llama.cpp equivalent that this writer can vouch
+    for (its pre-tokenizer would have to be named), so it is refused."""
+    if isinstance(tok, SentencePieceTokenizer):
+        vocab = {key: _typed(key, value) for key, value in _sentencepiece_vocab(tok).items()}
+    elif getattr(tok, "gguf_vocab", None) is not None:
+        vocab = dict(tok.gguf_vocab)  # (value, type, array type) as the file had them
+    else:
+        raise CheckpointError(f"format='gguf': the tokenizer from {tok.path} is not a sentencepiece model or one read "
+                              "from a GGUF file; llama.cpp's converter (convert_hf_to_gguf.py) names its pre-tokenizer. "
+                              "Save with format='hf' and convert that folder with llama.cpp")
+    for name in ("bos", "eos"):
+        ident = getattr(tok, f"{name}_id")
+        if ident is not None:
+            vocab[f"tokenizer.ggml.{name}_token_id"] = _typed("", int(ident))
+    return vocab
+
+
+FILE_TYPES = {torch.float32: ("F32", 0), torch.float16: ("F16", 1), torch.bfloat16: ("BF16", 32)}  # llama_ftype
+
+
+def _numpy_tensor(t: torch.Tensor):
+    """(array, ggml type) for one weight: 1-D norms stay float32 (as llama.cpp's converter keeps
+    them); bf16 goes out as its raw bits, since numpy has no bfloat16."""
+    from gguf import GGMLQuantizationType as Q
+
+    t = t.detach().cpu().contiguous()
+    if t.dim() == 1 or t.dtype == torch.float32:
+        return t.float().numpy(), Q.F32
+    if t.dtype == torch.float16:
+        return t.numpy(), Q.F16
+    return t.view(torch.int16).numpy().view(np.uint8), Q.BF16
+
+
+def save_gguf(model: Transformer, tokenizer: Optional[Tokenizer], path: Path) -> Path:
+    """One .gguf file that llama.cpp (and Ollama) run with the model's RoPE. Weights keep the
+    model's dtype (F32, F16 or BF16); Q/K rows are written in Meta's order, which is llama.cpp's.
+    Written to a temporary name and renamed."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    args, state = model.args, model.state_dict()
+    dtype = state["layers.0.attention.wq.weight"].dtype
+    if dtype not in FILE_TYPES:
+        raise CheckpointError(f"format='gguf': weights in {dtype}; llama.cpp's float files are F32, F16 and BF16")
+    if tokenizer is None:
+        raise CheckpointError("format='gguf': a GGUF file carries its tokenizer; pass the tokenizer to save()")
+    base, scaling, context = gguf_rope(args.rope, args.head_dim)  # refuses before anything is written
+    vocab = tokenizer_metadata(tokenizer)
+    n_tokens = len(vocab["tokenizer.ggml.tokens"][0])
+    if n_tokens != args.vocab_size:
+        raise CheckpointError(f"format='gguf': the tokenizer has {n_tokens} tokens, the "
+                              f"model's embedding {args.vocab_size} rows")
+    tied = torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+
+    def write(tmp: Path) -> None:
+        w = GGUFWriter(str(tmp), ARCH)
+        a = ARCH
+        w.add_uint32("general.file_type", FILE_TYPES[dtype][1])
+        w.add_uint32("general.quantization_version", 2)
+        for key, value in ((f"{a}.vocab_size", args.vocab_size), (f"{a}.context_length", context),
+                           (f"{a}.embedding_length", args.dim), (f"{a}.block_count", args.n_layers),
+                           (f"{a}.feed_forward_length", args.ffn_hidden_dim),
+                           (f"{a}.attention.head_count", args.n_heads), (f"{a}.attention.head_count_kv", args.n_kv_heads),
+                           (f"{a}.rope.dimension_count", args.head_dim)):
+            w.add_uint32(key, int(value))
+        w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", args.norm_eps)
+        w.add_float32(f"{a}.rope.freq_base", base)
+        for key, value in scaling.items():
+            if isinstance(value, str):
+                w.add_string(f"{a}.{key}", value)
+            elif isinstance(value, int):
+                w.add_uint32(f"{a}.{key}", value)
+            else:
+                w.add_float32(f"{a}.{key}", value)
+        for key, (value, vtype, sub_type) in vocab.items():
+            w.add_key_value(key, value, vtype, sub_type)
+        for key, t in state.items():
+            if key == "output.weight" and tied:
+                continue  # llama.cpp reuses token_embd when there is no output tensor
+            arr, qtype = _numpy_tensor(t)
+            w.add_tensor(gguf_name(key), arr, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, write)
+    return path
+
+
+def _typed(key: str, value) -> tuple:
+    """(value, GGUFValueType, array element type) for GGUFWriter.add_key_value; token types
+    are INT32, as llama.cpp reads them."""
+    from gguf import GGUFValueType as V
+
+    def scalar(x):
+        return V.BOOL if isinstance(x, bool) else V.UINT32 if isinstance(x, int) else \
+            V.FLOAT32 if isinstance(x, float) else V.STRING
+
+    if isinstance(value, (list, tuple)):
+        return list(value), V.ARRAY, V.INT32 if key.endswith("token_type") else scalar(value[0])
+    return value, scalar(value), None
