@@ -145,7 +145,8 @@ def test_tokenizer_matches_llama_cpp(smollm):
         assert tok.decode(ids) == text
 
 
-def test_generate_script_runs_on_gguf():
+@pytest.mark.slow  # ~25 s: a fresh process loads the 135M model; the .gguf path of generate.py is
+def test_generate_script_runs_on_gguf():  # covered in the default run by the exported demo file below
     import subprocess
     import sys
 
@@ -155,3 +156,218 @@ def test_generate_script_runs_on_gguf():
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip(), r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# GGUF out: the demo model extended with YaRN s = 16, exported and read back
+# ---------------------------------------------------------------------------------------
+
+DEMO = REPO / "demo" / "yarn-demo"
+YARN16 = RopeConfig(method="yarn", scale=16.0, original_length=256)  # the demo model has L = 256
+
+
+@pytest.fixture(scope="session")
+def demo():
+    model, tok = yarn_minimal.load(DEMO, rope=YARN16)
+    ids = torch.tensor([tok.encode(TEXT, bos=True)[:600]])  # past L = 256: the extension is exercised
+    with torch.no_grad():
+        logits = model(ids)
+    return model, tok, ids, logits
+
+
+@pytest.fixture(scope="session")
+def demo_gguf(demo, tmp_path_factory):
+    """The demo model with YaRN s = 16 written as F32 and as F16 GGUF."""
+    _, tok, _, _ = demo
+    folder = tmp_path_factory.mktemp("gguf")
+    files = {}
+    for name, dtype in (("F32", torch.float32), ("F16", torch.float16)):
+        model, _ = yarn_minimal.load(DEMO, rope=YARN16, dtype=dtype)
+        files[name] = yarn_minimal.save(model, tok, folder / f"demo-{name}.gguf", format="gguf")
+    return files
+
+
+@pytest.mark.parametrize("kind, tol", [("F32", 1e-5), ("F16", 5e-2)])
+def test_export_roundtrip_logits_and_rope(demo, demo_gguf, kind, tol):
+    from yarn_minimal.formats.gguf import rope_config
+
+    _, _, ids, want = demo
+    model, tok = yarn_minimal.load(demo_gguf[kind])
+    assert model.rope == YARN16
+    assert rope_config(demo_gguf[kind])[0] == YARN16
+    with torch.no_grad():
+        got = model(ids)
+    assert (got - want).abs().max().item() < tol  # logits of size ~18
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16"])
+def test_export_read_by_gguf_reader(demo, demo_gguf, kind):
+    """The gguf package's own reader: llama.cpp's keys and values, and the tensors' bytes."""
+    from gguf import GGUFReader
+
+    model = demo[0]
+    r = GGUFReader(str(demo_gguf[kind]))
+    value = lambda key: r.fields[key].contents()
+    assert value("general.architecture") == "llama"
+    assert value("llama.rope.scaling.type") == "yarn"
+    assert value("llama.rope.scaling.factor") == 16.0
+    assert value("llama.rope.scaling.original_context_length") == 256
+    assert value("llama.context_length") == 4096  # L' = s L
+    assert "llama.rope.scaling.attn_factor" not in r.fields  # Eq. 22 is llama.cpp's own default
+    assert value("tokenizer.ggml.model") == "llama"
+    tensors = {t.name: t for t in r.tensors}
+    assert len(tensors) == 3 + 9 * model.args.n_layers
+    q = tensors["blk.1.attn_q.weight"]
+    assert q.tensor_type.name == kind and tensors["blk.1.attn_norm.weight"].tensor_type.name == "F32"
+    want = model.layers[1].attention.wq.weight.detach()  # Meta's row order, as stored
+    got = torch.from_numpy(np.array(q.data, dtype=np.float32))
+    assert torch.equal(got, want.to(got.dtype if kind == "F32" else torch.float16).float())
+
+
+def test_export_read_by_transformers(demo, demo_gguf):
+    """transformers' GGUF loader on our F32 file (its own reader, name mapping and Q/K permutation).
+    It ignores llama.rope.scaling.*, so its RoPE is set to the same YaRN by hand."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, tok, ids, want = demo
+    path = demo_gguf["F32"]
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = with_rope(hf, YARN16, 256)(ids).logits
+    assert (got - want).abs().max().item() < 5e-4  # logits of size ~18; measured 1.1e-4
+    hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    text = TEXT[:3000]
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text, bos=False)
+
+
+def test_sentencepiece_vocab_roundtrip(demo, demo_gguf):
+    """tokenizer.model -> GGUF "llama" vocabulary -> `tokenizers`: the same ids and text as
+    sentencepiece itself, on the whole held-out document."""
+    _, sp_tok, _, _ = demo
+    _, tok = yarn_minimal.load(demo_gguf["F16"])
+    assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.vocab_size) == (sp_tok.bos_id, sp_tok.eos_id, True, 4096)
+    for text in (TEXT, "  two leading spaces, tabs\t and emoji \N{GRINNING FACE} 12345"):
+        ids = tok.encode(text, bos=True)
+        assert ids == sp_tok.encode(text, bos=True)
+        assert tok.decode(ids[1:]) == sp_tok.decode(ids[1:])
+
+
+def test_convert_cli_writes_gguf(tmp_path, demo):
+    from yarn_minimal.checkpoint import main as checkpoint_main
+
+    out = tmp_path / "demo.gguf"
+    checkpoint_main(["convert", str(DEMO), str(out), "--format", "gguf", "--outtype", "float16"])
+    model, tok = yarn_minimal.load(out)
+    assert model.tok_embeddings.weight.shape == (4096, 256) and model.rope.method == "none"
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically: no temporary left behind
+
+
+def test_generate_script_runs_on_exported_gguf(demo_gguf):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(REPO / "generate.py"), "--ckpt", str(demo_gguf["F16"]),
+                        "--max-new-tokens", "8", "--prompt", "The pass key is"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# What GGUF cannot say is refused; bad files get one clear line
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rope, words", [
+    (RopeConfig(method="yarn", dynamic=True, original_length=256), "Dynamic Scaling"),
+    (RopeConfig(method="yarn", scale=16.0, original_length=256, alpha=2.0, beta=16.0), "yarn_beta_fast"),
+    (RopeConfig(method="yarn", scale=16.0, original_length=256, ramp="paper"), "ramp"),
+])
+def test_save_refuses_what_llama_cpp_cannot_run(demo, tmp_path, rope, words):
+    model, tok, _, _ = demo
+    model.set_rope(rope)
+    try:
+        with pytest.raises(CheckpointError, match=words):
+            yarn_minimal.save(model, tok, tmp_path / "x.gguf", format="gguf")
+    finally:
+        model.set_rope(YARN16)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("rope", [
+    RopeConfig(method="pi", scale=4.0, original_length=256),
+    RopeConfig(method="ntk-by-parts", scale=8.0, original_length=256),
+    RopeConfig(method="yarn", scale=16.0, original_length=256, attention_factor=1.5),
+], ids=["pi", "ntk-by-parts", "yarn-attention-factor"])
+def test_rope_metadata_roundtrip(demo, tmp_path, rope):
+    from yarn_minimal.formats.gguf import rope_config
+
+    model, tok, _, _ = demo
+    model.set_rope(rope)
+    try:
+        path = yarn_minimal.save(model, tok, tmp_path / "x.gguf", format="gguf")
+    finally:
+        model.set_rope(YARN16)
+    back, provenance, _ = rope_config(path)
+    assert back.method == rope.method and back.scale == rope.scale and back.original_length == 256
+    assert (back.attention_factor or 1.0) == pytest.approx(rope.attention_factor or 1.0, rel=1e-6)
+    assert provenance["scale"] == "llama.rope.scaling.factor"
+
+
+def copy_gguf(src: Path, dst: Path, drop=(), arch=None, retype=None) -> Path:
+    """A copy of a GGUF file with metadata keys dropped, the architecture renamed, or one
+    tensor re-typed (zero bytes of the new type's size), written with gguf's own writer."""
+    from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
+
+    r = GGUFReader(str(src))
+    w = GGUFWriter(str(dst), arch or "llama")
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
+            continue
+        w.add_key_value(key, f.contents(), f.types[0], f.types[1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if retype and t.name == retype[0]:
+            block, size = GGML_QUANT_SIZES[retype[1]]
+            w.add_tensor(t.name, np.zeros((shape[0], shape[1] // block * size), np.uint8), raw_dtype=retype[1])
+        else:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_bad_architecture(demo_gguf, tmp_path):
+    path = copy_gguf(demo_gguf["F16"], tmp_path / "qwen.gguf", arch="qwen2")
+    with pytest.raises(CheckpointError, match=r"general\.architecture is 'qwen2'"):
+        yarn_minimal.load(path)
+
+
+def test_type_that_cannot_be_dequantized(demo_gguf, tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    path = copy_gguf(demo_gguf["F16"], tmp_path / "q81.gguf", retype=("blk.2.ffn_up.weight", Q.Q8_1))
+    with pytest.raises(CheckpointError, match=r"tensor blk\.2\.ffn_up\.weight has type Q8_1"):
+        yarn_minimal.load(path)
+
+
+def test_missing_metadata_key(demo_gguf, tmp_path):
+    path = copy_gguf(demo_gguf["F16"], tmp_path / "nokey.gguf", drop=("llama.embedding_length",))
+    with pytest.raises(CheckpointError, match=r"metadata key 'llama\.embedding_length' is missing"):
+        yarn_minimal.load(path)
+
+
+def test_truncated_file(demo_gguf, tmp_path):
+    path = tmp_path / "cut.gguf"
+    data = demo_gguf["F16"].read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=rf"truncated GGUF file \(the file has {len(data) - 1000} bytes"):
+        yarn_minimal.load(path)
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match="cannot be read as GGUF"):
+        yarn_minimal.load(path)
