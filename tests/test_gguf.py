@@ -313,9 +313,10 @@ def test_rope_metadata_roundtrip(demo, tmp_path, rope):
     assert provenance["scale"] == "llama.rope.scaling.factor"
 
 
-def copy_gguf(src: Path, dst: Path, drop=(), arch=None, retype=None) -> Path:
-    """A copy of a GGUF file with metadata keys dropped, the architecture renamed, or one
-    tensor re-typed (zero bytes of the new type's size), written with gguf's own writer."""
+def copy_gguf(src: Path, dst: Path, drop=(), arch=None, retype=None, add=None) -> Path:
+    """A copy of a GGUF file with metadata keys dropped, float32 keys added, the architecture
+    renamed, or one tensor re-typed (zero bytes of the new type's size), written with gguf's
+    own writer."""
     from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 
     r = GGUFReader(str(src))
@@ -324,6 +325,8 @@ def copy_gguf(src: Path, dst: Path, drop=(), arch=None, retype=None) -> Path:
         if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
             continue
         w.add_key_value(key, f.contents(), f.types[0], f.types[1] if len(f.types) > 1 else None)
+    for key, value in (add or {}).items():
+        w.add_float32(key, value)
     for t in r.tensors:
         shape = tuple(int(d) for d in reversed(t.shape))
         if retype and t.name == retype[0]:
@@ -371,3 +374,71 @@ def test_not_a_gguf_file(tmp_path):
     path.write_bytes(b"not a gguf file at all")
     with pytest.raises(CheckpointError, match="cannot be read as GGUF"):
         yarn_minimal.load(path)
+
+
+# ---------------------------------------------------------------------------------------
+# llama.cpp itself as the oracle (slow: llama-cpp-python, built from source)
+# ---------------------------------------------------------------------------------------
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
+                                    "(pip install llama-cpp-python builds llama.cpp from source with cmake)")
+    n = len(ids)
+    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=1024, n_ubatch=1024, logits_all=True,
+                          n_threads=2, verbose=False)
+    llm.eval(ids)
+    logits = torch.from_numpy(np.array(llm.scores[:n], dtype=np.float32))
+    llm.close()
+    return logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["F32", "F16"])
+def test_llama_cpp_runs_our_yarn(demo, demo_gguf, kind):
+    """llama.cpp reads our rope-scaling metadata and applies the same YaRN: its logits over 600
+    tokens (L = 256, s = 16) match ours within f16 tolerance (llama.cpp keeps an f16 KV cache).
+    The same file run by our model with plain RoPE is far off past L: the check can fail."""
+    model, _, ids, want = demo
+    got = llama_cpp_logits(demo_gguf[kind], ids[0].tolist())
+    err = (got - want[0]).abs()
+    assert err.max().item() < 5e-2  # logits of size ~18; measured 0.014 (F32), see docs/checkpoints.md
+    assert torch.equal(got.argmax(-1), want[0].argmax(-1))
+    model.set_rope(RopeConfig(original_length=256))
+    try:
+        with torch.no_grad():
+            plain = model(ids)[0]
+    finally:
+        model.set_rope(YARN16)
+    assert (got - plain)[256:].abs().max().item() > 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rope", [
+    RopeConfig(method="pi", scale=4.0, original_length=256),
+    RopeConfig(method="ntk", scale=4.0, original_length=256),
+    RopeConfig(method="ntk-by-parts", scale=8.0, original_length=256),
+    RopeConfig(method="yarn", scale=16.0, original_length=256, attention_factor=1.5),
+], ids=["pi", "ntk", "ntk-by-parts", "yarn-attention-factor"])
+def test_llama_cpp_runs_every_method_we_write(demo, tmp_path, rope):
+    model, tok, ids, _ = demo
+    model.set_rope(rope)
+    try:
+        path = yarn_minimal.save(model, tok, tmp_path / "x.gguf", format="gguf")
+        with torch.no_grad():
+            want = model(ids)[0]
+    finally:
+        model.set_rope(YARN16)
+    got = llama_cpp_logits(path, ids[0].tolist())
+    assert (got - want).abs().max().item() < 5e-2
+
+
+@pytest.mark.slow
+def test_llama_cpp_ignores_yarn_beta_keys_for_llama(demo, demo_gguf, tmp_path):
+    """Why save() refuses alpha/beta other than 1/32: llama.cpp does not read
+    rope.scaling.yarn_beta_fast/slow for the 'llama' architecture (a file that sets them runs
+    exactly like one that does not)."""
+    _, _, ids, _ = demo
+    w_path = copy_gguf(demo_gguf["F32"], tmp_path / "beta.gguf",
+                       add={"llama.rope.scaling.yarn_beta_fast": 16.0, "llama.rope.scaling.yarn_beta_slow": 2.0})
+    ids = ids[0].tolist()
+    assert torch.equal(llama_cpp_logits(w_path, ids), llama_cpp_logits(demo_gguf["F32"], ids))
