@@ -253,6 +253,40 @@ def test_sentencepiece_vocab_roundtrip(demo, demo_gguf):
         assert tok.decode(ids[1:]) == sp_tok.decode(ids[1:])
 
 
+def smollm_tokenizer_json(tok, tmp_path, pre_tokenizer):
+    """SmolLM2's vocabulary as a tokenizer.json with the given pre-tokenizer, read back as a
+    tokenizer.json-based HFTokenizer (as a Hugging Face folder gives it)."""
+    from tokenizers import Tokenizer as Backend
+
+    from yarn_minimal.tokenizer import HFTokenizer
+
+    backend = Backend.from_str(tok.tok.to_str())
+    backend.pre_tokenizer = pre_tokenizer
+    backend.save(str(tmp_path / "tokenizer.json"))
+    return HFTokenizer.from_file(tmp_path / "tokenizer.json", tok.bos_id, tok.eos_id)
+
+
+def test_tokenizer_json_written_as_llama_cpp_converter_did(smollm, tmp_path):
+    """SmolLM2's tokenizer.json form (Digits + ByteLevel) written as a "gpt2" vocabulary gives
+    exactly the tokens, merges, token types and pre-tokenizer name that llama.cpp's converter
+    wrote into the real file."""
+    from tokenizers import pre_tokenizers
+
+    from yarn_minimal.formats.gguf import Metadata, open_gguf, tokenizer_metadata
+
+    _, tok = smollm
+    hf_json = smollm_tokenizer_json(tok, tmp_path, pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]))
+    written = tokenizer_metadata(hf_json)
+    meta = Metadata(open_gguf(smollm_path()), smollm_path())
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert written[key][0] == meta.get(key), key
+    metaspace = smollm_tokenizer_json(tok, tmp_path, pre_tokenizers.Metaspace())
+    with pytest.raises(CheckpointError, match="pre-tokenizer llama.cpp names"):
+        tokenizer_metadata(metaspace)
+
+
 def test_convert_cli_writes_gguf(tmp_path, demo):
     from yarn_minimal.checkpoint import main as checkpoint_main
 
@@ -442,3 +476,26 @@ def test_llama_cpp_ignores_yarn_beta_keys_for_llama(demo, demo_gguf, tmp_path):
                        add={"llama.rope.scaling.yarn_beta_fast": 16.0, "llama.rope.scaling.yarn_beta_slow": 2.0})
     ids = ids[0].tolist()
     assert torch.equal(llama_cpp_logits(w_path, ids), llama_cpp_logits(demo_gguf["F32"], ids))
+
+
+@pytest.mark.slow
+def test_smollm_exported_runs_in_llama_cpp(smollm, tokens, tmp_path):
+    """SmolLM2 read from its Q4_1 file and written as F16 (vocabulary written back as read, tied
+    output left out): llama.cpp tokenizes the file as the original and its logits match ours."""
+    from gguf import GGUFReader
+
+    model, tok = smollm
+    half = copy.deepcopy(model).half()
+    path = yarn_minimal.save(half, tok, tmp_path / "smollm-f16.gguf", format="gguf")
+    assert "output.weight" not in {t.name for t in GGUFReader(str(path)).tensors}
+    llama_cpp = pytest.importorskip("llama_cpp")
+    text = "In 2023, 1234567 tokens cost $12.50 (10%).<|im_end|>"
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, bos=False)
+    llm.close()
+    ids = tokens[0, :128].tolist()
+    again, _ = yarn_minimal.load(path)
+    with torch.no_grad():
+        want = again(torch.tensor([ids]))[0]
+    got = llama_cpp_logits(path, ids)
+    assert (got - want).abs().max().item() < 0.1  # logits up to ~40, f16 weights and KV cache

@@ -506,18 +506,66 @@ def _sentencepiece_vocab(tok: SentencePieceTokenizer) -> dict:
     return vocab
 
 
+def _pre_steps(spec: Optional[dict]) -> tuple:
+    """A tokenizer.json pre-tokenizer as a tuple of regex splits: HF's ByteLevel(use_regex=True)
+    is the GPT-2 split, Digits(individual_digits=True) the digit split (\\p{N})."""
+    if spec is None:
+        return ()
+    if spec["type"] == "Sequence":
+        return tuple(step for sub in spec["pretokenizers"] for step in _pre_steps(sub))
+    if spec["type"] == "ByteLevel":
+        return (_GPT2,) if spec.get("use_regex", True) else ()
+    if spec["type"] == "Digits" and spec.get("individual_digits"):
+        return (r"\p{N}",)
+    if spec["type"] == "Split" and spec.get("behavior") == "Isolated" and not spec.get("invert"):
+        regex = spec["pattern"].get("Regex")
+        return (_LLAMA3,) if regex == _HF_LLAMA3 else (regex,)
+    return (f"<{spec['type']}>",)  # matches no llama.cpp pre-tokenizer
+
+
+# Llama 3's tokenizer.json spells llama.cpp's case-insensitive contractions with (?i:...)
+_HF_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level_vocab(tok: HFTokenizer) -> dict:
+    """tokenizer.ggml.* ("gpt2") for a byte-level BPE tokenizer.json whose pre-tokenizer is one
+    llama.cpp names (PRE_SPLITS); anything else is refused rather than written with a split
+    llama.cpp would apply differently."""
+    import json
+
+    spec = json.loads(tok.tok.to_str())
+    steps = _pre_steps(spec.get("pre_tokenizer"))
+    pre = next((name for name, splits in PRE_SPLITS.items() if tuple(splits) == steps), None)
+    byte_level = (spec["model"]["type"] == "BPE" and (spec.get("decoder") or {}).get("type") == "ByteLevel")
+    if not byte_level or pre is None:
+        raise CheckpointError(f"format='gguf': {tok.path} is not a byte-level BPE tokenizer with a pre-tokenizer "
+                              "llama.cpp names (GPT-2's, GPT-2's with single digits, or Llama 3's); save with "
+                              "format='hf' and convert that folder with llama.cpp's convert_hf_to_gguf.py")
+    by_id = sorted(tok.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    if [i for _, i in by_id] != list(range(len(by_id))):
+        raise CheckpointError(f"format='gguf': {tok.path}: token ids are not 0..{len(by_id) - 1} without gaps")
+    added = {t["content"]: CONTROL if t["special"] else USER_DEFINED for t in spec.get("added_tokens", [])}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": [t for t, _ in by_id],
+            "tokenizer.ggml.token_type": [added.get(t, 1) for t, _ in by_id],
+            "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.add_bos_token": bool(getattr(tok, "add_bos", False))}
+
+
 def tokenizer_metadata(tok: Tokenizer) -> dict:
-    """tokenizer.ggml.* for a tokenizer: sentencepiece as "llama"; one read from a GGUF file
-    as it was read. A tokenizer.json has no llama.cpp equivalent that this writer can vouch
-    for (its pre-tokenizer would have to be named), so it is refused."""
+    """tokenizer.ggml.* for a tokenizer: sentencepiece as "llama", a byte-level BPE
+    tokenizer.json as "gpt2", one read from a GGUF file as it was read. {key: (value, type,
+    array type)}."""
     if isinstance(tok, SentencePieceTokenizer):
         vocab = {key: _typed(key, value) for key, value in _sentencepiece_vocab(tok).items()}
     elif getattr(tok, "gguf_vocab", None) is not None:
         vocab = dict(tok.gguf_vocab)  # (value, type, array type) as the file had them
+    elif isinstance(tok, HFTokenizer):
+        vocab = {key: _typed(key, value) for key, value in _byte_level_vocab(tok).items()}
     else:
-        raise CheckpointError(f"format='gguf': the tokenizer from {tok.path} is not a sentencepiece model or one read "
-                              "from a GGUF file; llama.cpp's converter (convert_hf_to_gguf.py) names its pre-tokenizer. "
-                              "Save with format='hf' and convert that folder with llama.cpp")
+        raise CheckpointError(f"format='gguf': no GGUF vocabulary for a {type(tok).__name__} ({tok.path})")
     for name in ("bos", "eos"):
         ident = getattr(tok, f"{name}_id")
         if ident is not None:
