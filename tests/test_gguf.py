@@ -471,9 +471,13 @@ def test_llama_cpp_ignores_yarn_beta_keys_for_llama(demo, demo_gguf, tmp_path):
     """Why save() refuses alpha/beta other than 1/32: llama.cpp does not read
     rope.scaling.yarn_beta_fast/slow for the 'llama' architecture (a file that sets them runs
     exactly like one that does not)."""
+    from yarn_minimal.formats.gguf import rope_config
+
     _, _, ids, _ = demo
     w_path = copy_gguf(demo_gguf["F32"], tmp_path / "beta.gguf",
                        add={"llama.rope.scaling.yarn_beta_fast": 16.0, "llama.rope.scaling.yarn_beta_slow": 2.0})
+    rope, _, notes = rope_config(w_path)
+    assert rope == YARN16 and any("does not read it" in n for n in notes)  # we read the file as llama.cpp does
     ids = ids[0].tolist()
     assert torch.equal(llama_cpp_logits(w_path, ids), llama_cpp_logits(demo_gguf["F32"], ids))
 

@@ -22,10 +22,14 @@ copied, and tensors are then converted one by one into the requested dtype and d
 assigned (not copied into a second, randomly initialised model). A one-shard Meta checkpoint
 in its stored dtype is used straight from the page cache.
 
-`save(model, tokenizer, folder, format="meta" | "hf")` writes either layout; every file goes
-to a temporary name first and is renamed into place.
+4. llama.cpp's GGUF: one .gguf file (metadata, vocabulary and tensors), read and written by
+   formats/gguf.py with the `gguf` package.
 
-    python -m yarn_minimal.checkpoint convert SRC DST --format hf
+`save(model, tokenizer, folder, format="meta" | "hf")` writes either layout, and
+`save(..., "x.gguf", format="gguf")` one GGUF file; every file goes to a temporary name first
+and is renamed into place.
+
+    python -m yarn_minimal.checkpoint convert SRC DST --format hf | meta | gguf
 """
 from __future__ import annotations
 

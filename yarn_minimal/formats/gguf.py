@@ -124,8 +124,7 @@ def open_gguf(path: Path):
 
 
 class Metadata:
-    """The file's key -> value pairs, decoded on first use; `get(key)` and `need(key)` record
-    which keys were read, for rope_config's provenance."""
+    """The file's key -> value pairs, each decoded when asked for; need() names a missing key."""
 
     def __init__(self, reader, path: Path):
         self.reader, self.path = reader, path
@@ -135,10 +134,7 @@ class Metadata:
 
     def get(self, key: str, default=None):
         field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        value = field.contents()
-        return value
+        return default if field is None else field.contents()
 
     def need(self, key: str):
         if key not in self:
@@ -170,7 +166,8 @@ def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
     scaling.factor            s (the older key rope.scale_linear too); 0 or absent means 1
     scaling.original_context_length   L for YaRN; default context_length
     scaling.attn_factor       multiplies Eq. 22: sqrt(1/t) = attn_factor * (0.1 ln s + 1)
-    scaling.yarn_beta_fast/slow       beta/alpha of the ramp (Eq. 18), default 32/1
+    scaling.yarn_beta_fast/slow       not read by llama.cpp for "llama" (it uses 32/1), nor here;
+                              a note says so when the file sets them
     """
     a = meta.arch
     prov, notes = {}, []
@@ -198,7 +195,7 @@ def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
             raise CheckpointError(f"{meta.path}: {a}.{key} = {meta.get(f'{a}.{key}')} is set; that llama.cpp "
                                   "YaRN variant (DeepSeek's mscale / a partial ramp) has no RopeConfig equivalent")
     try:
-        if kind == "none" or scale == 1.0 and kind in ("linear", "yarn"):
+        if kind == "none" or (scale == 1.0 and kind in ("linear", "yarn")):
             if kind == "yarn":
                 notes.append(f"{a}.rope.scaling.type is 'yarn' with factor 1: llama.cpp then applies plain RoPE")
             prov = {k: v for k, v in prov.items() if k in ("base", "method", "original_length")}
@@ -215,8 +212,11 @@ def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
             if original * scale != context:
                 notes.append(f"{a}.context_length = {context}, but s L = {scale:g} x {original} = {original * scale:g}")
             attn = read("attention_factor", "rope.scaling.attn_factor", 1.0)
-            alpha = read("alpha", "rope.scaling.yarn_beta_slow", 1.0)
-            beta = read("beta", "rope.scaling.yarn_beta_fast", 32.0)
+            alpha, beta = 1.0, 32.0  # Eq. 18's bounds as llama.cpp applies them to "llama" files
+            for key, used in (("rope.scaling.yarn_beta_slow", alpha), ("rope.scaling.yarn_beta_fast", beta)):
+                if f"{a}.{key}" in meta:
+                    notes.append(f"{a}.{key} = {meta.get(f'{a}.{key}'):g} is set, but llama.cpp does not read it "
+                                 f"for 'llama' and uses {used:g}; so does this loader")
             # Sec. 3.4: llama.cpp multiplies Eq. 22 by attn_factor; 1 leaves Eq. 22 itself (None)
             factor = None if attn == 1.0 else attn * yarn_attention_factor(scale)
             if factor is not None and abs(factor - 1.0) < 1e-6:  # float32 attn_factor = 1 / Eq. 22
