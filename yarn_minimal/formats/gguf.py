@@ -414,7 +414,7 @@ def tokenizer_from_metadata(meta: Metadata) -> HFTokenizer:
     """An HFTokenizer built from tokenizer.ggml.*: "gpt2" (byte-level BPE: tokens + merges) or
     "llama" (sentencepiece: tokens + scores). BOS/EOS are the ids the file states (None when
     absent); `add_bos` is tokenizer.ggml.add_bos_token (llama.cpp's default when absent: True
-    for "llama", False for "gpt2")."""
+    for "llama", False for "gpt2"); `eos_ids` adds the end-of-turn / end-of-message ids."""
     from tokenizers import AddedToken
 
     model = meta.need("tokenizer.ggml.model")
@@ -436,6 +436,9 @@ def tokenizer_from_metadata(meta: Metadata) -> HFTokenizer:
     out = HFTokenizer(tok, None if ids["bos"] is None else int(ids["bos"]),
                       None if ids["eos"] is None else int(ids["eos"]), meta.path)
     out.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama"))
+    # every id llama.cpp ends generation at: EOS, end of turn (Llama 3's <|eot_id|>), end of message
+    ends = [meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot", "eom")]
+    out.eos_ids = tuple(dict.fromkeys(int(i) for i in ends if i is not None))
     # what save(format="gguf") writes back: every tokenizer.* key with its stored types
     out.gguf_vocab = {key: (meta.get(key), f.types[0], f.types[1] if len(f.types) > 1 else None)
                       for key, f in meta.reader.fields.items() if key.startswith("tokenizer.")}
