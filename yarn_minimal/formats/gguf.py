@@ -141,6 +141,13 @@ class Metadata:
             raise CheckpointError(f"{self.path}: metadata key {key!r} is missing")
         return self.get(key)
 
+    def number(self, key: str, default=None, kind=int):
+        """A scalar int/float key (need()'s error when absent and no default is given)."""
+        value = self.need(key) if default is None else self.get(key, default)
+        if isinstance(value, (list, str, bytes)) or value is None:
+            raise CheckpointError(f"{self.path}: metadata key {key!r} is {value!r}; expected one {kind.__name__}")
+        return kind(value)
+
     @property
     def arch(self) -> str:
         return self.need("general.architecture")
@@ -176,12 +183,12 @@ def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
         full = f"{a}.{key}"
         if full in meta:
             prov[field] = full
-            return convert(meta.get(full))
+            return str(meta.get(full)) if convert is str else meta.number(full, kind=convert)
         prov[field] = "default"
         return default
 
     base = read("base", "rope.freq_base", 10000.0)
-    context = int(meta.need(f"{a}.context_length"))
+    context = meta.number(f"{a}.context_length")
     kind = read("method", "rope.scaling.type", "linear", str)
     factor = read("scale", "rope.scaling.factor", 0.0)
     if prov["scale"] == "default" and f"{a}.rope.scale_linear" in meta:
@@ -232,25 +239,25 @@ def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
 
 def args_from_metadata(meta: Metadata, rope: Optional[RopeConfig], vocab_size: int) -> ModelArgs:
     a = meta.arch
-    dim, n_heads = int(meta.need(f"{a}.embedding_length")), int(meta.need(f"{a}.attention.head_count"))
+    dim, n_heads = meta.number(f"{a}.embedding_length"), meta.number(f"{a}.attention.head_count")
     if not n_heads or dim % n_heads:
         raise CheckpointError(f"{meta.path}: {a}.embedding_length {dim} is not a multiple of "
                               f"{a}.attention.head_count {n_heads}")
     head_dim = dim // n_heads
     for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        found = meta.get(f"{a}.{key}")
-        if found is not None and int(found) != head_dim:
+        found = meta.number(f"{a}.{key}", head_dim)
+        if found != head_dim:
             raise CheckpointError(f"{meta.path}: {a}.{key} is {found}; this model needs the whole head, "
                                   f"embedding_length / head_count = {head_dim}")
-    if int(meta.get(f"{a}.expert_count", 0) or 0) > 0:
+    if meta.number(f"{a}.expert_count", 0) > 0:
         raise CheckpointError(f"{meta.path}: {a}.expert_count is {meta.get(f'{a}.expert_count')}: a mixture of "
                               "experts (Mixtral) is not a Llama 2 model")
-    hidden = int(meta.need(f"{a}.feed_forward_length"))
+    hidden = meta.number(f"{a}.feed_forward_length")  # per-layer arrays (some GGUFs) are refused here
     multiple_of, multiplier = meta_ffn_params(dim, hidden, meta.path)
-    params = dict(dim=dim, n_layers=int(meta.need(f"{a}.block_count")), n_heads=n_heads,
-                  n_kv_heads=int(meta.get(f"{a}.attention.head_count_kv", n_heads)), vocab_size=vocab_size,
+    params = dict(dim=dim, n_layers=meta.number(f"{a}.block_count"), n_heads=n_heads,
+                  n_kv_heads=meta.number(f"{a}.attention.head_count_kv", n_heads), vocab_size=vocab_size,
                   multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
-                  norm_eps=float(meta.need(f"{a}.attention.layer_norm_rms_epsilon")))
+                  norm_eps=meta.number(f"{a}.attention.layer_norm_rms_epsilon", kind=float))
     if rope is None:
         rope, _, notes = rope_from_metadata(meta)
         for note in notes:
@@ -338,9 +345,9 @@ def load_gguf(path: Path, rope: Optional[RopeConfig], device, dtype, progress=Fa
     state, done = {}, {}
     for key in tqdm(expected, desc="dequantizing", unit="tensor", disable=not progress):
         t = tensors[key]
-        if t.name not in done:  # a tied output shares the embedding's tensor
-            done[t.name] = _to_torch(t, dtype, device)
-        state[key] = done[t.name]
+        # a tied output gets its own copy of the embedding: two parameters never share storage
+        state[key] = done[t.name].clone() if t.name in done else _to_torch(t, dtype, device)
+        done[t.name] = state[key]
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval(), tokenizer
 
