@@ -287,6 +287,16 @@ def test_tokenizer_json_written_as_llama_cpp_converter_did(smollm, tmp_path):
         tokenizer_metadata(metaspace)
 
 
+def test_sentencepiece_vocab_tokenized_by_llama_cpp(demo, demo_gguf):
+    """llama.cpp's own tokenizer on our "llama" vocabulary gives sentencepiece's ids."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, sp_tok, _, _ = demo
+    llm = llama_cpp.Llama(str(demo_gguf["F16"]), vocab_only=True, verbose=False)
+    text = TEXT[:8000]
+    assert llm.tokenize(text.encode(), add_bos=True, special=False) == sp_tok.encode(text, bos=True)
+    llm.close()
+
+
 def test_convert_cli_writes_gguf(tmp_path, demo):
     from yarn_minimal.checkpoint import main as checkpoint_main
 

@@ -367,7 +367,7 @@ PRE_SPLITS = {
                     (r"\p{N}", _GPT2)),
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), (_LLAMA3,)),
 }
-CONTROL, USER_DEFINED, BYTE = 3, 4, 6  # llama.cpp's token types (gguf.TokenType)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(1, 7)  # llama.cpp's token types (gguf.TokenType)
 
 
 def _byte_level_tokenizer(meta: Metadata, tokens: list[str]):
@@ -501,8 +501,9 @@ def _sentencepiece_vocab(tok: SentencePieceTokenizer) -> dict:
     sp = tok.sp
     n = sp.get_piece_size()
 
-    def kind(i):  # gguf.TokenType: 1 normal, 2 unknown, 3 control, 5 unused, 6 byte
-        return 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i) else 1
+    def kind(i):
+        return (UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else UNUSED if sp.is_unused(i)
+                else BYTE if sp.is_byte(i) else NORMAL)
 
     vocab = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
              "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
@@ -559,7 +560,7 @@ def _byte_level_vocab(tok: HFTokenizer) -> dict:
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
             "tokenizer.ggml.tokens": [t for t, _ in by_id],
-            "tokenizer.ggml.token_type": [added.get(t, 1) for t, _ in by_id],
+            "tokenizer.ggml.token_type": [added.get(t, NORMAL) for t, _ in by_id],
             "tokenizer.ggml.merges": merges,
             "tokenizer.ggml.add_bos_token": bool(getattr(tok, "add_bos", False))}
 
