@@ -49,7 +49,7 @@ from tqdm import tqdm
 from ..checkpoint import (CheckpointError, _atomic_write, _check_keys, _check_shape, _empty_model,
                           _model_args, meta_ffn_params)
 from ..model import ModelArgs, Transformer
-from ..rope import RopeConfig, ntk_aware_base, yarn_attention_factor
+from ..rope import RopeConfig, frequencies, ntk_aware_base, yarn_attention_factor
 from ..tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 ARCH = "llama"
@@ -272,6 +272,19 @@ def rope_config(path: str | os.PathLike) -> tuple[RopeConfig, dict, list[str]]:
     return rope_from_metadata(meta)
 
 
+def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict, list[str]]:
+    """(ModelArgs with the file's RopeConfig, provenance, warnings) without reading a weight:
+    checkpoint.read_config's answer for a .gguf file."""
+    path = Path(path)
+    meta = Metadata(open_gguf(path), path)
+    _check_arch(meta)
+    rope, provenance, notes = rope_from_metadata(meta)
+    embedding = next((t for t in meta.reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise CheckpointError(f"{path}: no token_embd.weight tensor")
+    return args_from_metadata(meta, rope, int(embedding.shape[1])), provenance, notes
+
+
 # ---------------------------------------------------------------------------------------
 # Tensors
 # ---------------------------------------------------------------------------------------
@@ -487,10 +500,9 @@ def gguf_rope(rope: RopeConfig, head_dim: int) -> tuple[float, dict, int]:
         raise CheckpointError(f"{where}: alpha={rope.alpha:g}, beta={rope.beta:g}; llama.cpp reads "
                               "rope.scaling.yarn_beta_fast/slow only for a few other architectures and uses 32/1 "
                               "for 'llama'")
-    target = rope.attention_factor if rope.attention_factor is not None else (
-        yarn_attention_factor(s) if rope.method == "yarn" else 1.0)
+    target = frequencies(rope, head_dim, s)[1]  # the sqrt(1/t) this model runs with (1 for NTK-by-parts)
     scaling = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(s), "rope.scaling.original_context_length": L}
-    attn = target / yarn_attention_factor(s)
+    attn = target / yarn_attention_factor(s)  # llama.cpp's own Eq. 22 (0.1 ln s + 1) is divided out
     if abs(attn - 1.0) > 1e-7:
         scaling["rope.scaling.attn_factor"] = attn
     return rope.base, scaling, int(round(L * s))
