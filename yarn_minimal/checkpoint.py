@@ -433,7 +433,7 @@ def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device="cpu
     rope_scaling; plain RoPE for raw Llama 2); a RopeConfig overrides it. progress=True shows a
     tqdm bar while tensors are read."""
     folder = Path(path)
-    if folder.suffix == ".gguf" and not folder.is_dir():
+    if folder.suffix.lower() == ".gguf" and not folder.is_dir():
         from .formats.gguf import load_gguf  # llama.cpp's single-file format (formats/gguf.py)
 
         return load_gguf(folder, rope, device, dtype, progress)
