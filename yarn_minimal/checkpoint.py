@@ -24,10 +24,14 @@ copied, and tensors are then converted one by one into the requested dtype and d
 assigned (not copied into a second, randomly initialised model). A one-shard Meta checkpoint
 in its stored dtype is used straight from the page cache.
 
-`save(model, tokenizer, folder, format="meta" | "hf")` writes either layout; every file goes
-to a temporary name first and is renamed into place, and checksums.json records them all.
+4. llama.cpp's GGUF: one .gguf file (metadata, vocabulary and tensors), read and written by
+   formats/gguf.py with the `gguf` package.
 
-    python -m yarn_minimal.checkpoint convert SRC DST --format hf
+`save(model, tokenizer, folder, format="meta" | "hf")` writes either layout, and
+`save(..., "x.gguf", format="gguf")` one GGUF file; every file goes to a temporary name first
+and is renamed into place, and checksums.json records a folder's files.
+
+    python -m yarn_minimal.checkpoint convert SRC DST --format hf | meta | gguf
     python -m yarn_minimal.checkpoint checksums FOLDER     # protect a download you trust
 """
 from __future__ import annotations
@@ -713,10 +717,14 @@ def load_hf(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=Fa
 def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device="cpu",
          dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[Transformer, Tokenizer]:
     """Load (model, tokenizer) from a checkpoint folder in any of the three layouts (see the
-    module docstring). rope=None keeps the checkpoint's own setting (rope.json, or config.json's
+    module docstring), or from a llama.cpp .gguf file (formats/gguf.py). rope=None keeps the checkpoint's own setting (rope.json, or config.json's
     rope_scaling; plain RoPE for raw Llama 2); a RopeConfig overrides it. progress=True shows a
     tqdm bar while tensors are read."""
     folder = Path(path)
+    if folder.suffix.lower() == ".gguf" and not folder.is_dir():
+        from .formats.gguf import load_gguf  # llama.cpp's single-file format (formats/gguf.py)
+
+        return load_gguf(folder, rope, device, dtype, progress)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder")
     verify_checksums(folder)
@@ -820,17 +828,24 @@ def _stamps(folder: Path) -> dict:
 
 
 def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.PathLike, format: str = "meta") -> Path:
-    """Write the model (and tokenizer.model) to a folder.
+    """Write the model (and tokenizer.model) to a folder, or to one .gguf file.
 
     format="meta": this project's layout (params.json, consolidated.00.pth, rope.json), which
                    Meta's own loader also reads; any RopeConfig round-trips exactly.
     format="hf":   config.json with rope_scaling, model.safetensors with wq / wk permuted to
                    HF's split-half rotation; loads with transformers' from_pretrained, vLLM and
                    llama.cpp's convert_hf_to_gguf.py. Refuses RoPE settings HF cannot express.
+    format="gguf": one llama.cpp file at `path` (formats/gguf.py) with llama.cpp's rope-scaling
+                   metadata and the tokenizer's vocabulary. Refuses RoPE settings llama.cpp
+                   cannot run (Dynamic Scaling, the paper's ramp, non-default alpha/beta).
     Weights keep the model's dtype. Each file is written under a temporary name and renamed, and
-    checksums.json records every file's size and CRC-32 for load() to verify."""
-    if format not in ("meta", "hf"):
-        raise ValueError(f"save: format {format!r}; allowed: meta, hf")
+    (meta, hf) checksums.json records every file's size and CRC-32 for load() to verify."""
+    if format not in ("meta", "hf", "gguf"):
+        raise ValueError(f"save: format {format!r}; allowed: meta, hf, gguf")
+    if format == "gguf":
+        from .formats.gguf import save_gguf  # one file, not a folder (formats/gguf.py)
+
+        return save_gguf(model, tokenizer, Path(path))
     folder = Path(path)
     # files another save left that `load` would read instead of (or beside) the new ones
     stale = [f for f in sorted(folder.glob("consolidated.*.pth")) if f.name != "consolidated.00.pth"]
@@ -890,18 +905,21 @@ def main(argv=None) -> None:
         prog="python -m yarn_minimal.checkpoint",
         description="Convert a Llama 2 checkpoint between layouts: Meta's raw download (params.json + "
                     "consolidated.*.pth, any number of model-parallel shards), a Hugging Face folder "
-                    "(config.json + *.safetensors) or this project's own (Meta's + rope.json).")
+                    "(config.json + *.safetensors), this project's own (Meta's + rope.json) or llama.cpp's .gguf "
+                    "(read: any type the gguf package dequantizes; written: F32 / F16 / BF16).")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="read SRC (any layout), write DST in --format",
                        description="Read SRC in any supported layout and write DST. The RoPE setting travels "
                                    "with the weights: rope.json or config.json's rope_scaling.")
-    c.add_argument("src", help="checkpoint folder to read")
-    c.add_argument("dst", help="folder to write (created; files in it are replaced)")
-    c.add_argument("--format", choices=("hf", "meta"), required=True,
+    c.add_argument("src", help="checkpoint folder (or .gguf file) to read")
+    c.add_argument("dst", help="folder to write (created; files in it are replaced), or the .gguf file for --format gguf")
+    c.add_argument("--format", choices=("hf", "meta", "gguf"), required=True,
                    help="hf: config.json + model.safetensors (transformers, vLLM, llama.cpp); "
-                        "meta: params.json + consolidated.00.pth + rope.json")
-    c.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
-                   help="dtype of the written weights; default bfloat16 (Llama 2's released precision)")
+                        "meta: params.json + consolidated.00.pth + rope.json; "
+                        "gguf: one llama.cpp / Ollama file with its rope-scaling metadata")
+    c.add_argument("--dtype", "--outtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="dtype of the written weights (gguf: F32 / F16 / BF16); default bfloat16 "
+                        "(Llama 2's released precision)")
     k = sub.add_parser("checksums", help="record the size and CRC-32 of FOLDER's files in FOLDER/checksums.json",
                        description="Write FOLDER/checksums.json (every file but *.md), which load() then verifies: "
                                    "run it once on a download you trust, and later damage to any of its files stops "
