@@ -503,3 +503,14 @@ def test_smollm_exported_runs_in_llama_cpp(smollm, tokens, tmp_path):
         want = again(torch.tensor([ids]))[0]
     got = llama_cpp_logits(path, ids)
     assert (got - want).abs().max().item() < 0.1  # logits up to ~40, f16 weights and KV cache
+
+
+def test_rope_config_cli_reads_gguf(capsys):
+    """`python -m yarn_minimal.rope --config x.gguf`: SmolLM2's published rope_theta (100000) and
+    context (8192), each named by the GGUF key it came from."""
+    from yarn_minimal import rope as rope_module
+
+    rope_module.main(["--config", str(smollm_path())])
+    out = capsys.readouterr().out
+    assert "100000" in out and "llama.rope.freq_base" in out
+    assert "8192" in out and "llama.context_length" in out

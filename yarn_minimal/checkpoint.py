@@ -594,12 +594,16 @@ def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> tuple[M
 def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, str], list[str]]:
     """A checkpoint's ModelArgs (with its RopeConfig) as load() would build them, without reading
     weights, plus where each RoPE value came from and what is ambiguous (see rope_from_hf).
-    `path`: a config.json, a params.json, or a model folder holding one of them.
+    `path`: a config.json, a params.json, a model folder holding one of them, or a .gguf file.
 
     `python -m yarn_minimal.rope --config PATH` prints this. It lives here, not in rope.py,
     because only checkpoint.py knows file formats and rope.py imports nothing from the package:
     rope.py's command line imports this function inside main(), when --config is given."""
     path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from .formats.gguf import read_config as read_gguf_config  # formats/gguf.py imports this module
+
+        return read_gguf_config(path)
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
         path = next((folder / n for n in ("params.json", "config.json") if (folder / n).is_file()), folder / "config.json")
