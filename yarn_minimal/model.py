@@ -287,7 +287,10 @@ class Transformer(nn.Module):
     def init_weights(self, std: float = 0.02, seed: Optional[int] = None) -> None:
         """GPT-2 style initialization for training from scratch: N(0, std), with residual
         output projections scaled by 1/sqrt(2 n_layers)."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        # the generator lives where the weights do (normal_ on CUDA refuses a CPU generator);
+        # weights on the meta device have no values to draw
+        device = next(self.parameters()).device
+        gen = None if seed is None or device.type == "meta" else torch.Generator(device).manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)

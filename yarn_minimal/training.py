@@ -136,7 +136,10 @@ def shard_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype) ->
     the compute dtype for its forward/backward, and gradients are reduce-scattered in float32.
     Blocks are moved to the device one at a time, so the full float32 model never has to fit."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    try:  # public from torch 2.6; torch 2.5 has FSDP2 under its first, private name
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
