@@ -398,7 +398,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_h is not None:
             grad_h.copy_(grad @ weight)
         if grad_weight is not None:
-            grad_weight.addmm_(grad.t(), h)  # in place: no second vocab x dim tensor
+            # not addmm_: in-place ops escape autocast, and this product must run in bf16 like
+            # every other matmul of a bf16 step (autocast keeps float32 masters and grad_weight)
+            grad_weight += grad.t() @ h
         return nll
 
     @staticmethod
