@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -88,11 +87,6 @@ def dry_setup() -> Setup:
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -107,7 +101,7 @@ def random_model(args: ModelArgs, setup: Setup, rope: RopeConfig, dtype=None) ->
     """Random weights (init_weights, seed 0) of the given shape, built straight on the device."""
     with torch.device("meta"):
         model = Transformer(ModelArgs(**{**vars(args), "rope": rope}))
-    model = model.to_empty(device=setup.device).to(dtype or setup.dtype)
+    model = model.to(dtype or setup.dtype).to_empty(device=setup.device)  # cast on meta: no float32 7B copy
     model.init_weights(seed=0)
     return model.eval()
 
