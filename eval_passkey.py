@@ -13,7 +13,7 @@ passkey accuracy of Table 5 (mean accuracy over the lengths up to the passkey co
 import argparse
 import sys
 
-from yarn_minimal import evaluation as ev
+from yarn_minimal import cli, evaluation as ev
 from yarn_minimal.checkpoint import load
 from yarn_minimal.cli import (add_checkpoint_arg, add_device_args, add_rope_args, resolve_checkpoint,
                               resolve_device_dtype, rope_from_args)
@@ -82,4 +82,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

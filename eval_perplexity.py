@@ -14,7 +14,7 @@ import argparse
 import sys
 import warnings
 
-from yarn_minimal import evaluation as ev
+from yarn_minimal import cli, evaluation as ev
 from yarn_minimal.cli import (add_checkpoint_arg, add_device_args, add_rope_args, resolve_checkpoint,
                               resolve_device_dtype, rope_from_args)
 
@@ -25,7 +25,7 @@ def parse_args(argv=None):
     add_rope_args(p)
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE,...",
                    help="one RoPE setting to evaluate; repeat to compare several in one run. Keys: "
-                        f"{', '.join(ev.CONFIG_KEYS)} (e.g. --config method=pi,scale=8,dynamic=1,label=Dynamic-PI). "
+                        f"{', '.join(ev.CONFIG_KEYS)} (e.g. --config method=pi,dynamic=1,label=Dynamic-PI: s = max(1, W/L); a scale with dynamic=1 is the floor s0). "
                         "Each starts from its checkpoint's own setting plus the rope flags above. "
                         "Without --config, the rope flags alone give the one setting")
     g = p.add_argument_group("documents")
@@ -77,12 +77,11 @@ def run(args):
         if tokenizer.path not in tokenized:
             tokenized[tokenizer.path] = ev.tokenize_documents(tokenizer, documents, args.min_tokens, args.max_documents)
             docs, skipped = tokenized[tokenizer.path]
-            print(f"{len(docs)} documents kept, {skipped} skipped (fewer than --min-tokens "
-                  f"{max(args.min_tokens, 1)} tokens)", file=sys.stderr)
+            print(f"{len(docs)} documents kept, {skipped} skipped ({ev.skip_reason(args.min_tokens)})", file=sys.stderr)
         docs, skipped = tokenized[tokenizer.path]
         if not docs:
-            raise ev.EvalError(f"no document has at least --min-tokens {args.min_tokens} tokens "
-                               f"({skipped} skipped); lower --min-tokens or add longer documents")
+            raise ev.EvalError(f"no document left to score: {skipped} skipped ({ev.skip_reason(args.min_tokens)})"
+                               + ("; lower --min-tokens or add longer documents" if args.min_tokens > 1 else ""))
         if factors:
             sweep = ev.attention_factor_sweep(model, docs, tokenizer.bos_id, windows[0], factors, args.stride,
                                               args.truncate, args.segment_length)
@@ -96,13 +95,16 @@ def run(args):
             ev.warn_beyond_window(model.rope, window, f"{label}: window")
             scores = ev.score_documents(model, docs, tokenizer.bos_id, window, args.stride, args.truncate,
                                         desc=f"{label} W={window}")
+            short = sum(len(d) < window - 1 for d in docs)
+            ev.warn_short_documents(label, window, short, len(docs), scores.tokens)
             results.append({
                 "label": label, "ckpt": str(ckpt), **ev.rope_row(model.rope), "window": window,
                 "mode": "truncate" if args.truncate else "sliding", "stride": None if args.truncate else args.stride,
                 "perplexity": scores.perplexity, "perplexity_window_mean": scores.perplexity_window_mean,
                 "nll": scores.nll, "tokens": scores.tokens, "windows": len(scores.window_mean_nll),
                 "documents": len(docs), "skipped_documents": skipped,
-                "short_documents": sum(len(d) < window - 1 for d in docs),
+                "short_documents": short,
+                "scale_in_effect": ev.scale_in_effect(model.rope, window, docs),
                 "rope": model.rope.to_dict()})
 
     print(ev.sweep_table(sweep) if sweep else ev.perplexity_tables(results))
@@ -120,4 +122,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

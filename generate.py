@@ -112,6 +112,18 @@ def compile_note(stats: GenerationStats) -> str:
     return f"; {stats.compiled_steps} steps compiled, the first with compilation: {stats.compile_seconds:.1f} s"
 
 
+def speed_line(stats: GenerationStats, compiled: bool) -> str:
+    """Tokens/s of the parts that ran; a part that did not run (--max-new-tokens 0) says so
+    instead of printing nan."""
+    if stats.prefill_seconds == 0:
+        return "prefill: not run (--max-new-tokens 0: nothing to generate)"
+    line = f"prefill: {stats.prefill_tokens_per_s:.1f} tokens/s ({stats.prefill_seconds:.2f} s) | "
+    if stats.decode_steps == 0:
+        return line + "decode: no steps"
+    return (line + f"decode: {stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, "
+            f"{stats.decode_seconds:.2f} s{compile_note(stats) if compiled else ''})")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
@@ -147,12 +159,9 @@ def main(argv=None) -> None:
     print(text.flush())
     print(f"prompt: {stats.prompt_tokens} tokens | generated: {stats.new_tokens} tokens"
           f"{' (stopped at EOS)' if stats.stopped_at_eos else ''} | effective scale s at the end: "
-          f"{stats.final_scale:g}\n"
-          f"prefill: {stats.prefill_tokens_per_s:.1f} tokens/s ({stats.prefill_seconds:.2f} s) | "
-          f"decode: {stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, {stats.decode_seconds:.2f} s"
-          f"{compile_note(stats) if args.compile else ''})\n"
+          f"{stats.final_scale:g}\n{speed_line(stats, args.compile)}\n"
           f"peak memory: {peak_memory(device)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -265,7 +265,8 @@ def test_meta_to_hf_loads_in_transformers(name, tmp_path, tokenizer_path):
     tok = SentencePieceTokenizer(tokenizer_path)
     model = random_model(tok.vocab_size, rope=SAVE_HF_ROPES[name])
     yarn_minimal.save(model, tok, tmp_path / "hf", format="hf")
-    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["checksums.json", "config.json", "model.safetensors",
+                                                                 "tokenizer.model"]
     tokens = tokens_for(tok.vocab_size)
     with torch.no_grad():
         ours = model(tokens)

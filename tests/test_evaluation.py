@@ -388,7 +388,7 @@ def test_scripts_report_bad_input(ckpt, tmp_path, monkeypatch):
         ppl.main(["--ckpt", str(ckpt), "--files", str(tmp_path / "nope.txt"), "--lengths", "32", "--stride", "16",
                   "--device", "cpu"])
     (tmp_path / "short.txt").write_text("Tiny.")
-    with pytest.raises(SystemExit, match=r"no document has at least --min-tokens 100 tokens \(1 skipped\)"):
+    with pytest.raises(SystemExit, match=r"no document left to score: 1 skipped \(fewer than --min-tokens 100 tokens\)"):
         ppl.main(["--ckpt", str(ckpt), "--files", str(tmp_path / "short.txt"), "--lengths", "32",
                   "--stride", "16", "--min-tokens", "100", "--device", "cpu"])
     pk = load_script("eval_passkey.py")

@@ -46,7 +46,7 @@ from . import data
 from .cli import updated_rope
 from .generation import generate
 from .model import Transformer
-from .rope import RopeConfig
+from .rope import RopeConfig, effective_scale
 
 
 class EvalError(ValueError):
@@ -65,6 +65,11 @@ def load_documents(paths: Sequence[str], text_field: str = "text") -> list[str]:
         return [doc for f in data.input_files(paths) for doc in data.read_documents(f, text_field)]
     except (ValueError, OSError) as e:
         raise EvalError(str(e)) from None
+
+
+def skip_reason(min_tokens: int) -> str:
+    """Why tokenize_documents skipped a document, in the words of the flag that decided it."""
+    return "empty" if min_tokens <= 1 else f"fewer than --min-tokens {min_tokens} tokens"
 
 
 def tokenize_documents(tokenizer, documents: Sequence[str], min_tokens: int = 0,
@@ -184,6 +189,22 @@ def _catch_oom(fn, what: str, device):
                         "Use shorter --lengths, --dtype bfloat16, or a device with more memory") from None
 
 
+def warn_short_documents(label: str, window: int, short: int, total: int, scored: int) -> None:
+    """A column labelled W over documents shorter than W is not perplexity at W: say so where
+    the numbers are read, not only in the JSON."""
+    if short:
+        warnings.warn(f"{label}: window {window}: {short} of {total} documents are shorter than the window, "
+                      f"so this column scores {scored} tokens at contexts below {window} (see short_documents "
+                      "in --out; --min-tokens keeps only long documents)", stacklevel=2)
+
+
+def scale_in_effect(rope: RopeConfig, window: int, documents: Sequence[Sequence[int]]) -> float:
+    """s at the longest forward pass of a window-W column: under Dynamic Scaling it is
+    max(s0, l/L) (Sec. 3.3) with l = W, or the longest document (+ BOS) when that is shorter."""
+    longest = min(window, max(len(d) for d in documents) + 1)
+    return effective_scale(rope, longest)
+
+
 def warn_beyond_window(rope: RopeConfig, length: int, what: str) -> bool:
     """Beyond L' a static method still runs: the blow-up it shows is part of the measurement
     (Table 2's "> 10^2" entries), so this warns rather than refuses."""
@@ -297,6 +318,10 @@ def perplexity_tables(results: list[dict]) -> str:
                        ("perplexity_window_mean", "perplexity (mean over windows, the authors' variant)")):
         rows = [[lab] + [by[lab, w][key] if (lab, w) in by else None for w in windows] for lab in labels]
         out.append(title + "\n" + format_table(["config \\ window"] + windows, rows))
+    if any(r.get("dynamic") and "scale_in_effect" in r for r in results):  # Sec. 3.3: s grows with the window
+        rows = [[lab] + [by[lab, w].get("scale_in_effect") if (lab, w) in by else None for w in windows] for lab in labels]
+        out.append("s in effect at each window (Dynamic Scaling: s = max(s0, W/L))\n"
+                   + format_table(["config \\ window"] + windows, rows))
     return "\n\n".join(out)
 
 

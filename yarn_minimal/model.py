@@ -292,11 +292,16 @@ class Transformer(nn.Module):
         device = next(self.parameters()).device
         gen = None if seed is None or device.type == "meta" else torch.Generator(device).manual_seed(seed)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            else:
-                out_proj = name.endswith(("wo.weight", "w2.weight"))
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.args.n_layers) if out_proj else std, generator=gen)
+            self.init_parameter(name, p, std, gen)
+
+    def init_parameter(self, name: str, p: torch.Tensor, std: float = 0.02,
+                       generator: Optional[torch.Generator] = None) -> None:
+        """init_weights' rule for one parameter (named as in named_parameters)."""
+        if name.endswith("norm.weight"):
+            nn.init.ones_(p)
+        else:
+            out_proj = name.endswith(("wo.weight", "w2.weight"))
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.args.n_layers) if out_proj else std, generator=generator)
 
     def _rope(self, T: int, cache: Optional[KVCache], scale_length: Optional[int], device) -> RopeState:
         start = cache.length if cache is not None else 0

@@ -92,7 +92,9 @@ class RopeConfig:
         name = {"none": "RoPE", "pi": "PI", "ntk": "NTK-aware", "ntk-by-parts": "NTK-by-parts", "yarn": "YaRN"}[self.method]
         if self.method == "none":
             return name
-        return f"{'Dynamic-' if self.dynamic else ''}{name} (s={self.scale:g}, L={self.original_length})"
+        if self.dynamic:  # s is not one number: name the rule, not its floor (Sec. 3.3)
+            return f"Dynamic-{name} (s=max({self.scale:g}, l/L), L={self.original_length})"
+        return f"{name} (s={self.scale:g}, L={self.original_length})"
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,4 +327,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from yarn_minimal.cli import run_main
+
+    run_main(main)
