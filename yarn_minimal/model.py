@@ -304,7 +304,10 @@ class Transformer(nn.Module):
     def init_weights(self, std: float = 0.02, seed: Optional[int] = None) -> None:
         """GPT-2 style initialization for training from scratch: N(0, std), with residual
         output projections scaled by 1/sqrt(2 n_layers)."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        # the generator lives where the weights do (normal_ on CUDA refuses a CPU generator);
+        # weights on the meta device have no values to draw
+        device = next(self.parameters()).device
+        gen = None if seed is None or device.type == "meta" else torch.Generator(device).manual_seed(seed)
         for name, p in self.named_parameters():
             self.init_parameter(name, p, std, gen)
 
@@ -368,19 +371,85 @@ class Transformer(nn.Module):
         return self.output(h)
 
 
-def _chunk_nll(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = output(h).float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100)
+IGNORE_INDEX = -100   # targets that take no part in the loss (F.cross_entropy's default)
+LOSS_CHUNK = 2048     # tokens per chunk of logits: 2048 x 32000 float32 is 262 MB
 
 
-def chunked_cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Tensor,
-                          chunk_size: int = 2048) -> torch.Tensor:
-    """Mean cross-entropy of output(h) against targets, chunk by chunk over the sequence.
-    Each chunk's float32 logits are recomputed in backward (checkpoint) rather than kept."""
-    total = h.new_zeros((), dtype=torch.float32)
-    for h_chunk, t_chunk in zip(h.split(chunk_size, dim=1), targets.split(chunk_size, dim=1)):
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_nll, output, h_chunk, t_chunk, use_reentrant=False)
-        else:
-            total = total + _chunk_nll(output, h_chunk, t_chunk)
-    return total / (targets != -100).sum().clamp(min=1)
+def _chunk_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed -log p(target) of one chunk of logits (N, vocab), and log p itself (float32)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return -torch.where(targets != IGNORE_INDEX, picked, 0.0).sum(), logp
+
+
+def _chunk_gradient(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d(-log p(target)) / d logits = softmax(logits) - onehot(target), built in place over logp;
+    rows whose target is ignored get no gradient. Masks rather than boolean indexing, so that no
+    shape depends on the data (no GPU sync; runs on the meta device)."""
+    index = targets.clamp(min=0).unsqueeze(1)
+    grad = logp.exp_()
+    grad.scatter_add_(1, index, grad.new_full(index.shape, -1.0))
+    return grad.masked_fill_((targets == IGNORE_INDEX).unsqueeze(1), 0.0)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the logits h W^T (h: N x dim, W: vocab x dim) against targets (N,),
+    chunk by chunk, with its gradients made in the same pass.
+
+    While a chunk's logits exist, forward turns them into their gradient (_chunk_gradient) and
+    multiplies it into the chunk's share of dL/dh and dL/dW. Backward only scales those by the
+    incoming gradient: nothing is recomputed, and one chunk's float32 logits is the most the loss
+    holds at a time. (torch.utils.checkpoint per chunk would run the output projection and the
+    softmax twice; keeping every chunk's logits would hold N x vocab floats.)"""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for a in range(0, h.shape[0], chunk_size):
+            total += _LinearCrossEntropy.chunk(h[a:a + chunk_size], weight, targets[a:a + chunk_size],
+                                               None if grad_h is None else grad_h[a:a + chunk_size], grad_weight)
+        ctx.save_for_backward(grad_h, grad_weight)
+        return total
+
+    @staticmethod
+    def chunk(h, weight, targets, grad_h, grad_weight) -> torch.Tensor:
+        """One chunk's summed loss; writes its dL/dh into grad_h, adds its dL/dW to grad_weight."""
+        nll, logp = _chunk_nll(h @ weight.t(), targets)
+        grad = _chunk_gradient(logp, targets).to(weight.dtype)
+        if grad_h is not None:
+            grad_h.copy_(grad @ weight)
+        if grad_weight is not None:
+            # not addmm_: in-place ops escape autocast, and this product must run in bf16 like
+            # every other matmul of a bf16 step (autocast keeps float32 masters and grad_weight)
+            grad_weight += grad.t() @ h
+        return nll
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        # scaled in place: a copy would add an N x dim tensor at the peak of training (all
+        # activations alive). A second backward through the loss is then refused by autograd's
+        # check on modified saved tensors.
+        grad_h, grad_weight = ctx.saved_tensors
+        return (None if grad_h is None else grad_h.mul_(grad_total.to(grad_h.dtype)),
+                None if grad_weight is None else grad_weight.mul_(grad_total.to(grad_weight.dtype)), None, None)
+
+
+def chunked_cross_entropy(output: nn.Linear, h: torch.Tensor, targets: torch.Tensor,
+                          chunk_size: int = LOSS_CHUNK) -> torch.Tensor:
+    """Mean cross-entropy of output(h) (B, T, vocab) against targets (B, T), targets == -100 ignored.
+
+    The B x T tokens are flattened and cut into chunks of chunk_size tokens, so that one chunk's
+    logits (chunk_size x vocab, float32) is the most that exists at a time, whatever B and T.
+    With gradients wanted, each chunk's gradients are made while its logits exist
+    (_LinearCrossEntropy); nothing is kept for, or recomputed in, backward."""
+    h, targets = h.flatten(0, 1), targets.flatten()
+    count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    if torch.is_grad_enabled() and (h.requires_grad or output.weight.requires_grad):
+        total = _LinearCrossEntropy.apply(h, output.weight, targets, chunk_size)
+    else:
+        total = sum(_chunk_nll(output(h_chunk), t_chunk)[0]
+                    for h_chunk, t_chunk in zip(h.split(chunk_size), targets.split(chunk_size)))
+    return total / count

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError, verify_checksums, write_checksums
-from .model import ModelArgs, Transformer
+from .model import LOSS_CHUNK, ModelArgs, Transformer
 
 # Sec. 4.1. What the paper leaves open is chosen in the comments beside each value.
 LR = 2e-5
@@ -179,7 +179,10 @@ def shard_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype, in
     Blocks are moved to the device one at a time, so the full float32 model never has to fit;
     a meta-device model (--init random) is initialized block by block the same way (init_seed)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    try:  # public from torch 2.6; torch 2.5 has FSDP2 under its first, private name
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
@@ -262,7 +265,7 @@ def max_memory_gb(device: torch.device) -> float:
 
 def estimate_memory(args: ModelArgs, seq_len: int, world_size: int, micro_batch: int = 1,
                     activation_checkpointing: bool = True, compute_bytes: int = 2,
-                    loss_chunk: int = 2048) -> dict:
+                    loss_chunk: int = LOSS_CHUNK) -> dict:
     """Per-GPU bytes for FSDP2 training (docs/training.md derives every term).
 
     states       float32 masters + float32 gradients + AdamW m and v: 16 bytes per parameter,
@@ -277,8 +280,8 @@ def estimate_memory(args: ModelArgs, seq_len: int, world_size: int, micro_batch:
                  and a float32 log-sum-exp per head; SwiGLU keeps w1x, silu(w1x), w3x and their
                  product (4 b h). With checkpointing only each block's input (b d) is kept, plus
                  one block's activations while it is recomputed.
-    loss         the final norm's activations, and one chunk of logits (compute dtype, float32,
-                 float32 gradient) at a time.
+    loss         the final norm's activations, and the logits of one chunk of loss_chunk tokens
+                 (of micro_batch x seq_len) at a time: compute dtype, float32, float32 gradient.
     """
     b, d, h, H = compute_bytes, args.dim, args.ffn_hidden_dim, args.n_heads
     dq, dkv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
@@ -297,7 +300,7 @@ def estimate_memory(args: ModelArgs, seq_len: int, world_size: int, micro_batch:
         adamw=8 * p["total"] / world_size,
         working=2 * b * p["block"] + 4 * p["block"] + (b + 4) * root,
         activations=acts,
-        loss=tokens * norm + min(loss_chunk, seq_len) * micro_batch * args.vocab_size * (b + 4 + 4),
+        loss=tokens * norm + min(loss_chunk, tokens) * args.vocab_size * (b + 4 + 4),
     )
     out["total"] = sum(out.values())
     out["n_params"] = p["total"]
