@@ -14,9 +14,9 @@ import argparse
 import sys
 import warnings
 
-from yarn_minimal import evaluation as ev
-from yarn_minimal.cli import (add_checkpoint_arg, add_device_args, add_rope_args, resolve_checkpoint,
-                              resolve_device_dtype, rope_from_args)
+from yarn_minimal import cli, evaluation as ev
+from yarn_minimal.cli import (add_bos_arg, add_checkpoint_arg, add_device_args, add_rope_args, resolve_bos,
+                              resolve_checkpoint, resolve_device_dtype, rope_from_args)
 
 
 def parse_args(argv=None):
@@ -25,7 +25,7 @@ def parse_args(argv=None):
     add_rope_args(p)
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE,...",
                    help="one RoPE setting to evaluate; repeat to compare several in one run. Keys: "
-                        f"{', '.join(ev.CONFIG_KEYS)} (e.g. --config method=pi,scale=8,dynamic=1,label=Dynamic-PI). "
+                        f"{', '.join(ev.CONFIG_KEYS)} (e.g. --config method=pi,dynamic=1,label=Dynamic-PI: s = max(1, W/L); a scale with dynamic=1 is the floor s0). "
                         "Each starts from its checkpoint's own setting plus the rope flags above. "
                         "Without --config, the rope flags alone give the one setting")
     g = p.add_argument_group("documents")
@@ -39,6 +39,7 @@ def parse_args(argv=None):
     g.add_argument("--lengths", required=True,
                    help="context windows W, comma-separated, e.g. 2048,4096,8k (k = 1024)")
     g.add_argument("--stride", type=int, default=256, help="sliding-window stride S (default 256, as the paper)")
+    add_bos_arg(g)
     g.add_argument("--truncate", action="store_true",
                    help="cut each document to W - 1 tokens and score it in one pass (Table 2 / Figure 1); S is unused")
     g.add_argument("--attention-factor-sweep", metavar="A,B,C",
@@ -77,14 +78,14 @@ def run(args):
         if tokenizer.path not in tokenized:
             tokenized[tokenizer.path] = ev.tokenize_documents(tokenizer, documents, args.min_tokens, args.max_documents)
             docs, skipped = tokenized[tokenizer.path]
-            print(f"{len(docs)} documents kept, {skipped} skipped (fewer than --min-tokens "
-                  f"{max(args.min_tokens, 1)} tokens)", file=sys.stderr)
+            print(f"{len(docs)} documents kept, {skipped} skipped ({ev.skip_reason(args.min_tokens)})", file=sys.stderr)
         docs, skipped = tokenized[tokenizer.path]
+        bos_id = tokenizer.bos_id if resolve_bos(args.bos, tokenizer) else None  # None: windows without BOS
         if not docs:
-            raise ev.EvalError(f"no document has at least --min-tokens {args.min_tokens} tokens "
-                               f"({skipped} skipped); lower --min-tokens or add longer documents")
+            raise ev.EvalError(f"no document left to score: {skipped} skipped ({ev.skip_reason(args.min_tokens)})"
+                               + ("; lower --min-tokens or add longer documents" if args.min_tokens > 1 else ""))
         if factors:
-            sweep = ev.attention_factor_sweep(model, docs, tokenizer.bos_id, windows[0], factors, args.stride,
+            sweep = ev.attention_factor_sweep(model, docs, bos_id, windows[0], factors, args.stride,
                                               args.truncate, args.segment_length)
             sweep.update(label=label, ckpt=str(ckpt), rope=model.rope.to_dict())
             for a, ppl, n in zip(sweep["factors"], sweep["perplexity"], sweep["tokens"]):
@@ -94,15 +95,18 @@ def run(args):
             continue
         for window in windows:
             ev.warn_beyond_window(model.rope, window, f"{label}: window")
-            scores = ev.score_documents(model, docs, tokenizer.bos_id, window, args.stride, args.truncate,
+            scores = ev.score_documents(model, docs, bos_id, window, args.stride, args.truncate,
                                         desc=f"{label} W={window}")
+            short = sum(len(d) < window - 1 for d in docs)
+            ev.warn_short_documents(label, window, short, len(docs), scores.tokens)
             results.append({
-                "label": label, "ckpt": str(ckpt), **ev.rope_row(model.rope), "window": window,
+                "label": label, "ckpt": str(ckpt), **ev.rope_row(model.rope), "window": window, "bos": bos_id is not None,
                 "mode": "truncate" if args.truncate else "sliding", "stride": None if args.truncate else args.stride,
                 "perplexity": scores.perplexity, "perplexity_window_mean": scores.perplexity_window_mean,
                 "nll": scores.nll, "tokens": scores.tokens, "windows": len(scores.window_mean_nll),
                 "documents": len(docs), "skipped_documents": skipped,
-                "short_documents": sum(len(d) < window - 1 for d in docs),
+                "short_documents": short,
+                "scale_in_effect": ev.scale_in_effect(model.rope, window, docs),
                 "rope": model.rope.to_dict()})
 
     print(ev.sweep_table(sweep) if sweep else ev.perplexity_tables(results))
@@ -120,4 +124,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,11 +35,13 @@ SIZES = {  # Llama 2 shapes (params.json), for --init random and --estimate-memo
 }
 
 OPEN_CHOICES = """what the paper leaves open, and what this script does:
-  schedule after warmup   constant (the paper names only the 20-step linear warmup)
+  schedule after warmup   linear decay to 0 at --steps, as the authors' finetune.py (which trained
+                          the released models) does; --schedule constant holds the rate (the
+                          paper names only the 20-step linear warmup)
   warmup shape            lr x min(1, (step + 1) / 20) for 0-based optimizer steps: step 0 uses
-                          lr/20, steps 19 onward the full 2e-5
-  gradient clipping       total-norm clipping at 1.0 (not in the paper; the public code meant
-                          1.0 but its check never ran); --grad-clip 0 turns it off
+                          lr/20, step 19 the full 2e-5
+  gradient clipping       total-norm clipping at 1.0 (not in the paper; the public code's flag
+                          never clips and its DeepSpeed config leaves it "auto"); --grad-clip 0: off
   AdamW epsilon           1e-8 (PyTorch's default)
   precision               float32 master weights, gradients and AdamW states; bf16 compute
   data order              a fresh seeded shuffle of all segments every epoch
@@ -79,9 +82,10 @@ def parse_args(argv=None):
     g.add_argument("--micro-batch-size", type=int, default=1,
                    help="sequences per forward pass per rank (default 1); accumulation steps = global / (world x micro)")
     g.add_argument("--lr", type=float, default=training.LR, help="peak learning rate (default 2e-5)")
-    g.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
-                   help="lr after warmup: constant (the paper's fine-tuning, default) or cosine decay to "
-                        "0.1 x lr at --steps (for pre-training from scratch, e.g. the demo model)")
+    g.add_argument("--schedule", choices=training.SCHEDULES, default=training.SCHEDULE,
+                   help="lr after warmup: linear decay to 0 at --steps (default; the authors' finetune.py), "
+                        "constant (the paper states no decay), or cosine decay to 0.1 x lr at --steps (for "
+                        "pre-training from scratch, e.g. the demo model)")
     g.add_argument("--warmup-steps", type=int, default=training.WARMUP_STEPS, help="linear warmup steps (default 20)")
     g.add_argument("--grad-clip", type=float, default=training.GRAD_CLIP, help="max gradient norm, 0 = off (default 1.0)")
     g.add_argument("--seed", type=int, default=0, help="data order and random init (default 0)")
@@ -93,6 +97,8 @@ def parse_args(argv=None):
     g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest N step checkpoints (0: all)")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from OUT/latest (or the given checkpoint folder), with the same flags")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run (its checkpoints, final/ and metrics are deleted)")
     g.add_argument("--export-hf", action="store_true", help="also write the final model in HF layout to OUT/final-hf")
     g = p.add_argument_group("memory estimate (dry run: loads nothing)")
     g.add_argument("--estimate-memory", action="store_true", help="print per-GPU memory and exit")
@@ -149,13 +155,53 @@ def build_model(args, load_dtype):
             raise SystemExit(f"error: {e}") from None
         if margs.vocab_size != tokenizer.vocab_size:  # yarn_minimal.load would refuse the result
             raise SystemExit(f"error: --vocab-size {margs.vocab_size}, but {args.tokenizer} has {tokenizer.vocab_size} pieces")
-        model = Transformer(margs)
-        model.init_weights(seed=args.seed)
-        return model, tokenizer
+        with torch.device("meta"):  # materialized per block later: training.materialize_random
+            return Transformer(margs), tokenizer
     try:
         return yarn_minimal.load(start_folder(args), dtype=load_dtype)
     except yarn_minimal.CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+RUN_FILES = ("latest", "final", "final-hf", "metrics.jsonl")  # what makes an --out folder a run
+
+
+def claim_out(out: Path, resume, overwrite: bool) -> None:
+    """A finished or interrupted run is never overwritten by accident: continue it with --resume,
+    or start over with --overwrite (which deletes the old run's files first)."""
+    held = [name for name in RUN_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("step-*"))
+    if not held or resume:
+        return
+    if not overwrite:
+        raise SystemExit(f"error: --out {out} holds a run ({', '.join(held[:4])}); continue it with --resume, "
+                         "or start over with --overwrite")
+    for name in held:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def discard_if_empty(out: Path, created: bool) -> None:
+    """A run that fails before finishing its first step leaves nothing behind: no empty
+    metrics.jsonl, and no --out folder if it made it."""
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size == 0:
+        metrics.unlink()
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def interrupted(out: Path, step: int, save_every: int) -> str:
+    """What Ctrl-C in the training loop says: the last step on disk and how to go on from it."""
+    latest = out / "latest"
+    if latest.is_file():
+        saved = out / latest.read_text().strip()
+        saved_step = json.loads((saved / "trainer.json").read_text())["step"]
+        return (f"interrupted during step {step + 1}; the last checkpoint is {saved} (step {saved_step}). "
+                "Continue with the same command plus --resume")
+    if not (out / "metrics.jsonl").is_file():
+        return f"interrupted during step {step + 1}; nothing was saved or kept: run the same command again"
+    return (f"interrupted during step {step + 1}, before the first checkpoint (--save-every {save_every}); "
+            "nothing to resume: run the same command again with --overwrite")
 
 
 def main(argv=None) -> None:
@@ -164,12 +210,16 @@ def main(argv=None) -> None:
         return estimate(args)
     if args.data is None or args.out is None:
         raise SystemExit("error: --data and --out are required (or use --estimate-memory)")
+    if args.dtype == "float16":
+        raise SystemExit("error: --dtype float16: float16 training needs loss scaling, which this trainer does not "
+                         "do (gradients underflow); use --dtype bfloat16, the paper's precision")
     device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
+    out = Path(args.out)
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume and --overwrite: choose one")
+    segments, meta = open_segments(args.data)  # every input is checked before --out is touched
     env = training.init_distributed(device)
     device = env.device
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    segments, meta = open_segments(args.data)
     try:
         loader = SegmentLoader(segments, args.global_batch_size, args.micro_batch_size, env.rank,
                                env.world_size, args.seed, args.seq_len)
@@ -187,21 +237,31 @@ def main(argv=None) -> None:
     if meta.get("vocab_size", model.args.vocab_size) > model.args.vocab_size:
         raise SystemExit(f"error: {args.data}: tokenized with vocab_size {meta['vocab_size']}, "
                          f"the model has {model.args.vocab_size}")
+    resume_from = training.find_checkpoint(args.resume, out) if args.resume else None
+    created = not out.exists()
+    if env.main:
+        claim_out(out, args.resume, args.overwrite)
+        out.mkdir(parents=True, exist_ok=True)
+    env.barrier()
     model.activation_checkpointing = args.activation_checkpointing
+    random_seed = args.seed if args.init == "random" else None
     if env.distributed:
-        model = training.shard_model(model, env, dtype)
+        model = training.shard_model(model, env, dtype, init_seed=random_seed)
     else:
+        if random_seed is not None:
+            training.materialize_random(model, random_seed)
         model.to(device=device, dtype=torch.float32)
     model.train()
     optimizer = training.make_optimizer(model, args.lr)
     scheduler = training.make_scheduler(optimizer, args.warmup_steps, args.schedule, args.steps)
 
-    same = dict(global_batch_size=args.global_batch_size, seed=args.seed, seq_len=loader.seq_len,
+    same = dict(global_batch_size=args.global_batch_size, seed=args.seed, seq_len=loader.seq_len, schedule=args.schedule,
                 data_segments=int(segments.shape[0]), rope=model.rope.to_dict())
+    if args.schedule != "constant":  # a decaying rate is a function of --steps: changing it mid-run would jump
+        same["steps"] = args.steps
     start = 0
     if args.resume:
-        start = training.load_checkpoint(training.find_checkpoint(args.resume, out), model, optimizer,
-                                         scheduler, env, same)["step"]
+        start = training.load_checkpoint(resume_from, model, optimizer, scheduler, env, same)["step"]
     metrics = training.MetricsLog(out / "metrics.jsonl", start) if env.main else None
     if env.main:
         print(f"# {model.rope.describe()}; {env.world_size} process(es) on {device.type}, {str(dtype)[6:]}; "
@@ -211,42 +271,50 @@ def main(argv=None) -> None:
     flops_token = training.flops_per_token(model.args, loader.seq_len - 1)
     tokens_step = args.global_batch_size * (loader.seq_len - 1)
 
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not env.main, desc="training")
-    for step in bar:
-        t0 = training.timer_sync(device)
-        loss_sum = torch.zeros((), device=device)
-        for inputs, targets in loader.micro_batches(step):
-            with training.autocast(device, dtype, env):
-                loss = model(inputs.to(device), targets=targets.to(device))
-            (loss / loader.accumulation_steps).backward()
-            loss_sum += loss.detach().float()
-        loss = env.mean(loss_sum / loader.accumulation_steps).item()
-        grad_norm = training.grad_norm_and_clip(model, args.grad_clip).item()
-        lr = optimizer.param_groups[0]["lr"]
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            # weights are still those before this step: save them and the batch to inspect
-            name = f"nonfinite-step-{step + 1:06d}"
-            training.save_checkpoint(out, name, model, optimizer, scheduler,
-                                     dict(same, step=step, loss=loss, grad_norm=grad_norm,
-                                          segments=loader.global_indices(step).tolist()), env)
-            raise SystemExit(f"error: step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
-                             f"(loss {loss}, grad norm {grad_norm}); weights before the step and the batch's segment "
-                             f"ids saved to {out / name}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = training.timer_sync(device) - t0
-        record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_step / dt,
-                      mfu=None if peak is None else tokens_step / dt * flops_token / (peak * env.world_size),
-                      max_memory_gb=training.max_memory_gb(device))
+    step = start
+    try:  # Ctrl-C: one line saying which step is on disk and how to go on
+        bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not env.main, desc="training")
+        for step in bar:
+            t0 = training.timer_sync(device)
+            loss_sum = torch.zeros((), device=device)
+            for inputs, targets in loader.micro_batches(step):
+                with training.autocast(device, dtype, env):
+                    loss = model(inputs.to(device), targets=targets.to(device))
+                (loss / loader.accumulation_steps).backward()
+                loss_sum += loss.detach().float()
+            loss = env.mean(loss_sum / loader.accumulation_steps).item()
+            grad_norm = training.grad_norm_and_clip(model, args.grad_clip).item()
+            lr = optimizer.param_groups[0]["lr"]
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                # weights are still those before this step: save them and the batch to inspect
+                name = f"nonfinite-step-{step + 1:06d}"
+                training.save_checkpoint(out, name, model, optimizer, scheduler,
+                                         dict(same, step=step, loss=loss, grad_norm=grad_norm,
+                                              segments=loader.global_indices(step).tolist()), env)
+                raise SystemExit(f"error: step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                                 f"(loss {loss}, grad norm {grad_norm}); weights before the step and the batch's segment "
+                                 f"ids saved to {out / name}")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = training.timer_sync(device) - t0
+            record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_step / dt,
+                          mfu=None if peak is None else tokens_step / dt * flops_token / (peak * env.world_size),
+                          max_memory_gb=training.max_memory_gb(device))
+            if env.main:
+                metrics.write(record)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3f}",
+                                tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['max_memory_gb']:.1f}GB",
+                                **({} if record["mfu"] is None else {"mfu": f"{record['mfu']:.1%}"}))
+            if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
+                training.save_checkpoint(out, f"step-{step + 1:06d}", model, optimizer, scheduler,
+                                         dict(same, step=step + 1), env, keep=args.keep_checkpoints)
+    except BaseException as e:
         if env.main:
-            metrics.write(record)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3f}",
-                            tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['max_memory_gb']:.1f}GB",
-                            **({} if record["mfu"] is None else {"mfu": f"{record['mfu']:.1%}"}))
-        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
-            training.save_checkpoint(out, f"step-{step + 1:06d}", model, optimizer, scheduler,
-                                     dict(same, step=step + 1), env, keep=args.keep_checkpoints)
+            discard_if_empty(out, created)
+        if isinstance(e, KeyboardInterrupt):
+            raise SystemExit(f"error: {interrupted(out, step, args.save_every)}" if env.main else 1) from None
+        raise
     training.save_model(model, tokenizer, out / "final", dtype, env, export_hf=args.export_hf)
     if env.main:
         print(f"final model: {out / 'final'}", file=sys.stderr)
@@ -255,4 +323,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_main(main)

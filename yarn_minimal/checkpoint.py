@@ -6,11 +6,13 @@
        params.json                     dim, n_layers, n_heads, n_kv_heads, multiple_of, ...
        consolidated.00.pth ... .NN.pth one file per model-parallel rank (7B: 1, 13B: 2, 70B: 8)
        tokenizer.model                 in the folder or its parent (Meta's download has it there)
-2. A Hugging Face Llama folder
-       config.json                     LlamaConfig, incl. rope_scaling (v4) / rope_parameters (v5)
+2. A Hugging Face Llama or Mistral folder
+       config.json                     LlamaConfig / MistralConfig, incl. rope_scaling (v4) /
+                                       rope_parameters (v5); every key read: docs/checkpoints.md
        model.safetensors, or model-0000X-of-0000N.safetensors + model.safetensors.index.json
        (pytorch_model*.bin only where there is no safetensors file)
-       tokenizer.model
+       tokenizer.model (sentencepiece) or tokenizer.json (Hugging Face `tokenizers`), with
+       BOS/EOS from tokenizer_config.json / generation_config.json (tokenizer.open_tokenizer)
 3. The project's own layout (what `save(format="meta")` and fine-tuning write): Meta's layout
    with one shard plus rope.json, the RopeConfig the model was fine-tuned with. rope.json sits
    beside params.json rather than inside it so that Meta's loader, which passes every
@@ -22,21 +24,27 @@ copied, and tensors are then converted one by one into the requested dtype and d
 assigned (not copied into a second, randomly initialised model). A one-shard Meta checkpoint
 in its stored dtype is used straight from the page cache.
 
-`save(model, tokenizer, folder, format="meta" | "hf")` writes either layout; every file goes
-to a temporary name first and is renamed into place.
+4. llama.cpp's GGUF: one .gguf file (metadata, vocabulary and tensors), read and written by
+   formats/gguf.py with the `gguf` package.
 
-    python -m yarn_minimal.checkpoint convert SRC DST --format hf
+`save(model, tokenizer, folder, format="meta" | "hf")` writes either layout, and
+`save(..., "x.gguf", format="gguf")` one GGUF file; every file goes to a temporary name first
+and is renamed into place, and checksums.json records a folder's files.
+
+    python -m yarn_minimal.checkpoint convert SRC DST --format hf | meta | gguf
+    python -m yarn_minimal.checkpoint checksums FOLDER     # protect a download you trust
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import math
 import os
-import shutil
 import sys
+import tempfile
 import warnings
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -44,8 +52,8 @@ import torch
 from tqdm import tqdm
 
 from .model import ModelArgs, Transformer
-from .rope import RopeConfig, ntk_aware_base
-from .tokenizer import SentencePieceTokenizer, Tokenizer
+from .rope import RopeConfig, frequencies, ntk_aware_base, yarn_attention_factor
+from .tokenizer import HFTokenizer, Tokenizer, open_tokenizer
 
 
 class CheckpointError(ValueError):
@@ -56,52 +64,149 @@ class CheckpointError(ValueError):
 # Small helpers
 # ---------------------------------------------------------------------------------------
 
-def find_tokenizer(folder: Path) -> Path:
-    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
-    raise CheckpointError(f"{folder}: no tokenizer.model in the folder or its parent "
-                          "(a sentencepiece model is needed; Meta's download has it beside the model folder)")
-
-
 def _open_tokenizer(folder: Path) -> Tokenizer:
-    path = find_tokenizer(folder)
     try:
-        return SentencePieceTokenizer(path)
-    except ValueError as e:
+        return open_tokenizer(folder)
+    except (ValueError, FileNotFoundError) as e:
         raise CheckpointError(str(e)) from None
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def _torch_load(path: Path) -> dict:
+    check_zip_crcs(path)
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except RuntimeError as e:
         if "mmap" not in str(e):
-            raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint (RuntimeError: {e})") from None
+            raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint (RuntimeError: {_first_line(e)})") from None
         state = None  # a legacy (pre-zip) file cannot be memory-mapped: read it whole
-    except Exception as e:  # truncated zip, pickle error, ...
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    except Exception as e:  # truncated zip, pickle error, code the pickle would run, ...
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     if state is None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     return state
 
 
+# ---------------------------------------------------------------------------------------
+# Integrity: a corrupt file stops the load with one message naming it, never loads as garbage
+# ---------------------------------------------------------------------------------------
+
+CHECKSUMS = "checksums.json"  # written by save(): {file: {"bytes": n, "crc32": "8 hex digits"}}
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def check_zip_crcs(path: Path) -> None:
+    """torch.save writes a zip archive that stores a CRC-32 for every entry (the pickle and each
+    tensor's bytes), but torch.load(mmap=True) never verifies them: a shard with overwritten
+    bytes loads silently. Reading every entry through zipfile checks them (0.8-2.3 GB/s on one
+    core, docs/checkpoints.md). Legacy (pre-zip) files carry no checksum: torch.load decides."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as entry:
+                    while entry.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise CheckpointError(f"{path}: corrupt ({type(e).__name__}: {e}); the file's own checksums do not "
+                              "match its contents: download or copy it again") from None
+
+
+def check_finite(key: str, tensor: torch.Tensor, path) -> None:
+    """NaN or inf in a weight is a corrupt file (random bytes decode to them), never a model.
+    A sum is one fast pass with no temporary; a non-finite sum is then confirmed element-wise
+    (a float16 sum can overflow where no element does)."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return
+    bad = (~torch.isfinite(tensor)).sum().item()
+    if bad:
+        raise CheckpointError(f"{path}: tensor {key} holds {bad} NaN/inf values of {tensor.numel()}; "
+                              "the file is corrupt")
+
+
+def write_checksums(folder: Path, names: list[str], manifest: str = CHECKSUMS) -> None:
+    """Size and CRC-32 of every file save() wrote, checked by load() (verify_checksums): the
+    formats without checksums of their own (JSON, safetensors, sentencepiece) get one."""
+    entries = {name: {"bytes": (folder / name).stat().st_size, "crc32": f"{file_crc32(folder / name):08x}"}
+               for name in sorted(names)}
+    _write_json(folder / manifest, entries)
+
+
+def verify_checksums(folder: Path, manifest: str = CHECKSUMS, required: bool = False) -> None:
+    """Check the files listed in folder/checksums.json, if there is one (Meta's and Hugging
+    Face's downloads have none; there the formats' own checks and check_finite remain)."""
+    path = folder / manifest
+    if not path.is_file():
+        if required:
+            raise CheckpointError(f"{folder}: no {manifest}; not a complete checkpoint")
+        return
+    entries = _read_json(path)
+    changed = (f"the file is corrupt, or was changed after it was saved (if you changed it, record it with "
+               f"`python -m yarn_minimal.checkpoint checksums {folder}`)")
+    for name, entry in entries.items():
+        target = folder / name
+        try:
+            size, crc = int(entry["bytes"]), int(entry["crc32"], 16)
+        except (TypeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: entry {name!r} is not {{\"bytes\": n, \"crc32\": hex}} ({e!r})") from None
+        if not target.is_file():
+            raise CheckpointError(f"{target}: listed in {path.name} but missing")
+        found = target.stat().st_size
+        if found != size:
+            raise CheckpointError(f"{target}: {found} bytes, but {path.name} says {size}; {changed}")
+        if target.match("consolidated.*.pth"):
+            continue  # _torch_load checks the zip's own per-entry CRCs as it reads the shard
+        found_crc = file_crc32(target)
+        if found_crc != crc:
+            raise CheckpointError(f"{target}: CRC-32 {found_crc:08x}, but {path.name} says {crc:08x}; {changed}")
+
+
 def _check_tokenizer(tokenizer: Tokenizer, args: ModelArgs, source: Path) -> None:
-    if tokenizer.vocab_size != args.vocab_size:
-        raise CheckpointError(f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} pieces, but {source} "
-                              f"gives the model's embedding {args.vocab_size} rows")
+    """Every id the tokenizer can produce needs an embedding row. More rows than ids is fine and
+    common (embeddings padded to a multiple of 64 or 128 for speed); fewer is an error, since
+    those tokens would index past the embedding."""
+    top = max([tokenizer.max_id(), *(i for i in (tokenizer.bos_id, *tokenizer.eos_ids) if i is not None)])
+    if top >= args.vocab_size:
+        raise CheckpointError(f"{tokenizer.path}: tokenizer has ids up to {top} ({tokenizer.vocab_size} pieces), "
+                              f"but {source} gives the model's embedding {args.vocab_size} rows; "
+                              f"expected at least {top + 1}")
+
+
+def _check_sliding_window(args: ModelArgs, rope: Optional[RopeConfig], source: Path) -> None:
+    """A RopeConfig asked for at load time states the context the user means to run; with a
+    sliding window shorter than it, this model (full attention only) would compute something
+    the checkpoint was never trained for. Longer inputs are refused again in the forward pass."""
+    if args.sliding_window is not None and rope is not None and rope.window is not None \
+            and rope.window > args.sliding_window:
+        raise CheckpointError(f"{source}: sliding_window is {args.sliding_window}, shorter than the requested "
+                              f"context {rope.window} ({rope.describe()}); this model has no sliding-window "
+                              "attention, so it runs at most sliding_window tokens")
 
 
 def _check_keys(found: set, expected: set, source: str, ignored: str = "") -> None:
@@ -122,6 +227,18 @@ def _check_shape(key: str, found, expected, source: str, note: str = "") -> None
 def _empty_model(args: ModelArgs) -> Transformer:
     with torch.device("meta"):  # parameters without storage: nothing is allocated twice
         return Transformer(args)
+
+
+def check_params(params: dict, source: Path) -> None:
+    """Meta's params.json always states the shape; a missing or mistyped key is named here rather
+    than replaced by a Llama 2 7B default and reported later as a shape mismatch."""
+    for name in ("dim", "n_layers", "n_heads"):
+        if name not in params:
+            raise CheckpointError(f"{source}: no {name!r} (Meta's params.json gives dim, n_layers, n_heads, ...)")
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
+        value = params.get(name)
+        if value is not None and (type(value) is not int or (value <= 0 and name != "vocab_size")):
+            raise CheckpointError(f"{source}: {name} is {value!r}; expected a positive integer")
 
 
 def _model_args(params: dict, rope: Optional[RopeConfig], source: Path) -> ModelArgs:
@@ -160,19 +277,19 @@ def _merge(parts: list[torch.Tensor], dim: Optional[int], dtype, device) -> torc
 def load_meta(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=False) -> tuple[Transformer, Tokenizer]:
     params_path = folder / "params.json"
     params = _read_json(params_path)
+    check_params(params, params_path)
     tokenizer = _open_tokenizer(folder)
     if params.get("vocab_size", -1) == -1:
         params["vocab_size"] = tokenizer.vocab_size
     if params.get("norm_eps") == 1e-6:
         warnings.warn(f"{params_path}: norm_eps is 1e-6; Llama 2 uses 1e-5 (an early download shipped 1e-6 "
                       "by mistake, meta-llama/llama issue 771)")
-    if rope is None and (folder / "rope.json").is_file():
-        try:
-            rope = RopeConfig.from_dict(_read_json(folder / "rope.json"))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{folder / 'rope.json'}: {e}") from None
+    asked = rope
+    if rope is None:
+        rope = _project_rope(folder)
     args = _model_args(params, rope, params_path)
     _check_tokenizer(tokenizer, args, params_path)
+    _check_sliding_window(args, asked, params_path)
 
     paths = sorted(folder.glob("consolidated.*.pth"))
     if not paths:
@@ -203,7 +320,10 @@ def load_meta(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=
     merged = {}
     for key in tqdm(expected, desc=f"merging {n} shard(s)", unit="tensor", disable=not progress):
         # tensor by tensor, dropping each shard's reference as we go
-        merged[key] = _merge([state.pop(key) for state in shards], shard_dim(key), dtype, device)
+        parts = [state.pop(key) for state in shards]
+        for path, part in zip(paths, parts):
+            check_finite(key, part, path)
+        merged[key] = _merge(parts, shard_dim(key), dtype, device)
     model.load_state_dict(merged, assign=True, strict=True)
     return model, tokenizer
 
@@ -251,63 +371,180 @@ def _heads_of(meta_key: str, args: ModelArgs) -> Optional[int]:
     return None
 
 
-def rope_from_hf(cfg: dict, source: Path) -> RopeConfig:
-    """RopeConfig from a config.json's rope_scaling (transformers v4) or rope_parameters (v5).
+# The released Yarn-Mistral checkpoints (NousResearch/Yarn-Mistral-7b-64k, -128k) run the authors'
+# remote code, which their config.json names in auto_map. That code hard-codes constants that
+# differ from Llama's 32 / 1 / 0.1 and that the config does not carry: jquesnelle/yarn,
+# scaled_rope/modeling_mistral_yarn.py, `MistralYaRNScaledRotaryEmbedding.__init__` defaults
+# beta_fast=128, beta_slow=2 (its `_init_rope` passes neither) and `_yarn_get_mscale`:
+# sqrt(1/t) = 0.07 ln(s) + 1.
+YARN_MISTRAL_CODE = "modeling_mistral_yarn"
+YARN_MISTRAL_CONSTANTS = {"beta": 128.0, "alpha": 2.0, "attention_coefficient": 0.07}
 
+# max_position_embeddings when config.json omits it: LlamaConfig's and MistralConfig's defaults
+DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32}
+
+
+def _remote_code(cfg: dict) -> Optional[str]:
+    """The auto_map entry that points at the authors' Yarn-Mistral code, if any."""
+    for ref in (cfg.get("auto_map") or {}).values():
+        if YARN_MISTRAL_CODE in str(ref):
+            return str(ref)
+    return None
+
+
+def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], list[str]]:
+    """RopeConfig from a config.json's rope_scaling (transformers v4) or rope_parameters (v5),
+    with where each value came from (RopeConfig field -> config key, or "default") and the
+    ambiguities worth a reader's attention (defaults used, a factor that disagrees with
+    max_position_embeddings / original_max_position_embeddings, constants that live in remote
+    code). The loader and `python -m yarn_minimal.rope --config` both read configs with it.
+
+    default -> plain RoPE, L = max_position_embeddings.
     linear  -> PI (Eq. 10), s = factor.
     dynamic -> Dynamic NTK-aware (Sec. 3.1 + 3.3) with L = max_position_embeddings. HF computes
                b' = b (a l/L - (a - 1))^(D/(D-2)) with its factor a; for a = 1 that is the
                paper's s = max(1, l/L). For a != 1 there is no RopeConfig equivalent, so we stop
                and ask for an explicit rope= rather than silently change the model.
     yarn    -> YaRN (Eq. 17-22) with the public code's ramp: alpha = beta_slow, beta = beta_fast,
-               L = original_max_position_embeddings, s = factor (default max_position_embeddings/L),
-               sqrt(1/t) = attention_factor, or HF's 0.1 mscale ln(s) + 1 over
+               L = original_max_position_embeddings, s = factor (default max_position_embeddings/L,
+               as transformers), sqrt(1/t) = attention_factor, or HF's 0.1 mscale ln(s) + 1 over
                0.1 mscale_all_dim ln(s) + 1 when both are set, or else Eq. 22.
                The released Yarn-Llama-2 configs add "finetuned": true; it only matters to the
                authors' dynamic variant, so a static "yarn" accepts and ignores it.
+               Yarn-Mistral (auto_map -> modeling_mistral_yarn): the remote code's 128 / 2 / 0.07
+               (YARN_MISTRAL_CONSTANTS) wherever the config itself says nothing.
+    llama3  -> Llama 3.1's NTK-by-parts: Eq. 17-20 with the paper's ramp (Eq. 18, linear in
+               r = L/lambda), alpha = low_freq_factor, beta = high_freq_factor,
+               L = original_max_position_embeddings, s = factor, no temperature. transformers
+               keeps theta where lambda < L/high_freq_factor (r > beta: gamma = 1), uses
+               theta/factor where lambda > L/low_freq_factor (r < alpha: gamma = 0) and blends
+               with smooth = (L/lambda - low)/(high - low) = gamma(r) in between.
     """
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    base = float(scaling.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
-    max_pos = int(cfg.get("max_position_embeddings", 2048))  # LlamaConfig's default
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
-
-    def need(name):
-        if scaling.get(name) is None:
-            raise CheckpointError(f"{source}: {key} of type {kind!r} has no {name!r}")
-        return scaling[name]
+    r = _ConfigReading(cfg, source)
+    key, kind = r.key, r.kind
+    model_type = cfg.get("model_type", "llama")
+    base = float(r.read("base", [f"{key}.rope_theta", "rope_theta"], 10000.0, "LlamaConfig's default"))
+    max_pos = int(r.read("max_position_embeddings", ["max_position_embeddings"],
+                         DEFAULT_MAX_POSITIONS.get(model_type, 2048), f"{model_type} config default"))
+    r.provenance["original_length"] = r.provenance["max_position_embeddings"]  # L, unless the method states another
+    r.provenance["method"] = f"{key}.{'rope_type' if 'rope_type' in r.scaling else 'type'}" if r.scaling else "default"
 
     try:
         if kind in ("default", "none", None):
-            return RopeConfig(base=base, original_length=max_pos)
-        if kind == "linear":
-            return RopeConfig(method="pi", scale=float(need("factor")), original_length=max_pos, base=base)
-        if kind == "dynamic":
-            factor = float(scaling.get("factor", 1.0))
+            rope = RopeConfig(base=base, original_length=max_pos)
+        elif kind == "linear":
+            rope = RopeConfig(method="pi", scale=float(r.need("factor")), original_length=max_pos, base=base)
+        elif kind == "dynamic":
+            factor = float(r.read("scale", [f"{key}.factor"], 1.0, "the paper's Dynamic NTK"))
             if factor != 1.0:
                 raise CheckpointError(
                     f"{source}: {key} dynamic with factor {factor:g}: transformers then uses "
                     f"b' = b (factor l/L - (factor - 1))^(D/(D-2)), which differs from the paper's Dynamic NTK "
                     f"(s = max(1, l/L), i.e. factor 1) and has no RopeConfig equivalent. Pass rope= to load(), "
                     f"e.g. RopeConfig(method='ntk', dynamic=True, original_length={max_pos}), to choose explicitly")
-            return RopeConfig(method="ntk", dynamic=True, original_length=max_pos, base=base)
-        if kind == "yarn":
-            original = int(scaling.get("original_max_position_embeddings") or max_pos)
-            scale = float(scaling.get("factor") or max_pos / original)
-            factor = scaling.get("attention_factor")
-            mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
-            if factor is None and mscale and mscale_all_dim:  # DeepSeek-style: ratio of two Eq. 22 forms
-                m = lambda c: 0.1 * c * math.log(scale) + 1.0 if scale > 1 else 1.0
-                factor = m(mscale) / m(mscale_all_dim)
-            return RopeConfig(method="yarn", scale=scale, original_length=original, base=base,
-                              alpha=float(scaling.get("beta_slow") or 1.0), beta=float(scaling.get("beta_fast") or 32.0),
-                              attention_factor=None if factor is None else float(factor),
-                              truncate=bool(scaling.get("truncate", True)))
+            r.provenance["dynamic"] = r.provenance["method"]
+            rope = RopeConfig(method="ntk", dynamic=True, original_length=max_pos, base=base)
+        elif kind == "llama3":
+            rope = RopeConfig(method="ntk-by-parts", ramp="paper", scale=float(r.need("factor")),
+                              original_length=int(r.need("original_max_position_embeddings")), base=base,
+                              alpha=float(r.need("low_freq_factor")), beta=float(r.need("high_freq_factor")))
+            r.provenance["ramp"] = r.provenance["method"]
+            r.check_factor(rope, max_pos)
+        elif kind == "yarn":
+            rope = _yarn_from_hf(r, max_pos, base, model_type)
+        else:
+            raise CheckpointError(f"{source}: {key} type {kind!r} is not supported; supported: default, linear, "
+                                  "dynamic, yarn, llama3")
     except ValueError as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{source}: {key}: {e}") from None
-    raise CheckpointError(f"{source}: {key} type {kind!r} is not supported; supported: default, linear, dynamic, yarn")
+    return rope, r.provenance, r.notes
+
+
+class _ConfigReading:
+    """A config.json being read for its RoPE: each value with the key it came from, and notes
+    on what is ambiguous."""
+
+    FIELD_OF = {"factor": "scale", "original_max_position_embeddings": "original_length",
+                "low_freq_factor": "alpha", "high_freq_factor": "beta"}  # config key -> RopeConfig field
+
+    def __init__(self, cfg: dict, source: Path):
+        self.cfg, self.source = cfg, source
+        self.key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+        self.scaling = cfg.get(self.key) or {}
+        self.kind = self.scaling.get("rope_type", self.scaling.get("type", "default"))
+        self.provenance: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    def read(self, field: str, names: list[str], default, why: str, fallback: str = "default"):
+        """The first of the config keys `names` that is set ("a.b" looks inside a); else default,
+        recorded as `fallback` (and noted when it is a plain default)."""
+        for name in names:
+            value = self.cfg
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None:
+                self.provenance[field] = name
+                return value
+        self.provenance[field] = fallback
+        if fallback == "default":
+            self.notes.append(f"{' / '.join(names)} not set: using {default:g} ({why})")
+        return default
+
+    def need(self, name: str):
+        """A rope_scaling key the method cannot do without."""
+        if self.scaling.get(name) is None:
+            raise CheckpointError(f"{self.source}: {self.key} of type {self.kind!r} has no {name!r}")
+        self.provenance[self.FIELD_OF.get(name, name)] = f"{self.key}.{name}"
+        return self.scaling[name]
+
+    def check_factor(self, rope: RopeConfig, max_pos: int) -> None:
+        """Two keys state the extension ratio; say so when they disagree (transformers issue 38224)."""
+        if max_pos != rope.window:
+            self.notes.append(f"{self.key}.factor {rope.scale:g} disagrees with max_position_embeddings / "
+                              f"original_max_position_embeddings = {max_pos} / {rope.original_length} = "
+                              f"{max_pos / rope.original_length:g}; s = factor is used (as transformers does), "
+                              f"so the intended window L x s is {rope.window}, not {max_pos}")
+
+
+def _yarn_from_hf(r: _ConfigReading, max_pos: int, base: float, model_type: str) -> RopeConfig:
+    key, scaling = r.key, r.scaling
+    original = int(r.read("original_length", [f"{key}.original_max_position_embeddings"], max_pos,
+                          "max_position_embeddings"))
+    scale = float(r.read("scale", [f"{key}.factor"], max_pos / original,
+                         "max_position_embeddings / original_max_position_embeddings"))
+    r.provenance["ramp"] = r.provenance["method"]  # "yarn" means the public code's ramp
+    remote = _remote_code(r.cfg) if model_type == "mistral" else None
+    fallback = f"remote code ({remote})" if remote else "default"
+    if remote:
+        constants, why = YARN_MISTRAL_CONSTANTS, "the Yarn-Mistral remote code"
+        r.notes.append(f"auto_map -> {remote}: beta_fast 128, beta_slow 2 and sqrt(1/t) = 0.07 ln(s) + 1 live in "
+                       "that remote code (jquesnelle/yarn scaled_rope/modeling_mistral_yarn.py), not in this config")
+    else:
+        constants, why = {"beta": 32.0, "alpha": 1.0, "attention_coefficient": 0.1}, "transformers' and the paper's default"
+        if model_type == "mistral":
+            r.notes.append("model_type mistral with yarn and no auto_map to the authors' modeling_mistral_yarn.py: "
+                           "transformers' constants (32 / 1 / 0.1) are used; NousResearch's Yarn-Mistral checkpoints "
+                           "were trained with 128 / 2 / 0.07")
+    alpha = float(r.read("alpha", [f"{key}.beta_slow"], constants["alpha"], why, fallback))
+    beta = float(r.read("beta", [f"{key}.beta_fast"], constants["beta"], why, fallback))
+    factor = scaling.get("attention_factor")
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if factor is not None:
+        r.provenance["attention_factor"] = f"{key}.attention_factor"
+    elif mscale and mscale_all_dim:  # DeepSeek-style: the ratio of two Eq. 22 forms
+        factor = yarn_attention_factor(scale, 0.1 * mscale) / yarn_attention_factor(scale, 0.1 * mscale_all_dim)
+        r.provenance["attention_factor"] = f"{key}.mscale / {key}.mscale_all_dim"
+    else:
+        r.provenance["attention_coefficient"] = fallback
+    rope = RopeConfig(method="yarn", scale=scale, original_length=original, base=base, alpha=alpha, beta=beta,
+                      attention_factor=None if factor is None else float(factor),
+                      attention_coefficient=constants["attention_coefficient"],
+                      truncate=bool(scaling.get("truncate", True)))
+    if "original_max_position_embeddings" in scaling and "factor" in scaling:
+        r.check_factor(rope, max_pos)
+    return rope
 
 
 def meta_ffn_params(dim: int, hidden: int, source: Path) -> tuple[int, Optional[float]]:
@@ -325,10 +562,11 @@ def meta_ffn_params(dim: int, hidden: int, source: Path) -> tuple[int, Optional[
     raise CheckpointError(f"{source}: intermediate_size {hidden} cannot be written as Meta's FFN width for dim {dim}")
 
 
-def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> ModelArgs:
-    if cfg.get("model_type", "llama") != "llama":
+def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> tuple[ModelArgs, dict, list[str]]:
+    """(ModelArgs, RoPE provenance, notes) from a config.json; see rope_from_hf."""
+    if cfg.get("model_type", "llama") not in DEFAULT_MAX_POSITIONS:
         raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r}; only Llama-architecture "
-                              "checkpoints (model_type 'llama') are supported")
+                              f"checkpoints (model_type {' or '.join(map(repr, DEFAULT_MAX_POSITIONS))}) are supported")
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
         if name not in cfg:
             raise CheckpointError(f"{source}: no {name!r}")
@@ -341,8 +579,64 @@ def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> ModelAr
     params = dict(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
                   n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
                   multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
-                  norm_eps=cfg.get("rms_norm_eps", 1e-6))  # 1e-6: LlamaConfig's default
-    return _model_args(params, rope if rope is not None else rope_from_hf(cfg, source), source)
+                  norm_eps=cfg.get("rms_norm_eps", 1e-6),  # 1e-6: LlamaConfig's default
+                  sliding_window=cfg.get("sliding_window"))  # Mistral 7B v0.1: 4096; null: full attention
+    own, provenance, notes = rope_from_hf(cfg, source)
+    window = cfg.get("sliding_window")
+    if window is not None and own.window is not None and own.window > window:
+        notes.append(f"sliding_window {window} is shorter than the intended window {own.window}: this model has "
+                     f"full attention only, so sequences longer than {window} tokens are refused")
+    if rope is not None:
+        provenance, notes = {field: "rope= (given to load)" for field in provenance}, []
+    return _model_args(params, rope if rope is not None else own, source), provenance, notes
+
+
+def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, str], list[str]]:
+    """A checkpoint's ModelArgs (with its RopeConfig) as load() would build them, without reading
+    weights, plus where each RoPE value came from and what is ambiguous (see rope_from_hf).
+    `path`: a config.json, a params.json, a model folder holding one of them, or a .gguf file.
+
+    `python -m yarn_minimal.rope --config PATH` prints this. It lives here, not in rope.py,
+    because only checkpoint.py knows file formats and rope.py imports nothing from the package:
+    rope.py's command line imports this function inside main(), when --config is given."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from .formats.gguf import read_config as read_gguf_config  # formats/gguf.py imports this module
+
+        return read_gguf_config(path)
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        path = next((folder / n for n in ("params.json", "config.json") if (folder / n).is_file()), folder / "config.json")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (give a config.json, a params.json or a model folder holding one)")
+    cfg = _read_json(path)
+    if path.name != "params.json":
+        return args_from_hf(cfg, None, path)
+    rope, provenance = _project_rope(folder), {}
+    if rope is None:
+        rope = RopeConfig(base=float(cfg.get("rope_theta", 10000.0)))
+        provenance = {"method": "default", "base": "params.json rope_theta" if "rope_theta" in cfg else "default",
+                      "original_length": "default"}
+        notes = [f"{path.name} states no context length: L = {rope.original_length} (Llama 2's; pass "
+                 "--original-length otherwise)"]
+    else:
+        stored = _read_json(folder / "rope.json")
+        provenance = {field: "rope.json" if field in stored else "default" for field in rope.to_dict()}
+        notes = [f"rope.json has no {field!r}: using {value!r} (default)" for field, value in rope.to_dict().items()
+                 if field not in stored]
+    if cfg.get("vocab_size", -1) == -1:
+        cfg = dict(cfg, vocab_size=1)  # Meta's -1: the tokenizer's size, irrelevant to RoPE
+    return _model_args(cfg, rope, path), provenance, notes
+
+
+def _project_rope(folder: Path) -> Optional[RopeConfig]:
+    """rope.json, the RopeConfig this project saved beside params.json (None if absent)."""
+    if not (folder / "rope.json").is_file():
+        return None
+    try:
+        return RopeConfig.from_dict(_read_json(folder / "rope.json"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'rope.json'}: {e}") from None
 
 
 def hf_weight_files(folder: Path) -> list[Path]:
@@ -377,7 +671,7 @@ def _open_hf_files(files: list[Path], stack: contextlib.ExitStack) -> dict[str, 
                 for k in f.keys():
                     tensors[k] = (path, lambda f=f, k=k: f.get_tensor(k), tuple(f.get_slice(k).get_shape()))
             except Exception as e:  # truncated or corrupt header / data
-                raise CheckpointError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {e})") from None
+                raise CheckpointError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {_first_line(e)})") from None
         else:
             state = _torch_load(path)
             for k, v in state.items():
@@ -388,9 +682,10 @@ def _open_hf_files(files: list[Path], stack: contextlib.ExitStack) -> dict[str, 
 def load_hf(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=False) -> tuple[Transformer, Tokenizer]:
     config_path = folder / "config.json"
     cfg = _read_json(config_path)
-    args = args_from_hf(cfg, rope, config_path)
+    args, _, _ = args_from_hf(cfg, rope, config_path)
     tokenizer = _open_tokenizer(folder)
     _check_tokenizer(tokenizer, args, config_path)
+    _check_sliding_window(args, rope, config_path)
     files = hf_weight_files(folder)
     model = _empty_model(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -411,7 +706,8 @@ def load_hf(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=Fa
             try:
                 t = read()
             except Exception as e:
-                raise CheckpointError(f"{path}: cannot read tensor {hf_key(key)} ({type(e).__name__}: {e})") from None
+                raise CheckpointError(f"{path}: cannot read tensor {hf_key(key)} ({type(e).__name__}: {_first_line(e)})") from None
+            check_finite(hf_key(key), t, path)
             heads = _heads_of(key, args)
             state[key] = (permute_from_hf(t, heads) if heads else t).to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True, strict=True)
@@ -425,12 +721,17 @@ def load_hf(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=Fa
 def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device="cpu",
          dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[Transformer, Tokenizer]:
     """Load (model, tokenizer) from a checkpoint folder in any of the three layouts (see the
-    module docstring). rope=None keeps the checkpoint's own setting (rope.json, or config.json's
+    module docstring), or from a llama.cpp .gguf file (formats/gguf.py). rope=None keeps the checkpoint's own setting (rope.json, or config.json's
     rope_scaling; plain RoPE for raw Llama 2); a RopeConfig overrides it. progress=True shows a
     tqdm bar while tensors are read."""
     folder = Path(path)
+    if folder.suffix.lower() == ".gguf" and not folder.is_dir():
+        from .formats.gguf import load_gguf  # llama.cpp's single-file format (formats/gguf.py)
+
+        return load_gguf(folder, rope, device, dtype, progress)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder")
+    verify_checksums(folder)
     if (folder / "params.json").is_file():
         model, tokenizer = load_meta(folder, rope, device, dtype, progress)
     elif (folder / "config.json").is_file():
@@ -438,6 +739,7 @@ def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device="cpu
     else:
         raise CheckpointError(f"{folder}: no params.json (Meta's layout: params.json + consolidated.*.pth) "
                               "and no config.json (Hugging Face's layout: config.json + *.safetensors)")
+    model.eos_ids = tokenizer.eos_ids  # generation stops at these unless told not to
     return model.eval(), tokenizer
 
 
@@ -481,54 +783,87 @@ def hf_rope_scaling(rope: RopeConfig, head_dim: int) -> tuple[float, Optional[di
         scaling = entry("yarn", factor=s, original_max_position_embeddings=L, beta_fast=rope.beta, beta_slow=rope.alpha)
         if not rope.truncate:
             scaling["truncate"] = False
-        if rope.attention_factor is not None:
-            scaling["attention_factor"] = rope.attention_factor  # transformers' key (replaces Eq. 22)
+        if rope.attention_factor is not None or rope.attention_coefficient != 0.1:
+            # transformers' key (replaces Eq. 22); a coefficient other than 0.1 has no key of its own
+            scaling["attention_factor"] = frequencies(rope, head_dim, s)[1]
         return rope.base, scaling, int(round(L * s))
+    if rope.method == "ntk-by-parts" and not rope.dynamic and rope.ramp == "paper":
+        # Llama 3.1's "llama3" is exactly this (see rope_from_hf)
+        return rope.base, entry("llama3", factor=s, original_max_position_embeddings=L, low_freq_factor=rope.alpha,
+                                high_freq_factor=rope.beta), int(round(L * s))
     raise CheckpointError(
         f"format='hf': {rope.describe()} (ramp={rope.ramp}) has no Hugging Face rope_scaling equivalent "
-        "(transformers knows static PI 'linear', Dynamic NTK 'dynamic' with s0 = 1, and static YaRN 'yarn' with the "
-        "code's ramp). Save with format='meta' (this project's layout keeps any RopeConfig in rope.json)")
+        "(transformers knows static PI 'linear', Dynamic NTK 'dynamic' with s0 = 1, static YaRN 'yarn' with the "
+        "code's ramp, and static NTK-by-parts with the paper's ramp as 'llama3'). Save with format='meta' (this project's layout keeps any RopeConfig in rope.json)")
 
 
-def hf_config(model: Transformer, dtype: torch.dtype) -> dict:
-    """config.json for transformers' LlamaForCausalLM (also read by vLLM and llama.cpp's converter)."""
+def hf_config(model: Transformer, dtype: torch.dtype, tokenizer: Optional[Tokenizer] = None) -> dict:
+    """config.json for transformers' LlamaForCausalLM (also read by vLLM and llama.cpp's converter);
+    MistralForCausalLM for a model with a sliding window, so that the window is not dropped.
+    BOS/EOS ids are the tokenizer's (Llama 2's 1 and 2 without one); eos_token_id lists every
+    id that ends generation when there are several."""
     args = model.args
     rope_theta, rope_scaling, max_pos = hf_rope_scaling(args.rope, args.head_dim)
+    bos, eos = (1, [2]) if tokenizer is None else (tokenizer.bos_id, list(tokenizer.eos_ids))
+    mistral = args.sliding_window is not None
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+        "model_type": "mistral" if mistral else "llama",
+        **({"sliding_window": args.sliding_window} if mistral else {}),
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps, "hidden_act": "silu", "max_position_embeddings": max_pos,
         "rope_theta": rope_theta, "rope_scaling": rope_scaling,
         "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
-        "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": bos, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "initializer_range": 0.02, "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
+def _stamps(folder: Path) -> dict:
+    """name -> (inode, size, mtime) of the files in folder: a file save() wrote differs (each is
+    renamed into place, so at least its inode is new)."""
+    if not folder.is_dir():
+        return {}
+    return {f.name: (s.st_ino, s.st_size, s.st_mtime_ns) for f in folder.iterdir()
+            if f.is_file() and f.name != CHECKSUMS and (s := f.stat())}
+
+
 def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.PathLike, format: str = "meta") -> Path:
-    """Write the model (and tokenizer.model) to a folder.
+    """Write the model (and tokenizer.model) to a folder, or to one .gguf file.
 
     format="meta": this project's layout (params.json, consolidated.00.pth, rope.json), which
                    Meta's own loader also reads; any RopeConfig round-trips exactly.
     format="hf":   config.json with rope_scaling, model.safetensors with wq / wk permuted to
                    HF's split-half rotation; loads with transformers' from_pretrained, vLLM and
                    llama.cpp's convert_hf_to_gguf.py. Refuses RoPE settings HF cannot express.
-    Weights keep the model's dtype. Each file is written under a temporary name and renamed."""
-    if format not in ("meta", "hf"):
-        raise ValueError(f"save: format {format!r}; allowed: meta, hf")
+    format="gguf": one llama.cpp file at `path` (formats/gguf.py) with llama.cpp's rope-scaling
+                   metadata and the tokenizer's vocabulary. Refuses RoPE settings llama.cpp
+                   cannot run (Dynamic Scaling, the paper's ramp, non-default alpha/beta).
+    Weights keep the model's dtype. Each file is written under a temporary name and renamed, and
+    (meta, hf) checksums.json records every file's size and CRC-32 for load() to verify."""
+    if format not in ("meta", "hf", "gguf"):
+        raise ValueError(f"save: format {format!r}; allowed: meta, hf, gguf")
+    if format == "gguf":
+        from .formats.gguf import save_gguf  # one file, not a folder (formats/gguf.py)
+
+        return save_gguf(model, tokenizer, Path(path))
     folder = Path(path)
     # files another save left that `load` would read instead of (or beside) the new ones
     stale = [f for f in sorted(folder.glob("consolidated.*.pth")) if f.name != "consolidated.00.pth"]
     stale += [f for f in (folder / "model.safetensors.index.json",) if f.is_file()]
     stale += [f for f in (folder / "params.json",) if format == "hf" and f.is_file()]
+    # open_tokenizer prefers tokenizer.model to tokenizer.json
+    stale += [f for f in (folder / "tokenizer.model",) if isinstance(tokenizer, HFTokenizer) and f.is_file()]
     if stale:
         raise CheckpointError(f"{folder}: already holds {', '.join(f.name for f in stale)}, which load() would read "
                               "instead of or beside what save() writes; save into an empty folder")
+    before = _stamps(folder)  # checksums.json covers exactly the files this save writes
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if format == "hf":
-        config = hf_config(model, next(iter(state.values())).dtype)  # refuses unsupported RoPE before writing
+        config = hf_config(model, next(iter(state.values())).dtype, tokenizer)  # refuses unsupported RoPE before writing
         folder.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 
@@ -544,8 +879,22 @@ def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.Path
         _write_json(folder / "params.json", model.args.to_params())
         _write_json(folder / "rope.json", model.rope.to_dict())
     if tokenizer is not None:
-        _atomic_write(folder / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer.path, tmp))
+        _save_tokenizer(tokenizer, folder)
+    write_checksums(folder, [name for name, stamp in _stamps(folder).items() if before.get(name) != stamp])
     return folder
+
+
+def _save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
+    """The tokenizer's own files (tokenizer.model, or tokenizer.json + tokenizer_config.json),
+    written into a temporary folder and renamed into place; generation_config.json when there are
+    several EOS ids, which no tokenizer file can hold (open_tokenizer reads them back)."""
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer.") as tmp:
+        tokenizer.save(Path(tmp))
+        for f in sorted(Path(tmp).iterdir()):
+            os.replace(f, folder / f.name)
+    if len(tokenizer.eos_ids) > 1:
+        _write_json(folder / "generation_config.json",
+                    {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.eos_ids)})
 
 
 # ---------------------------------------------------------------------------------------
@@ -560,19 +909,35 @@ def main(argv=None) -> None:
         prog="python -m yarn_minimal.checkpoint",
         description="Convert a Llama 2 checkpoint between layouts: Meta's raw download (params.json + "
                     "consolidated.*.pth, any number of model-parallel shards), a Hugging Face folder "
-                    "(config.json + *.safetensors) or this project's own (Meta's + rope.json).")
+                    "(config.json + *.safetensors), this project's own (Meta's + rope.json) or llama.cpp's .gguf "
+                    "(read: any type the gguf package dequantizes; written: F32 / F16 / BF16).")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="read SRC (any layout), write DST in --format",
                        description="Read SRC in any supported layout and write DST. The RoPE setting travels "
                                    "with the weights: rope.json or config.json's rope_scaling.")
-    c.add_argument("src", help="checkpoint folder to read")
-    c.add_argument("dst", help="folder to write (created; files in it are replaced)")
-    c.add_argument("--format", choices=("hf", "meta"), required=True,
+    c.add_argument("src", help="checkpoint folder (or .gguf file) to read")
+    c.add_argument("dst", help="folder to write (created; files in it are replaced), or the .gguf file for --format gguf")
+    c.add_argument("--format", choices=("hf", "meta", "gguf"), required=True,
                    help="hf: config.json + model.safetensors (transformers, vLLM, llama.cpp); "
-                        "meta: params.json + consolidated.00.pth + rope.json")
-    c.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
-                   help="dtype of the written weights; default bfloat16 (Llama 2's released precision)")
+                        "meta: params.json + consolidated.00.pth + rope.json; "
+                        "gguf: one llama.cpp / Ollama file with its rope-scaling metadata")
+    c.add_argument("--dtype", "--outtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="dtype of the written weights (gguf: F32 / F16 / BF16); default bfloat16 "
+                        "(Llama 2's released precision)")
+    k = sub.add_parser("checksums", help="record the size and CRC-32 of FOLDER's files in FOLDER/checksums.json",
+                       description="Write FOLDER/checksums.json (every file but *.md), which load() then verifies: "
+                                   "run it once on a download you trust, and later damage to any of its files stops "
+                                   "the load with a message naming the file.")
+    k.add_argument("folder")
     args = p.parse_args(argv)
+    if args.command == "checksums":
+        folder = Path(args.folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: not a folder")
+        names = [f.name for f in sorted(folder.iterdir()) if f.is_file() and f.name != CHECKSUMS and f.suffix != ".md"]
+        write_checksums(folder, names)
+        print(f"wrote {folder / CHECKSUMS}: {len(names)} files", file=sys.stderr)
+        return
     src, dst = Path(args.src), Path(args.dst)
     if src.resolve() == dst.resolve():
         p.error("SRC and DST must be different folders")
@@ -587,4 +952,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from yarn_minimal.cli import run_main
+
+    run_main(main)

@@ -1,9 +1,14 @@
 """Command-line pieces shared by generate.py, eval_passkey.py, eval_perplexity.py and train.py:
 the rope flags, the checkpoint flag and the device/dtype flags, so that every script spells
-them the same way."""
+them the same way; and run_main, how every script (and `python -m yarn_minimal.*`) ends on a
+failure: one line on stderr, a non-zero exit, the traceback only with --debug."""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import traceback
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -79,10 +84,29 @@ def rope_from_args(args: argparse.Namespace, base: RopeConfig) -> RopeConfig:
         raise SystemExit(f"error: {e}") from None
 
 
+def add_bos_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every sequence with the BOS token (--bos) or not (--no-bos); default: the "
+                        "checkpoint's own setting (tokenizer_config.json's add_bos_token, else what its tokenizer "
+                        "does: Llama 2 and 3 add BOS, SmolLM2 does not)")
+
+
+def resolve_bos(flag: Optional[bool], tokenizer) -> bool:
+    """--bos/--no-bos, or the checkpoint's own add_bos; a clear error when BOS is asked for and
+    the checkpoint has none."""
+    bos = tokenizer.add_bos if flag is None else flag
+    if bos and tokenizer.bos_id is None:
+        raise SystemExit(f"error: --bos: {tokenizer.path} states no BOS token (tokenizer_config.json bos_token, "
+                         "generation_config.json or config.json bos_token_id); use --no-bos")
+    return bos
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default cuda when available")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="model dtype; default bfloat16 on CUDA, float32 on CPU")
+    # listed for --help only: run_main takes --debug out of the command line before parsing
+    p.add_argument("--debug", action="store_true", help="on a failure, show the Python traceback")
 
 
 def resolve_device_dtype(device: Optional[str], dtype: Optional[str]) -> tuple[torch.device, torch.dtype]:
@@ -94,3 +118,40 @@ def resolve_device_dtype(device: Optional[str], dtype: Optional[str]) -> tuple[t
     if dev.type == "cpu" and dt == torch.float16:
         raise SystemExit("error: --dtype float16 is not supported on CPU; use float32 or bfloat16")
     return dev, dt
+
+
+def run_main(main, argv=None) -> None:
+    """Run a script's main(argv) so that no failure ends in a traceback: an error is one line
+    `error: ...` on stderr and exit status 1; Ctrl-C is `interrupted` and 130; a closed pipe
+    (`... | head`) ends quietly with 141, as `seq` does. `--debug` anywhere on the command
+    line (taken out before main sees it) shows warnings and errors with their tracebacks."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not debug:
+        warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
+    try:
+        main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+    except SystemExit as e:  # argparse's usage errors and the scripts' own `error: ...` lines
+        if debug and e.code not in (0, None):
+            traceback.print_exc()
+        raise
+    except BrokenPipeError:
+        # the reader went away: point stdout at /dev/null so that the interpreter's final
+        # flush does not fail a second time, and exit like a process killed by SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        # our own errors (CheckpointError, EvalError, ValueError from a bad value) already name
+        # the file and the value; anything else also says what kind of failure it was
+        if isinstance(e, (ValueError, OSError)) and str(e):
+            sys.exit(f"error: {e}")
+        sys.exit(f"error: {type(e).__name__}: {e}" + ("" if debug else " (--debug shows the traceback)"))

@@ -88,8 +88,9 @@ def input_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
                 raise FileNotFoundError(f"{path}: the folder holds no {', '.join(DOCUMENT_SUFFIXES)} files")
             files.extend(found)
         elif path.is_file():
-            if path.suffix.lower() not in DOCUMENT_SUFFIXES:
-                raise ValueError(f"{path}: unknown input type {path.suffix!r}; expected one of {', '.join(DOCUMENT_SUFFIXES)}")
+            if path.suffix and path.suffix.lower() not in DOCUMENT_SUFFIXES:  # no extension: plain text
+                raise ValueError(f"{path}: unknown input type {path.suffix!r}; expected one of "
+                                 f"{', '.join(DOCUMENT_SUFFIXES)}, or a plain-text file with no extension")
             files.append(path)
         else:
             raise FileNotFoundError(f"{path}: no such file or folder")
@@ -97,8 +98,8 @@ def input_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of one file: a text file is one document (PG19 stores one book per
-    file); a .jsonl file has one JSON object per line; a .parquet file one row per document,
+    """Yield the documents of one file: a text file (or one with no extension) is one document
+    (PG19 stores one book per file); a .jsonl file has one JSON object per line; a .parquet file one row per document,
     the text in `text_field`. Every problem is a ValueError naming the file (and line)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -172,6 +173,13 @@ class SegmentWriter:
             self.pending = [stream[n * self.seq_len:]]
             self.n_pending = len(self.pending[0])
 
+    def discard(self, remove_folder: bool) -> None:
+        """Delete what was written (and the folder, when it was made for this and is empty)."""
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+        if remove_folder and not any(self.out_dir.iterdir()):
+            self.out_dir.rmdir()
+
     def close(self, meta: dict) -> Path:
         self.file.close()
         full_meta = dict(meta)
@@ -198,6 +206,7 @@ def prepare(inputs: list[str], tokenizer_path: str | os.PathLike, seq_len: int, 
         raise ValueError(f"--seq-len must be >= 2 (one input and one target token), got {seq_len}")
     tok = SentencePieceTokenizer(tokenizer_path)
     files = input_files(inputs)
+    created = not Path(out_dir).exists()  # removed again if this run fails: no empty --out folders
     writer = SegmentWriter(out_dir, seq_len, tok.vocab_size)
     n_docs = 0
     try:
@@ -211,12 +220,10 @@ def prepare(inputs: list[str], tokenizer_path: str | os.PathLike, seq_len: int, 
                 n_docs += 1
             bar.set_postfix(docs=n_docs, segments=writer.n_segments)
     except BaseException:  # leave no half-written tokens.bin.tmp behind
-        writer.file.close()
-        writer.tmp.unlink()
+        writer.discard(created)
         raise
     if writer.n_segments == 0:
-        writer.file.close()
-        writer.tmp.unlink()
+        writer.discard(created)
         raise ValueError(f"{n_docs} documents hold {writer.n_tokens} tokens with BOS/EOS, fewer than one segment "
                          f"of --seq-len {seq_len}")
     meta = dict(tokenizer=str(Path(tokenizer_path).resolve()), bos_id=tok.bos_id, eos_id=tok.eos_id,
@@ -308,4 +315,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from yarn_minimal.cli import run_main
+
+    run_main(main)

