@@ -10,13 +10,12 @@ reproduces the stale-rotation cache of other implementations, for comparison.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import warnings
 
 import torch
 
-from yarn_minimal import cli
+from yarn_minimal import cli, sizing
 from yarn_minimal.checkpoint import CheckpointError, load
 from yarn_minimal.generation import CACHE_MODES, GenerationStats, stream
 
@@ -52,10 +51,8 @@ class TextStream:
 
 
 def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (CUDA max_memory_allocated)"
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return f"{kib / 2**20:.2f} GiB (process peak RSS)"
+    what = "CUDA max_memory_allocated" if device.type == "cuda" else "process peak RSS"
+    return f"{sizing.peak_memory(device) / 2**30:.2f} GiB ({what})"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

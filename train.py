@@ -13,26 +13,22 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import yarn_minimal
-from yarn_minimal import cli, training
+from yarn_minimal import cli, sizing, training
 from yarn_minimal.checkpoint import hf_rope_scaling
 from yarn_minimal.data import SegmentLoader, open_segments
 from yarn_minimal.model import ModelArgs, Transformer
 from yarn_minimal.rope import RopeConfig
-from yarn_minimal.tokenizer import SentencePieceTokenizer
+from yarn_minimal.tokenizer import Tokenizer
 
-SIZES = {  # Llama 2 shapes (params.json), for --init random and --estimate-memory
-    "7b": dict(dim=4096, n_layers=32, n_heads=32),
-    "13b": dict(dim=5120, n_layers=40, n_heads=40),
-    "70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3),
-}
+SHAPE_FLAGS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of")  # ModelArgs fields
 
 OPEN_CHOICES = """what the paper leaves open, and what this script does:
   schedule after warmup   linear decay to 0 at --steps, as the authors' finetune.py (which trained
@@ -52,9 +48,21 @@ rope: with no rope flags and a checkpoint without an extension (raw Llama 2), tr
   --yarn-scale 32 continues at s = 32. Use --method none for plain RoPE (from-scratch models)."""
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Defaults are the paper's.",
                                 epilog=OPEN_CHOICES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    cli.add_rope_args(p)
+    add_recipe_args(p)
+    add_runtime_args(p)
+    g = p.add_argument_group("memory estimate (dry run: loads nothing)")
+    g.add_argument("--estimate-memory", action="store_true", help="print per-GPU memory and exit")
+    g.add_argument("--n-gpus", type=int, default=None, help="GPUs for the estimate (default: WORLD_SIZE or 8)")
+    g.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU for the estimate (default 80)")
+    return p.parse_args(argv)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model to start from")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--ckpt", default=None, help="checkpoint folder (Meta layout or one this project saved)")
@@ -64,12 +72,13 @@ def parse_args(argv=None):
                    help="random: train from scratch with the size flags below and --tokenizer")
     g.add_argument("--from-scratch", dest="init", action="store_const", const="random", help="same as --init random")
     g.add_argument("--tokenizer", default=None, help="sentencepiece model, for --init random")
-    g.add_argument("--model-size", choices=sorted(SIZES), default=None,
+    g.add_argument("--model-size", choices=sorted(sizing.LLAMA2_SIZES), default=None,
                    help="Llama 2 shape for --init random / --estimate-memory")
-    for name, kind in (("dim", int), ("n-layers", int), ("n-heads", int), ("n-kv-heads", int),
-                       ("vocab-size", int), ("multiple-of", int)):
-        g.add_argument(f"--{name}", type=kind, default=None, help=f"model {name} for --init random")
-    cli.add_rope_args(p)
+    for name in SHAPE_FLAGS:
+        g.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"model {name} for --init random")
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and recipe (defaults: Sec. 4.1)")
     g.add_argument("--data", default=None, help="folder made by `python -m yarn_minimal.data`")
     g.add_argument("--out", default=None, help="output folder: checkpoints, metrics.jsonl, final/")
@@ -89,6 +98,9 @@ def parse_args(argv=None):
     g.add_argument("--warmup-steps", type=int, default=training.WARMUP_STEPS, help="linear warmup steps (default 20)")
     g.add_argument("--grad-clip", type=float, default=training.GRAD_CLIP, help="max gradient norm, 0 = off (default 1.0)")
     g.add_argument("--seed", type=int, default=0, help="data order and random init (default 0)")
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     cli.add_device_args(g)
     g.add_argument("--activation-checkpointing", action="store_true",
@@ -100,124 +112,83 @@ def parse_args(argv=None):
     g.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds a run (its checkpoints, final/ and metrics are deleted)")
     g.add_argument("--export-hf", action="store_true", help="also write the final model in HF layout to OUT/final-hf")
-    g = p.add_argument_group("memory estimate (dry run: loads nothing)")
-    g.add_argument("--estimate-memory", action="store_true", help="print per-GPU memory and exit")
-    g.add_argument("--n-gpus", type=int, default=None, help="GPUs for the estimate (default: WORLD_SIZE or 8)")
-    g.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU for the estimate (default 80)")
-    return p.parse_args(argv)
 
 
-def size_args(args, vocab_size=None) -> dict:
-    shape = dict(SIZES.get(args.model_size, {}))
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
-        if getattr(args, key) is not None:
-            shape[key] = getattr(args, key)
-    if "vocab_size" not in shape and vocab_size is not None:
-        shape["vocab_size"] = vocab_size
-    return shape
+def check_flags(args: argparse.Namespace) -> None:
+    """What train.py refuses before it reads a file."""
+    if args.data is None or args.out is None:
+        raise SystemExit("error: --data and --out are required (or use --estimate-memory)")
+    if args.dtype == "float16":
+        raise SystemExit("error: --dtype float16: float16 training needs loss scaling, which this trainer does not "
+                         "do (gradients underflow); use --dtype bfloat16, the paper's precision")
+    if args.resume and args.overwrite:
+        raise SystemExit("error: --resume and --overwrite: choose one")
 
 
-def start_folder(args) -> Path:
+def model_shape(args: argparse.Namespace) -> dict:
+    """--model-size's Llama 2 shape with the size flags on top (--init random, --estimate-memory)."""
+    shape = dict(sizing.LLAMA2_SIZES.get(args.model_size, {}))
+    return shape | {key: getattr(args, key) for key in SHAPE_FLAGS if getattr(args, key) is not None}
+
+
+def start_folder(args: argparse.Namespace) -> Path:
     if args.init_from is not None:
         out = Path(args.init_from)
         return out / "final" if (out / "final" / "params.json").is_file() else out
     return cli.resolve_checkpoint(args.ckpt)
 
 
-def choose_rope(args, base: RopeConfig) -> RopeConfig:
+def choose_rope(args: argparse.Namespace, base: RopeConfig) -> RopeConfig:
     """The flags on top of the starting model's rope; the paper's s = 16 when neither says more."""
     if args.method is None and args.scale is None and base.method == "none":
-        args.method, args.scale = "yarn", training.YARN_SCALE
+        base = cli.updated_rope(base, dict(method="yarn", scale=training.YARN_SCALE))
     return cli.rope_from_args(args, base)
 
 
-def estimate(args) -> None:
+def estimate(args: argparse.Namespace) -> str:
+    """--estimate-memory: the per-GPU arithmetic for the starting checkpoint's shape or the size flags."""
     if args.ckpt or args.init_from:
         params = json.loads((start_folder(args) / "params.json").read_text())
         if params.get("vocab_size", -1) == -1:  # Meta's download leaves it to the tokenizer
             params["vocab_size"] = 32000
         margs = ModelArgs.from_params(params)
     else:
-        margs = ModelArgs(**size_args(args, vocab_size=32000))
+        margs = ModelArgs(**{"vocab_size": 32000, **model_shape(args)})
     world = args.n_gpus or int(os.environ.get("WORLD_SIZE", "8"))
-    seq_len = args.seq_len or training.SEQ_LEN
-    print(training.format_memory_estimate(margs, seq_len, world, args.micro_batch_size, args.gpu_memory_gb))
+    return sizing.format_memory_estimate(margs, args.seq_len or training.SEQ_LEN, world, args.micro_batch_size,
+                                         args.gpu_memory_gb)
 
 
-def build_model(args, load_dtype):
-    if args.init == "random":
-        if args.tokenizer is None:
-            raise SystemExit("error: --init random needs --tokenizer (a sentencepiece model)")
-        tokenizer = SentencePieceTokenizer(args.tokenizer)
-        try:
-            margs = ModelArgs(**size_args(args, vocab_size=tokenizer.vocab_size))
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        if margs.vocab_size != tokenizer.vocab_size:  # yarn_minimal.load would refuse the result
-            raise SystemExit(f"error: --vocab-size {margs.vocab_size}, but {args.tokenizer} has {tokenizer.vocab_size} pieces")
-        with torch.device("meta"):  # materialized per block later: training.materialize_random
-            return Transformer(margs), tokenizer
+def start_model(args: argparse.Namespace, dtype: torch.dtype, data_meta: dict) -> tuple[Transformer, Tokenizer]:
+    """The model training starts from (a checkpoint, or --init random on the meta device) under
+    the rope it will train with, checked against the data and --export-hf before --out is touched."""
+    if args.init == "random" and args.tokenizer is None:
+        raise SystemExit("error: --init random needs --tokenizer (a sentencepiece model)")
     try:
-        return yarn_minimal.load(start_folder(args), dtype=load_dtype)
-    except yarn_minimal.CheckpointError as e:
+        model, tokenizer = (training.model_from_scratch(args.tokenizer, model_shape(args)) if args.init == "random"
+                            else yarn_minimal.load(start_folder(args), dtype=dtype))
+    except ValueError as e:  # CheckpointError included
         raise SystemExit(f"error: {e}") from None
-
-
-RUN_FILES = ("latest", "final", "final-hf", "metrics.jsonl")  # what makes an --out folder a run
-
-
-def claim_out(out: Path, resume, overwrite: bool) -> None:
-    """A finished or interrupted run is never overwritten by accident: continue it with --resume,
-    or start over with --overwrite (which deletes the old run's files first)."""
-    held = [name for name in RUN_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("step-*"))
-    if not held or resume:
-        return
-    if not overwrite:
-        raise SystemExit(f"error: --out {out} holds a run ({', '.join(held[:4])}); continue it with --resume, "
-                         "or start over with --overwrite")
-    for name in held:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def discard_if_empty(out: Path, created: bool) -> None:
-    """A run that fails before finishing its first step leaves nothing behind: no empty
-    metrics.jsonl, and no --out folder if it made it."""
-    metrics = out / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size == 0:
-        metrics.unlink()
-    if created and out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-
-
-def interrupted(out: Path, step: int, save_every: int) -> str:
-    """What Ctrl-C in the training loop says: the last step on disk and how to go on from it."""
-    latest = out / "latest"
-    if latest.is_file():
-        saved = out / latest.read_text().strip()
-        saved_step = json.loads((saved / "trainer.json").read_text())["step"]
-        return (f"interrupted during step {step + 1}; the last checkpoint is {saved} (step {saved_step}). "
-                "Continue with the same command plus --resume")
-    if not (out / "metrics.jsonl").is_file():
-        return f"interrupted during step {step + 1}; nothing was saved or kept: run the same command again"
-    return (f"interrupted during step {step + 1}, before the first checkpoint (--save-every {save_every}); "
-            "nothing to resume: run the same command again with --overwrite")
+    model.set_rope(choose_rope(args, model.rope))
+    if args.export_hf:  # find out now, not after 400 steps, that the setting has no HF form
+        try:
+            hf_rope_scaling(model.rope, model.args.head_dim)
+        except ValueError as e:
+            raise SystemExit(f"error: --export-hf: {e}") from None
+    if data_meta.get("vocab_size", model.args.vocab_size) > model.args.vocab_size:
+        raise SystemExit(f"error: {args.data}: tokenized with vocab_size {data_meta['vocab_size']}, "
+                         f"the model has {model.args.vocab_size}")
+    return model, tokenizer
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.estimate_memory:
-        return estimate(args)
-    if args.data is None or args.out is None:
-        raise SystemExit("error: --data and --out are required (or use --estimate-memory)")
-    if args.dtype == "float16":
-        raise SystemExit("error: --dtype float16: float16 training needs loss scaling, which this trainer does not "
-                         "do (gradients underflow); use --dtype bfloat16, the paper's precision")
+        return print(estimate(args))
+    check_flags(args)
     device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
     out = Path(args.out)
-    if args.resume and args.overwrite:
-        raise SystemExit("error: --resume and --overwrite: choose one")
-    segments, meta = open_segments(args.data)  # every input is checked before --out is touched
+    segments, data_meta = open_segments(args.data)  # every input is checked before --out is touched
     env = training.init_distributed(device)
     device = env.device
     try:
@@ -225,50 +196,24 @@ def main(argv=None) -> None:
                                env.world_size, args.seed, args.seq_len)
     except ValueError as e:
         raise SystemExit(f"error: {args.data}: {e}") from None
-
     torch.manual_seed(args.seed)
-    model, tokenizer = build_model(args, load_dtype=torch.float32 if dtype == torch.float32 else dtype)
-    model.set_rope(choose_rope(args, model.rope))
-    if args.export_hf:  # find out now, not after 400 steps, that the setting has no HF form
-        try:
-            hf_rope_scaling(model.rope, model.args.head_dim)
-        except ValueError as e:
-            raise SystemExit(f"error: --export-hf: {e}") from None
-    if meta.get("vocab_size", model.args.vocab_size) > model.args.vocab_size:
-        raise SystemExit(f"error: {args.data}: tokenized with vocab_size {meta['vocab_size']}, "
-                         f"the model has {model.args.vocab_size}")
+    model, tokenizer = start_model(args, dtype, data_meta)
     resume_from = training.find_checkpoint(args.resume, out) if args.resume else None
-    created = not out.exists()
-    if env.main:
-        claim_out(out, args.resume, args.overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-    env.barrier()
+    created = training.claim_out(out, env, args.resume, args.overwrite)
     model.activation_checkpointing = args.activation_checkpointing
-    random_seed = args.seed if args.init == "random" else None
-    if env.distributed:
-        model = training.shard_model(model, env, dtype, init_seed=random_seed)
-    else:
-        if random_seed is not None:
-            training.materialize_random(model, random_seed)
-        model.to(device=device, dtype=torch.float32)
-    model.train()
+    model = training.place_model(model, env, dtype, init_seed=args.seed if args.init == "random" else None).train()
     optimizer = training.make_optimizer(model, args.lr)
     scheduler = training.make_scheduler(optimizer, args.warmup_steps, args.schedule, args.steps)
-
-    same = dict(global_batch_size=args.global_batch_size, seed=args.seed, seq_len=loader.seq_len, schedule=args.schedule,
-                data_segments=int(segments.shape[0]), rope=model.rope.to_dict())
-    if args.schedule != "constant":  # a decaying rate is a function of --steps: changing it mid-run would jump
-        same["steps"] = args.steps
-    start = 0
-    if args.resume:
-        start = training.load_checkpoint(resume_from, model, optimizer, scheduler, env, same)["step"]
+    cfg = training.TrainConfig(args.global_batch_size, args.seed, loader.seq_len, args.schedule, int(segments.shape[0]),
+                               model.rope, steps=None if args.schedule == "constant" else args.steps)
+    start = training.load_checkpoint(resume_from, model, optimizer, scheduler, env, asdict(cfg))["step"] if resume_from else 0
     metrics = training.MetricsLog(out / "metrics.jsonl", start) if env.main else None
     if env.main:
         print(f"# {model.rope.describe()}; {env.world_size} process(es) on {device.type}, {str(dtype)[6:]}; "
               f"{loader.accumulation_steps} micro-batches of {args.micro_batch_size} x {loader.seq_len} per rank per step",
               file=sys.stderr)
-    peak = training.peak_flops(device, dtype)
-    flops_token = training.flops_per_token(model.args, loader.seq_len - 1)
+    peak = sizing.peak_flops(device, dtype)
+    flops_token = sizing.flops_per_token(model.args, loader.seq_len - 1)
     tokens_step = args.global_batch_size * (loader.seq_len - 1)
 
     step = start
@@ -289,7 +234,7 @@ def main(argv=None) -> None:
                 # weights are still those before this step: save them and the batch to inspect
                 name = f"nonfinite-step-{step + 1:06d}"
                 training.save_checkpoint(out, name, model, optimizer, scheduler,
-                                         dict(same, step=step, loss=loss, grad_norm=grad_norm,
+                                         dict(asdict(cfg), step=step, loss=loss, grad_norm=grad_norm,
                                               segments=loader.global_indices(step).tolist()), env)
                 raise SystemExit(f"error: step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
                                  f"(loss {loss}, grad norm {grad_norm}); weights before the step and the batch's segment "
@@ -300,7 +245,7 @@ def main(argv=None) -> None:
             dt = training.timer_sync(device) - t0
             record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_step / dt,
                           mfu=None if peak is None else tokens_step / dt * flops_token / (peak * env.world_size),
-                          max_memory_gb=training.max_memory_gb(device))
+                          max_memory_gb=sizing.peak_memory(device) / 1e9)
             if env.main:
                 metrics.write(record)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3f}",
@@ -308,12 +253,12 @@ def main(argv=None) -> None:
                                 **({} if record["mfu"] is None else {"mfu": f"{record['mfu']:.1%}"}))
             if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
                 training.save_checkpoint(out, f"step-{step + 1:06d}", model, optimizer, scheduler,
-                                         dict(same, step=step + 1), env, keep=args.keep_checkpoints)
+                                         dict(asdict(cfg), step=step + 1), env, keep=args.keep_checkpoints)
     except BaseException as e:
         if env.main:
-            discard_if_empty(out, created)
+            training.discard_if_empty(out, created)
         if isinstance(e, KeyboardInterrupt):
-            raise SystemExit(f"error: {interrupted(out, step, args.save_every)}" if env.main else 1) from None
+            raise SystemExit(f"error: {training.interrupted(out, step, args.save_every)}" if env.main else 1) from None
         raise
     training.save_model(model, tokenizer, out / "final", dtype, env, export_hf=args.export_hf)
     if env.main:

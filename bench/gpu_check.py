@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import yarn_minimal.model as model_module  # noqa: E402
 from bench_generate import decode_bytes_per_token, machine, memory_bandwidth  # noqa: E402
-from yarn_minimal import training  # noqa: E402
+from yarn_minimal import sizing, training  # noqa: E402
 from yarn_minimal.data import write_segments  # noqa: E402
 from yarn_minimal.generation import GenerationStats, generate  # noqa: E402
 from yarn_minimal.model import ModelArgs, Transformer  # noqa: E402
@@ -297,8 +297,8 @@ def check_train_mfu(setup: Setup) -> dict:
         times.append(training.timer_sync(setup.device) - t0)
     step = min(times[1:])
     tokens_per_s = setup.train_tokens / step
-    peak = training.peak_flops(setup.device, compute)
-    flops = training.flops_per_token(args, setup.train_tokens)
+    peak = sizing.peak_flops(setup.device, compute)
+    flops = sizing.flops_per_token(args, setup.train_tokens)
     out = {"layers": args.n_layers, "dim": args.dim, "tokens": setup.train_tokens, "step_s": step,
            "tokens_per_s": tokens_per_s, "model_tflops": tokens_per_s * flops / 1e12,
            "mfu": None if peak is None else tokens_per_s * flops / peak, "peak_gib": peak_gib(setup.device),

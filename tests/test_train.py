@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import yarn_minimal
 from hf_oracle import hf_model
-from yarn_minimal import training
+from yarn_minimal import sizing, training
 from yarn_minimal.data import write_segments
 from yarn_minimal.model import ModelArgs, Transformer
 from yarn_minimal.rope import RopeConfig
@@ -243,11 +243,11 @@ def test_memory_estimate_7b_64k_on_8x80gb():
     with torch.device("meta"):
         n = sum(p.numel() for p in Transformer(args).parameters())
     assert n == 6_738_415_616  # Llama 2 7B's published parameter count
-    ac = training.estimate_memory(args, 65536, 8, activation_checkpointing=True)
-    no_ac = training.estimate_memory(args, 65536, 8, activation_checkpointing=False)
+    ac = sizing.estimate_memory(args, 65536, 8, activation_checkpointing=True)
+    no_ac = sizing.estimate_memory(args, 65536, 8, activation_checkpointing=False)
     assert ac["n_params"] == n and ac["params"] + ac["grads"] + ac["adamw"] == 16 * n / 8
     assert ac["total"] < 0.9 * 80e9 < 80e9 < no_ac["total"]
-    text = training.format_memory_estimate(args, 65536, 8, 1, 80.0)
+    text = sizing.format_memory_estimate(args, 65536, 8, 1, 80.0)
     assert "with activation checkpointing: fits" in text and "without activation checkpointing: does NOT fit" in text
 
 
@@ -267,7 +267,7 @@ def test_activation_bytes_per_token_match_autograd():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.layers[0](x, rotation)
     saved = sum(storages.values()) - x.numel() * 2 - rotation.table.numel() * 8  # minus input and the shared complex64 rotation
-    per_token = training.estimate_memory(args, T, 1)["per_layer_per_token"]
+    per_token = sizing.estimate_memory(args, T, 1)["per_layer_per_token"]
     assert saved / T == pytest.approx(per_token, rel=0.15)
 
 

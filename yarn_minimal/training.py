@@ -7,8 +7,10 @@
     followed the same procedure, but started from the finished s = 16 checkpoint and trained
     for an additional 200 steps."
 
-train.py is the command line; this module holds the pieces: the recipe's optimizer and
-schedule, FSDP2 wrapping, resumable checkpoints, the memory estimate, and the metrics.
+train.py is the command line; this module holds the pieces its loop calls: the recipe's
+optimizer and schedule, processes and FSDP2 (with random initialization from scratch), the
+resume settings, metrics, and run folders with resumable checkpoints. What a run costs
+(parameters, FLOPs, the memory estimate) is in sizing.py.
 """
 from __future__ import annotations
 
@@ -18,21 +20,33 @@ import math
 import os
 import pickle
 import random
-import resource
 import shutil
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 
+try:  # public from torch 2.6; torch 2.5 has FSDP2 under its first, private name
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+
+from . import checkpoint
 from .checkpoint import CheckpointError, verify_checksums, write_checksums
-from .model import LOSS_CHUNK, ModelArgs, Transformer
+from .model import ModelArgs, Transformer
+from .rope import RopeConfig
+from .tokenizer import SentencePieceTokenizer, Tokenizer
 
 # Sec. 4.1. What the paper leaves open is chosen in the comments beside each value.
 LR = 2e-5
@@ -45,8 +59,7 @@ GLOBAL_BATCH = 64
 SEQ_LEN = 65536
 GRAD_CLIP = 1.0          # not stated in the paper, nor recorded in the public code (docs/training.md)
 SCHEDULE = "linear"      # after warmup: not stated in the paper; the authors' finetune.py decays to 0
-YARN_SCALE = 16.0
-ORIGINAL_LENGTH = 4096
+YARN_SCALE = 16.0        # s over Llama 2's L = 4096: 64k tokens
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +105,7 @@ SCHEDULES = ("linear", "constant", "cosine")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = WARMUP_STEPS,
-                   schedule: str = SCHEDULE, total_steps: int = STEPS):
+                   schedule: str = SCHEDULE, total_steps: int = STEPS) -> torch.optim.lr_scheduler.LambdaLR:
     # stepped exactly once per optimizer step on every rank (the public code's accelerate path
     # could advance it once per process)
     factor = {"linear": lambda step: linear_factor(step, warmup_steps, total_steps),
@@ -155,35 +168,12 @@ def init_distributed(device: torch.device) -> DistEnv:
     return DistEnv(dist.get_rank(), world_size, local_rank, device)
 
 
-def materialize_random(model: Transformer, seed: int, place=lambda unit: None) -> Transformer:
-    """A model built on the meta device (train.py --init random) made real one unit at a time
-    (embedding, each block, final norm, output) and initialized with init_weights' rule from
-    one seeded stream, in named_parameters order: the values init_weights(seed) gives. place(unit)
-    runs as soon as a unit is done (under FSDP: move and shard it), so no process ever holds
-    more than one full block beside the embedding."""
-    gen = torch.Generator().manual_seed(seed)
-    units = [("tok_embeddings", model.tok_embeddings)] + [(f"layers.{i}", b) for i, b in enumerate(model.layers)]
-    for prefix, unit in units + [("norm", model.norm), ("output", model.output)]:
-        unit.to_empty(device="cpu")
-        for name, p in unit.named_parameters():
-            with torch.no_grad():
-                model.init_parameter(f"{prefix}.{name}", p, generator=gen)
-        place(unit)
-    return model
-
-
 def shard_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype, init_seed: Optional[int] = None) -> Transformer:
     """FSDP2: one unit per TransformerBlock plus the root (embedding, final norm, output).
     Masters, gradients and AdamW states stay float32 and sharded; each unit is all-gathered in
     the compute dtype for its forward/backward, and gradients are reduce-scattered in float32.
     Blocks are moved to the device one at a time, so the full float32 model never has to fit;
     a meta-device model (--init random) is initialized block by block the same way (init_seed)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    try:  # public from torch 2.6; torch 2.5 has FSDP2 under its first, private name
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    except ImportError:
-        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                               reduce_dtype=torch.float32)
@@ -203,7 +193,19 @@ def shard_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype, in
     return model
 
 
-def autocast(device: torch.device, compute_dtype: torch.dtype, env: DistEnv):
+def place_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype,
+                init_seed: Optional[int] = None) -> Transformer:
+    """float32 master weights on env.device: sharded with FSDP2 under torchrun, whole in one
+    process. init_seed: the model is on the meta device (--init random) and is initialized
+    on the way, block by block."""
+    if env.distributed:
+        return shard_model(model, env, compute_dtype, init_seed)
+    if init_seed is not None:
+        materialize_random(model, init_seed)
+    return model.to(device=env.device, dtype=torch.float32)
+
+
+def autocast(device: torch.device, compute_dtype: torch.dtype, env: DistEnv) -> AbstractContextManager:
     """Single-process mixed precision: float32 masters, matmuls in the compute dtype. Under FSDP
     the MixedPrecisionPolicy does this instead."""
     if env.distributed or compute_dtype == torch.float32:
@@ -220,113 +222,36 @@ def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Throughput and memory
+# A model from scratch (train.py --init random): built on the meta device, made real one unit
+# at a time, so that no process holds the whole float32 model before it is sharded
 
-# Dense bf16 tensor-core peaks (no sparsity), per GPU, from the vendor data sheets.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
-                    "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
-    """Per-device peak FLOP/s when known (bf16/fp16 on a listed GPU), else None."""
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+def model_from_scratch(tokenizer_path: str, shape: dict) -> tuple[Transformer, SentencePieceTokenizer]:
+    """A Llama of the given ModelArgs fields (vocab_size: the tokenizer's unless given) on the
+    meta device, and its tokenizer. place_model makes it real with materialize_random's values."""
+    tokenizer = SentencePieceTokenizer(tokenizer_path)
+    args = ModelArgs(**{"vocab_size": tokenizer.vocab_size, **shape})
+    if args.vocab_size != tokenizer.vocab_size:  # yarn_minimal.load would refuse the result
+        raise ValueError(f"--vocab-size {args.vocab_size}, but {tokenizer_path} has {tokenizer.vocab_size} pieces")
+    with torch.device("meta"):
+        return Transformer(args), tokenizer
 
 
-def count_params(args: ModelArgs) -> dict:
-    """Parameter counts from the shapes in model.py, without building the model."""
-    d, hd, h = args.dim, args.head_dim, args.ffn_hidden_dim
-    attn = d * args.n_heads * hd * 2 + d * args.n_kv_heads * hd * 2   # wq, wo, wk, wv
-    block = attn + 3 * d * h + 2 * d                                    # SwiGLU, two norms
-    embed = args.vocab_size * d
-    return dict(block=block, embedding=embed, output=embed, norm=d,
-                total=args.n_layers * block + 2 * embed + d)
-
-
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Model FLOPs per trained token (forward + backward = 3 x forward; activation-checkpoint
-    recomputation is not counted, as MFU requires). Matmuls: 6 N (N without the embedding,
-    which is a lookup). Causal attention: q k^T and p v cost 2 x 2 |D| H per visible key,
-    T/2 keys on average, per layer: 6 x 2 x n_layers x dim x T / 2."""
-    n = count_params(args)
-    return 6 * (n["total"] - n["embedding"]) + 6 * args.n_layers * args.dim * seq_len
-
-
-def max_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # peak RSS (Linux: KiB)
-
-
-def estimate_memory(args: ModelArgs, seq_len: int, world_size: int, micro_batch: int = 1,
-                    activation_checkpointing: bool = True, compute_bytes: int = 2,
-                    loss_chunk: int = LOSS_CHUNK) -> dict:
-    """Per-GPU bytes for FSDP2 training (docs/training.md derives every term).
-
-    states       float32 masters + float32 gradients + AdamW m and v: 16 bytes per parameter,
-                 sharded over world_size.
-    working      unsharded compute-dtype copies of two blocks (the one running and the one
-                 prefetched), one block's unsharded float32 gradient for the reduce-scatter,
-                 and the root (embedding + output) unsharded with its gradient.
-    activations  what autograd keeps per token per layer (model.py with flash-attn/SDPA: no
-                 T x T tensor): both RMSNorms keep a float32 copy of their input (4d) and a
-                 compute-dtype normalized output and product (2 x b d); RoPE keeps q and k in
-                 float32 (4 (dq + dkv)); attention keeps q, k, v and its output (b (2 dq + 2 dkv))
-                 and a float32 log-sum-exp per head; SwiGLU keeps w1x, silu(w1x), w3x and their
-                 product (4 b h). With checkpointing only each block's input (b d) is kept, plus
-                 one block's activations while it is recomputed.
-    loss         the final norm's activations, and the logits of one chunk of loss_chunk tokens
-                 (of micro_batch x seq_len) at a time: compute dtype, float32, float32 gradient.
-    """
-    b, d, h, H = compute_bytes, args.dim, args.ffn_hidden_dim, args.n_heads
-    dq, dkv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    p = count_params(args)
-    tokens = micro_batch * seq_len
-    norm = 4 * d + 4 + 2 * b * d
-    per_layer = 2 * norm + 4 * (dq + dkv) + b * (2 * dq + 2 * dkv) + 4 * H + 4 * b * h   # bytes per token
-    if activation_checkpointing:
-        acts = tokens * (args.n_layers * b * d + per_layer)
-    else:
-        acts = tokens * args.n_layers * per_layer
-    root = p["embedding"] + p["output"] + p["norm"]
-    out = dict(
-        params=4 * p["total"] / world_size,
-        grads=4 * p["total"] / world_size,
-        adamw=8 * p["total"] / world_size,
-        working=2 * b * p["block"] + 4 * p["block"] + (b + 4) * root,
-        activations=acts,
-        loss=tokens * norm + min(loss_chunk, tokens) * args.vocab_size * (b + 4 + 4),
-    )
-    out["total"] = sum(out.values())
-    out["n_params"] = p["total"]
-    out["per_layer_per_token"] = per_layer
-    return out
-
-
-def format_memory_estimate(args: ModelArgs, seq_len: int, world_size: int, micro_batch: int,
-                           gpu_memory_gb: float, compute_bytes: int = 2) -> str:
-    lines = [f"model: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads ({args.n_kv_heads} kv), "
-             f"vocab {args.vocab_size}, ffn {args.ffn_hidden_dim}; sequence {seq_len} x micro-batch {micro_batch}; "
-             f"{world_size} GPUs (FSDP full shard); per-GPU GB (1 GB = 1e9 bytes):"]
-    est = {ac: estimate_memory(args, seq_len, world_size, micro_batch, ac, compute_bytes) for ac in (False, True)}
-    lines.append(f"  parameters: {est[True]['n_params'] / 1e9:.2f} B")
-    lines.append(f"  {'':34s}{'no checkpointing':>18s}{'checkpointing':>16s}")
-    names = {"params": "float32 masters (sharded)", "grads": "float32 gradients (sharded)",
-             "adamw": "AdamW m, v (sharded)", "working": "unsharded blocks + root",
-             "activations": "activations", "loss": "final norm + loss chunk", "total": "total"}
-    for key, label in names.items():
-        lines.append(f"  {label:34s}{est[False][key] / 1e9:18.1f}{est[True][key] / 1e9:16.1f}")
-    for ac in (False, True):
-        fits = est[ac]["total"] <= 0.9 * gpu_memory_gb * 1e9
-        lines.append(f"  {'with' if ac else 'without'} activation checkpointing: "
-                     f"{'fits' if fits else 'does NOT fit'} in {gpu_memory_gb:g} GB (keeping 10% for the CUDA "
-                     f"context, allocator fragmentation and kernel workspaces)")
-    return "\n".join(lines)
+def materialize_random(model: Transformer, seed: int,
+                       place: Callable[[torch.nn.Module], None] = lambda unit: None) -> Transformer:
+    """A model built on the meta device (train.py --init random) made real one unit at a time
+    (embedding, each block, final norm, output) and initialized with init_weights' rule from
+    one seeded stream, in named_parameters order: the values init_weights(seed) gives. place(unit)
+    runs as soon as a unit is done (under FSDP: move and shard it), so no process ever holds
+    more than one full block beside the embedding."""
+    gen = torch.Generator().manual_seed(seed)
+    units = [("tok_embeddings", model.tok_embeddings)] + [(f"layers.{i}", b) for i, b in enumerate(model.layers)]
+    for prefix, unit in units + [("norm", model.norm), ("output", model.output)]:
+        unit.to_empty(device="cpu")
+        for name, p in unit.named_parameters():
+            with torch.no_grad():
+                model.init_parameter(f"{prefix}.{name}", p, generator=gen)
+        place(unit)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +275,56 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders: OUT holds metrics.jsonl, step-* checkpoints, latest (the newest one's name) and
+# final/ (+ final-hf/)
+
+RUN_FILES = ("latest", "final", "final-hf", "metrics.jsonl")  # what makes an --out folder a run
+
+
+def claim_out(out: Path, env: DistEnv, resume: Optional[str], overwrite: bool) -> bool:
+    """Make --out ready for this run; True if it had to be created. A finished or interrupted run
+    is never overwritten by accident: continue it with --resume, or start over with --overwrite
+    (which deletes the old run's files first)."""
+    created = not out.exists()
+    held = [name for name in RUN_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("step-*"))
+    if env.main and held and not resume:
+        if not overwrite:
+            raise SystemExit(f"error: --out {out} holds a run ({', '.join(held[:4])}); continue it with --resume, "
+                             "or start over with --overwrite")
+        for name in held:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+    env.barrier()
+    return created
+
+
+def discard_if_empty(out: Path, created: bool) -> None:
+    """A run that fails before finishing its first step leaves nothing behind: no empty
+    metrics.jsonl, and no --out folder if it made it."""
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size == 0:
+        metrics.unlink()
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def interrupted(out: Path, step: int, save_every: int) -> str:
+    """What Ctrl-C in the training loop says: the last step on disk and how to go on from it."""
+    latest = out / "latest"
+    if latest.is_file():
+        saved = out / latest.read_text().strip()
+        saved_step = json.loads((saved / "trainer.json").read_text())["step"]
+        return (f"interrupted during step {step + 1}; the last checkpoint is {saved} (step {saved_step}). "
+                "Continue with the same command plus --resume")
+    if not (out / "metrics.jsonl").is_file():
+        return f"interrupted during step {step + 1}; nothing was saved or kept: run the same command again"
+    return (f"interrupted during step {step + 1}, before the first checkpoint (--save-every {save_every}); "
+            "nothing to resume: run the same command again with --overwrite")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,8 +364,6 @@ DCP_METADATA_TYPES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"
 
 class _DcpMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        import torch.distributed.checkpoint.metadata as dcp_metadata
-
         found = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
         allowed = ((isinstance(found, type) and found.__module__ == module)  # a class DCP defines, not an import
                    or (module, name) in DCP_METADATA_TYPES
@@ -412,15 +385,28 @@ def check_dcp_metadata(path: Path) -> None:
                               "holds only DCP's own types, so this file is corrupt or crafted") from None
 
 
-def save_checkpoint(out: Path, name: str, model, optimizer, scheduler, trainer_state: dict, env: DistEnv,
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a run must keep to be resumed: the data order (batch, seed, sequence length, the
+    data's size), the rope it trains under, and the rate schedule. Written to every
+    checkpoint's trainer.json as asdict(cfg), and compared field by field on --resume."""
+
+    global_batch_size: int
+    seed: int
+    seq_len: int
+    schedule: str
+    data_segments: int
+    rope: RopeConfig
+    steps: Optional[int] = None  # a decaying rate is a function of --steps; None when constant (it may grow)
+
+
+def save_checkpoint(out: Path, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, trainer_state: dict, env: DistEnv,
                     keep: int = 0) -> Path:
     """Write OUT/name atomically: everything goes to OUT/name.tmp, which is renamed only once
     every rank has finished, and OUT/latest is then pointed at it. A kill at any moment leaves
     either the previous checkpoint or the new one, never a half-written one under a final name.
     keep > 0 deletes all but the newest `keep` step-* checkpoints."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     final, tmp = out / name, out / (name + ".tmp")
     if env.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -471,13 +457,11 @@ def find_checkpoint(resume: str, out: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv, expected: dict) -> dict:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, env: DistEnv, expected: dict) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from a save_checkpoint folder.
-    `expected` holds settings that must match (batch, seed, data, rope, ...). Every file is
+    `expected` holds settings that must match (asdict of the run's TrainConfig). Every file is
     checked against the checksums its rank wrote before a byte of it is used."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     manifests = sorted(f.name for f in path.glob("checksums-rank*.json"))
     if "checksums-rank0.json" not in manifests:
         raise CheckpointError(f"{path}: no checksums-rank0.json; not a complete checkpoint")
@@ -511,18 +495,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, env: DistEnv, expec
     return state
 
 
-def full_state_dict(model) -> dict:
+def full_state_dict(model: torch.nn.Module) -> dict:
     """The whole model's weights on CPU; under FSDP gathered to rank 0 (other ranks get {})."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_model(model, tokenizer, path: Path, dtype: torch.dtype, env: DistEnv, export_hf: bool = False) -> None:
+def save_model(model: torch.nn.Module, tokenizer: Tokenizer, path: Path, dtype: torch.dtype, env: DistEnv,
+               export_hf: bool = False) -> None:
     """The final model in the project's layout (params.json + weights + rope.json + tokenizer),
     so `generate.py --ckpt OUT/final` needs no rope flags; written to path.tmp, then renamed."""
-    from . import checkpoint
-
     state = full_state_dict(model)
     if env.main:
         with torch.device("meta"):
@@ -538,6 +519,7 @@ def save_model(model, tokenizer, path: Path, dtype: torch.dtype, env: DistEnv, e
 
 
 def timer_sync(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
