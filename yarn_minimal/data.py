@@ -12,12 +12,18 @@ The file is memory-mapped when read, so a 64k x 10^5 segment dataset costs no RA
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
+
+from .cli import run_main
+from .tokenizer import SentencePieceTokenizer
 
 FORMAT = "yarn-minimal-tokens/1"
 
@@ -160,7 +166,7 @@ class SegmentWriter:
         self.n_segments = 0
         self.n_tokens = 0  # every token appended, including the dropped tail
 
-    def append(self, ids) -> None:
+    def append(self, ids: Sequence[int] | np.ndarray) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         self.n_tokens += len(ids)
         self.pending.append(ids)
@@ -198,10 +204,6 @@ def prepare(inputs: list[str], tokenizer_path: str | os.PathLike, seq_len: int, 
     """Tokenize every document, bookend it with BOS and EOS, concatenate the documents in input
     order and cut the stream into segments of seq_len tokens. Deterministic: the same inputs
     give the same bytes. Returns meta.json's content."""
-    from tqdm import tqdm
-
-    from .tokenizer import SentencePieceTokenizer
-
     if seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2 (one input and one target token), got {seq_len}")
     tok = SentencePieceTokenizer(tokenizer_path)
@@ -276,11 +278,9 @@ class SegmentLoader:
         per_rank = self.global_batch // self.world_size
         return self.global_indices(step)[self.rank * per_rank:(self.rank + 1) * per_rank]
 
-    def micro_batches(self, step: int):
+    def micro_batches(self, step: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (inputs, targets) int64 tensors of shape (micro_batch, seq_len - 1): targets are
         the next tokens of the same segment (tokens[:, 1:] predicted from tokens[:, :-1])."""
-        import torch
-
         idx = self.rank_indices(step)
         for j in range(0, len(idx), self.micro_batch):
             rows = np.sort(idx[j:j + self.micro_batch])
@@ -288,9 +288,7 @@ class SegmentLoader:
             yield tokens[:, :-1], tokens[:, 1:]
 
 
-def main(argv=None) -> None:
-    import argparse
-
+def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m yarn_minimal.data",
         description="Tokenize local documents into fixed-length training segments (Sec. 4.1: PG19 in 64k "
@@ -315,6 +313,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from yarn_minimal.cli import run_main
-
     run_main(main)
