@@ -251,6 +251,18 @@ def test_memory_estimate_7b_64k_on_8x80gb():
     assert "with activation checkpointing: fits" in text and "without activation checkpointing: does NOT fit" in text
 
 
+def test_parameter_counts_are_llama2s_published():
+    """sizing.count_params (the model made on the meta device) against Meta's published totals,
+    and the 70B block (grouped-query attention, ffn 28672) counted by hand:
+    wq, wo 8192 x 8192; wk, wv 8192 x 1024; w1, w2, w3 8192 x 28672; two norms of 8192."""
+    published = {"7b": 6_738_415_616, "13b": 13_015_864_320, "70b": 68_976_648_192}
+    for size, total in published.items():
+        assert sizing.count_params(ModelArgs(**sizing.LLAMA2_SIZES[size]))["total"] == total, size
+    n = sizing.count_params(ModelArgs(**sizing.LLAMA2_SIZES["70b"]))
+    assert n["block"] == 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
+    assert n["embedding"] == n["output"] == 32000 * 8192 and n["norm"] == 8192
+
+
 def test_activation_bytes_per_token_match_autograd():
     """The per-layer activation term against what autograd actually saves for one block (bf16)."""
     args = ModelArgs(dim=128, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=32)

@@ -121,6 +121,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int = WARMUP_
 
 @dataclass
 class DistEnv:
+    """This process's place among torchrun's: rank 0 of 1 without torchrun."""
+
     rank: int
     world_size: int
     local_rank: int
