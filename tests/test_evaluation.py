@@ -317,6 +317,16 @@ def test_config_spec_applies_rope_fields():
     assert report.apply_config(RopeConfig(), report.parse_config("scale=4")).method == "yarn"  # as --yarn-scale alone
 
 
+def test_length_and_number_flags():
+    assert report.parse_lengths("2048, 4k,8K") == [2048, 4096, 8192]  # k = 1024
+    assert report.parse_floats("0,0.25, 1", "--depths") == [0.0, 0.25, 1.0]
+    for text, needle in [("2k,x", "'x' is not an integer"), ("0,8", "must be > 0, got 0"), (" , ", "no values")]:
+        with pytest.raises(ev.EvalError, match=needle):
+            report.parse_lengths(text)
+    with pytest.raises(ev.EvalError, match="--depths 'a,1': 'a' is not a number"):
+        report.parse_floats("a,1", "--depths")
+
+
 def test_config_keys_are_rope_fields_with_their_types():
     """--config's explicit key-to-type map covers every RopeConfig field, and each field's
     default (where it has one) is a value of the type the map reads."""

@@ -28,27 +28,28 @@ from .tokenizer import Tokenizer
 
 def parse_lengths(text: str, flag: str = "--lengths") -> list[int]:
     """"2048,4096,8k" -> [2048, 4096, 8192] (k = 1024)."""
-    out = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        try:
-            value = int(item[:-1]) * 1024 if item.lower().endswith("k") else int(item)
-        except ValueError:
-            raise EvalError(f"{flag} {text!r}: {item!r} is not an integer (or <n>k)") from None
-        if value <= 0:
-            raise EvalError(f"{flag} {text!r}: lengths must be > 0, got {value}")
-        out.append(value)
-    if not out:
-        raise EvalError(f"{flag} {text!r}: no lengths given")
-    return out
+    lengths = _comma_list(text, flag, lambda s: int(s[:-1]) * 1024 if s.lower().endswith("k") else int(s),
+                          "an integer (or <n>k)")
+    if min(lengths) <= 0:
+        raise EvalError(f"{flag} {text!r}: lengths must be > 0, got {min(lengths)}")
+    return lengths
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
-    try:
-        out = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise EvalError(f"{flag} {text!r}: expected comma-separated numbers") from None
-    if not out:
+    """"0,0.5,1" -> [0.0, 0.5, 1.0]."""
+    return _comma_list(text, flag, float, "a number")
+
+
+def _comma_list(text: str, flag: str, read: Callable[[str], object], what: str) -> list:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
         raise EvalError(f"{flag} {text!r}: no values given")
+    out = []
+    for item in items:
+        try:
+            out.append(read(item))
+        except ValueError:
+            raise EvalError(f"{flag} {text!r}: {item!r} is not {what}") from None
     return out
 
 

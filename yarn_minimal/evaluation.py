@@ -211,67 +211,6 @@ def check_length(model: Transformer, length: int, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Appendix A.2: the attention temperature sweep
-# ---------------------------------------------------------------------------------------
-
-def attention_factor_sweep(model: Transformer, documents: Sequence[Sequence[int]], bos_id: Optional[int], window: int,
-                           factors: Sequence[float], stride: int = 256, truncate: bool = False,
-                           segment_length: int = 2048) -> dict:
-    """Perplexity for every sqrt(1/t) in `factors` at the model's fixed s (method yarn), overall
-    (Figure 2: token-weighted, and mean/std of per-document perplexity) and per segment of
-    token positions [k*segment_length, (k+1)*segment_length) (Figure 3: mean over documents of
-    Eq. 26, (ppl(t) - ppl(t=1)) / ppl(t=1), in %; Figure 4: how many documents have their
-    lowest perplexity at each factor). sqrt(1/t) = 1 is always evaluated, as the reference."""
-    rope = model.rope
-    if rope.method != "yarn":
-        raise EvalError(f"--attention-factor-sweep: needs --method yarn (NTK-by-parts + temperature, Sec. 3.4), "
-                        f"the model is set to {rope.method!r}")
-    if segment_length < 1:
-        raise EvalError(f"--segment-length {segment_length}: must be >= 1")
-    factors = sorted(set(float(f) for f in factors) | {1.0})
-    per_factor = {}
-    try:
-        for a in factors:
-            model.set_rope(replace(rope, attention_factor=a))
-            per_factor[a] = score_documents(model, documents, bos_id, window, stride, truncate,
-                                            desc=f"sqrt(1/t)={a:g}")
-    finally:
-        model.set_rope(rope)
-    n_max = max(len(n) for n in per_factor[1.0].token_nll)
-    segments = [(a, min(a + segment_length, n_max)) for a in range(0, n_max, segment_length)]
-
-    def seg_ppl(nll):  # (segments,) perplexity of one document per segment; NaN where unscored
-        out = []
-        for a, b in segments:
-            part = nll[a:b]
-            out.append(math.exp(float(np.nanmean(part))) if np.isfinite(part).any() else float("nan"))
-        return np.array(out)
-
-    seg = {a: np.stack([seg_ppl(n) for n in s.token_nll]) for a, s in per_factor.items()}  # (docs, segments)
-    change = {a: 100 * (seg[a] - seg[1.0]) / seg[1.0] for a in factors}                      # Eq. 26, in %
-    stacked = np.stack([np.where(np.isnan(seg[a]), np.inf, seg[a]) for a in factors])      # (factors, docs, segments)
-    best = stacked.argmin(0)
-    doc_ppl = {a: per_factor[a].document_perplexities() for a in factors}
-    return {
-        "window": window, "scale": rope.scale, "segment_length": segment_length, "factors": factors,
-        "recommended_factor": yarn_attention_factor(rope.scale, rope.attention_coefficient),
-        "perplexity": [per_factor[a].perplexity for a in factors],
-        "tokens": [per_factor[a].tokens for a in factors],
-        "document_perplexity_mean": [float(doc_ppl[a].mean()) for a in factors],
-        "document_perplexity_std": [float(doc_ppl[a].std()) for a in factors],
-        "segments": [list(s) for s in segments],
-        "segment_change_percent": [[_nan_to_none(float(np.nanmean(c))) if np.isfinite(c).any() else None
-                                    for c in change[a].T] for a in factors],
-        "best_factor_counts": [[int(((best[:, k] == i) & np.isfinite(stacked[i, :, k])).sum()) for k in range(len(segments))]
-                               for i in range(len(factors))],
-    }
-
-
-def _nan_to_none(x: float):
-    return None if math.isnan(x) else x
-
-
-# ---------------------------------------------------------------------------------------
 # Passkey retrieval
 # ---------------------------------------------------------------------------------------
 
@@ -389,6 +328,67 @@ def passkey_summary(results: Sequence[dict], threshold: float = 0.8) -> dict:
     context = max(passing)
     accs = [r["accuracy"] for r in results if r["length"] <= context]
     return {"passkey_context": context, "passkey_accuracy": sum(accs) / len(accs)}
+
+
+# ---------------------------------------------------------------------------------------
+# Appendix A.2: the attention temperature sweep
+# ---------------------------------------------------------------------------------------
+
+def attention_factor_sweep(model: Transformer, documents: Sequence[Sequence[int]], bos_id: Optional[int], window: int,
+                           factors: Sequence[float], stride: int = 256, truncate: bool = False,
+                           segment_length: int = 2048) -> dict:
+    """Perplexity for every sqrt(1/t) in `factors` at the model's fixed s (method yarn), overall
+    (Figure 2: token-weighted, and mean/std of per-document perplexity) and per segment of
+    token positions [k*segment_length, (k+1)*segment_length) (Figure 3: mean over documents of
+    Eq. 26, (ppl(t) - ppl(t=1)) / ppl(t=1), in %; Figure 4: how many documents have their
+    lowest perplexity at each factor). sqrt(1/t) = 1 is always evaluated, as the reference."""
+    rope = model.rope
+    if rope.method != "yarn":
+        raise EvalError(f"--attention-factor-sweep: needs --method yarn (NTK-by-parts + temperature, Sec. 3.4), "
+                        f"the model is set to {rope.method!r}")
+    if segment_length < 1:
+        raise EvalError(f"--segment-length {segment_length}: must be >= 1")
+    factors = sorted(set(float(f) for f in factors) | {1.0})
+    per_factor = {}
+    try:
+        for a in factors:
+            model.set_rope(replace(rope, attention_factor=a))
+            per_factor[a] = score_documents(model, documents, bos_id, window, stride, truncate,
+                                            desc=f"sqrt(1/t)={a:g}")
+    finally:
+        model.set_rope(rope)
+    n_max = max(len(n) for n in per_factor[1.0].token_nll)
+    segments = [(a, min(a + segment_length, n_max)) for a in range(0, n_max, segment_length)]
+
+    def seg_ppl(nll):  # (segments,) perplexity of one document per segment; NaN where unscored
+        out = []
+        for a, b in segments:
+            part = nll[a:b]
+            out.append(math.exp(float(np.nanmean(part))) if np.isfinite(part).any() else float("nan"))
+        return np.array(out)
+
+    seg = {a: np.stack([seg_ppl(n) for n in s.token_nll]) for a, s in per_factor.items()}  # (docs, segments)
+    change = {a: 100 * (seg[a] - seg[1.0]) / seg[1.0] for a in factors}                      # Eq. 26, in %
+    stacked = np.stack([np.where(np.isnan(seg[a]), np.inf, seg[a]) for a in factors])      # (factors, docs, segments)
+    best = stacked.argmin(0)
+    doc_ppl = {a: per_factor[a].document_perplexities() for a in factors}
+    return {
+        "window": window, "scale": rope.scale, "segment_length": segment_length, "factors": factors,
+        "recommended_factor": yarn_attention_factor(rope.scale, rope.attention_coefficient),  # Eq. 22
+        "perplexity": [per_factor[a].perplexity for a in factors],
+        "tokens": [per_factor[a].tokens for a in factors],
+        "document_perplexity_mean": [float(doc_ppl[a].mean()) for a in factors],
+        "document_perplexity_std": [float(doc_ppl[a].std()) for a in factors],
+        "segments": [list(s) for s in segments],
+        "segment_change_percent": [[_nan_to_none(float(np.nanmean(c))) if np.isfinite(c).any() else None
+                                    for c in change[a].T] for a in factors],
+        "best_factor_counts": [[int(((best[:, k] == i) & np.isfinite(stacked[i, :, k])).sum()) for k in range(len(segments))]
+                               for i in range(len(factors))],
+    }
+
+
+def _nan_to_none(x: float):
+    return None if math.isnan(x) else x
 
 
 # Moved to eval_report.py; still reachable here for one release (experiments/real_model.py).
