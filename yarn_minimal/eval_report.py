@@ -114,15 +114,15 @@ def iter_configs(specs: Sequence[str], ckpt: Path, rope_from_flags: Callable[[Ro
         yield label, path, model, tokenizer
 
 
+# ---------------------------------------------------------------------------------------
+# Result rows and tables
+# ---------------------------------------------------------------------------------------
+
 def rope_row(rope: RopeConfig) -> dict:
     """The RoPE columns of a result row."""
     return {"method": rope.method, "scale": rope.scale, "dynamic": rope.dynamic,
             "original_length": rope.original_length, "attention_factor": rope.attention_factor}
 
-
-# ---------------------------------------------------------------------------------------
-# Result rows and tables
-# ---------------------------------------------------------------------------------------
 
 def warn_short_documents(label: str, window: int, short: int, total: int, scored: int) -> None:
     """A column labelled W over documents shorter than W is not perplexity at W: say so where
@@ -217,6 +217,12 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    _pyplot().close(fig)
+
+
 def plot_perplexity(results: Sequence[dict], path: str) -> None:
     """Figure 1's style: perplexity against context window, one line per config, log y."""
     plt = _pyplot()
@@ -229,9 +235,7 @@ def plot_perplexity(results: Sequence[dict], path: str) -> None:
     ax.set_ylabel("perplexity (lower is better)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_sweep(sweep: dict, path: str) -> None:
@@ -259,9 +263,7 @@ def plot_sweep(sweep: dict, path: str) -> None:
     axes[2].set_xticks(range(len(sweep["segments"])), [f"{a}" for a, _ in sweep["segments"]], rotation=45)
     axes[2].set(xlabel="segment start (token position)", ylabel="sqrt(1/t)", title="documents with lowest perplexity")
     fig.colorbar(im, ax=axes[2])
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_passkey(results: Sequence[dict], path: str) -> None:
@@ -282,6 +284,4 @@ def plot_passkey(results: Sequence[dict], path: str) -> None:
         axes[0, 1].set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         axes[0, 1].set(xlabel="context length (tokens)", ylabel="key depth (fraction of filler)")
         fig.colorbar(im, ax=axes[0, 1], label="accuracy (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _save(fig, path)
