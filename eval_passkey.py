@@ -13,7 +13,7 @@ passkey accuracy of Table 5 (mean accuracy over the lengths up to the passkey co
 import argparse
 import sys
 
-from yarn_minimal import cli, evaluation as ev
+from yarn_minimal import cli, eval_report as report, evaluation as ev
 from yarn_minimal.checkpoint import load
 from yarn_minimal.cli import (add_bos_arg, add_checkpoint_arg, add_device_args, add_rope_args, resolve_bos,
                               resolve_checkpoint, resolve_device_dtype, rope_from_args)
@@ -44,7 +44,7 @@ def lengths_from_args(args) -> list[int]:
     if args.lengths and any(x is not None for x in (args.min_length, args.max_length, args.step)):
         raise ev.EvalError("give either --lengths or --min-length/--max-length/--step, not both")
     if args.lengths:
-        return ev.parse_lengths(args.lengths)
+        return report.parse_lengths(args.lengths)
     if None in (args.min_length, args.max_length, args.step):
         raise ev.EvalError("no lengths: give --lengths 8192,16384,... or all of --min-length, --max-length, --step")
     if not (0 < args.min_length <= args.max_length and args.step > 0):
@@ -54,12 +54,9 @@ def lengths_from_args(args) -> list[int]:
 
 
 def main(argv=None):
-    ev.run_script(run, parse_args(argv))
-
-
-def run(args):
+    args = parse_args(argv)
     lengths = lengths_from_args(args)
-    depths = ev.parse_floats(args.depths, "--depths") if args.depths else None
+    depths = report.parse_floats(args.depths, "--depths") if args.depths else None
     if depths and not all(0 <= d <= 1 for d in depths):
         raise ev.EvalError(f"--depths {args.depths}: every depth must be in [0, 1]")
     if args.iterations < 1 or args.max_new_tokens < 1:
@@ -72,14 +69,14 @@ def run(args):
 
     bos = resolve_bos(args.bos, tokenizer)
     results = ev.run_passkey(model, tokenizer, lengths, args.iterations, args.seed, depths, args.max_new_tokens, bos)
-    print(ev.passkey_table(results))
-    config = dict(vars(args), ckpt=str(ckpt), bos=bos, lengths=lengths, depths=depths, rope=model.rope.to_dict(),
-                  device=str(device), dtype=str(dtype).replace("torch.", ""))
+    print(report.passkey_table(results))
+    config = report.run_config(args, device, dtype, ckpt=str(ckpt), bos=bos, lengths=lengths, depths=depths,
+                               rope=model.rope.to_dict())
     if args.out:
-        ev.write_json(args.out, {"results": results, **ev.passkey_summary(results), "config": config})
+        report.write_json(args.out, {"results": results, **ev.passkey_summary(results), "config": config})
         print(f"wrote {args.out}", file=sys.stderr)
     if args.plot:
-        ev.plot_passkey(results, args.plot)
+        report.plot_passkey(results, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
 
 

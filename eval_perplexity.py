@@ -14,9 +14,10 @@ import argparse
 import sys
 import warnings
 
-from yarn_minimal import cli, evaluation as ev
+from yarn_minimal import cli, eval_report as report, evaluation as ev
 from yarn_minimal.cli import (add_bos_arg, add_checkpoint_arg, add_device_args, add_rope_args, resolve_bos,
                               resolve_checkpoint, resolve_device_dtype, rope_from_args)
+from yarn_minimal.rope import warn_beyond_window
 
 
 def parse_args(argv=None):
@@ -25,7 +26,7 @@ def parse_args(argv=None):
     add_rope_args(p)
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE,...",
                    help="one RoPE setting to evaluate; repeat to compare several in one run. Keys: "
-                        f"{', '.join(ev.CONFIG_KEYS)} (e.g. --config method=pi,dynamic=1,label=Dynamic-PI: s = max(1, W/L); a scale with dynamic=1 is the floor s0). "
+                        f"{', '.join(report.CONFIG_KEYS)} (e.g. --config method=pi,dynamic=1,label=Dynamic-PI: s = max(1, W/L); a scale with dynamic=1 is the floor s0). "
                         "Each starts from its checkpoint's own setting plus the rope flags above. "
                         "Without --config, the rope flags alone give the one setting")
     g = p.add_argument_group("documents")
@@ -55,72 +56,79 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    ev.run_script(run, parse_args(argv))
-
-
-def run(args):
-    windows = ev.parse_lengths(args.lengths)
-    factors = ev.parse_floats(args.attention_factor_sweep, "--attention-factor-sweep") if args.attention_factor_sweep else None
-    if factors and (len(windows) != 1 or len(args.config) > 1):
-        raise ev.EvalError(f"--attention-factor-sweep: give one --lengths value and at most one --config "
-                           f"(got {len(windows)} lengths, {len(args.config)} configs)")
-    if args.stride > min(windows) - 1 and not args.truncate:
-        warnings.warn(f"--stride {args.stride} > W - 1 = {min(windows) - 1}: the tokens between one window's end "
-                         "and the next window's begin are not scored")
+    args = parse_args(argv)
+    windows, factors = protocol_from_args(args)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     documents = ev.load_documents(args.files, args.text_field)
     print(f"{len(documents)} documents from {', '.join(args.files)}", file=sys.stderr)
 
     results, sweep, tokenized = [], None, {}
-    configs = ev.iter_configs(args.config, resolve_checkpoint(args.ckpt), lambda base: rope_from_args(args, base),
-                              device, dtype)
+    configs = report.iter_configs(args.config, resolve_checkpoint(args.ckpt), lambda base: rope_from_args(args, base),
+                                  device, dtype)
     for label, ckpt, model, tokenizer in configs:
-        if tokenizer.path not in tokenized:
-            tokenized[tokenizer.path] = ev.tokenize_documents(tokenizer, documents, args.min_tokens, args.max_documents)
-            docs, skipped = tokenized[tokenizer.path]
-            print(f"{len(docs)} documents kept, {skipped} skipped ({ev.skip_reason(args.min_tokens)})", file=sys.stderr)
+        if tokenizer.path not in tokenized:  # configs that share a tokenizer share its token lists
+            tokenized[tokenizer.path] = kept_documents(args, tokenizer, documents)
         docs, skipped = tokenized[tokenizer.path]
         bos_id = tokenizer.bos_id if resolve_bos(args.bos, tokenizer) else None  # None: windows without BOS
-        if not docs:
-            raise ev.EvalError(f"no document left to score: {skipped} skipped ({ev.skip_reason(args.min_tokens)})"
-                               + ("; lower --min-tokens or add longer documents" if args.min_tokens > 1 else ""))
+        row = {"label": label, "ckpt": str(ckpt), **report.rope_row(model.rope)}
         if factors:
             sweep = ev.attention_factor_sweep(model, docs, bos_id, windows[0], factors, args.stride,
                                               args.truncate, args.segment_length)
             sweep.update(label=label, ckpt=str(ckpt), rope=model.rope.to_dict())
-            for a, ppl, n in zip(sweep["factors"], sweep["perplexity"], sweep["tokens"]):
-                results.append({"label": f"{label} sqrt(1/t)={a:g}", "ckpt": str(ckpt),
-                                **ev.rope_row(model.rope), "attention_factor": a, "window": windows[0],
-                                "perplexity": ppl, "tokens": n})
-            continue
-        for window in windows:
-            ev.warn_beyond_window(model.rope, window, f"{label}: window")
-            scores = ev.score_documents(model, docs, bos_id, window, args.stride, args.truncate,
-                                        desc=f"{label} W={window}")
-            short = sum(len(d) < window - 1 for d in docs)
-            ev.warn_short_documents(label, window, short, len(docs), scores.tokens)
-            results.append({
-                "label": label, "ckpt": str(ckpt), **ev.rope_row(model.rope), "window": window, "bos": bos_id is not None,
-                "mode": "truncate" if args.truncate else "sliding", "stride": None if args.truncate else args.stride,
-                "perplexity": scores.perplexity, "perplexity_window_mean": scores.perplexity_window_mean,
-                "nll": scores.nll, "tokens": scores.tokens, "windows": len(scores.window_mean_nll),
-                "documents": len(docs), "skipped_documents": skipped,
-                "short_documents": short,
-                "scale_in_effect": ev.scale_in_effect(model.rope, window, docs),
-                "rope": model.rope.to_dict()})
+            results += [dict(row, label=f"{label} sqrt(1/t)={a:g}", attention_factor=a, window=windows[0],
+                             perplexity=ppl, tokens=n)
+                        for a, ppl, n in zip(sweep["factors"], sweep["perplexity"], sweep["tokens"])]
+        else:
+            results += [score_window(args, model, docs, skipped, bos_id, window, row) for window in windows]
 
-    print(ev.sweep_table(sweep) if sweep else ev.perplexity_tables(results))
-    config = {k: v for k, v in vars(args).items()}
-    config.update(device=str(device), dtype=str(dtype).replace("torch.", ""), documents_read=len(documents))
-    output = {"results": results, "config": config}
+    print(report.sweep_table(sweep) if sweep else report.perplexity_tables(results))
+    output = {"results": results, "config": report.run_config(args, device, dtype, documents_read=len(documents))}
     if sweep:
         output["sweep"] = sweep
     if args.out:
-        ev.write_json(args.out, output)
+        report.write_json(args.out, output)
         print(f"wrote {args.out}", file=sys.stderr)
     if args.plot:
-        ev.plot_sweep(sweep, args.plot) if sweep else ev.plot_perplexity(results, args.plot)
+        report.plot_sweep(sweep, args.plot) if sweep else report.plot_perplexity(results, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def protocol_from_args(args) -> tuple[list[int], list[float] | None]:
+    """The windows W and the sweep's sqrt(1/t) values (None: no sweep), checked together."""
+    windows = report.parse_lengths(args.lengths)
+    factors = report.parse_floats(args.attention_factor_sweep, "--attention-factor-sweep") if args.attention_factor_sweep else None
+    if factors and (len(windows) != 1 or len(args.config) > 1):
+        raise ev.EvalError(f"--attention-factor-sweep: give one --lengths value and at most one --config "
+                           f"(got {len(windows)} lengths, {len(args.config)} configs)")
+    if args.stride > min(windows) - 1 and not args.truncate:
+        warnings.warn(f"--stride {args.stride} > W - 1 = {min(windows) - 1}: the tokens between one window's end "
+                      "and the next window's begin are not scored")
+    return windows, factors
+
+
+def kept_documents(args, tokenizer, documents: list[str]) -> tuple[list[list[int]], int]:
+    """The documents' token lists that --min-tokens and --max-documents keep, and how many were skipped."""
+    docs, skipped = ev.tokenize_documents(tokenizer, documents, args.min_tokens, args.max_documents)
+    print(f"{len(docs)} documents kept, {skipped} skipped ({ev.skip_reason(args.min_tokens)})", file=sys.stderr)
+    if not docs:
+        raise ev.EvalError(f"no document left to score: {skipped} skipped ({ev.skip_reason(args.min_tokens)})"
+                           + ("; lower --min-tokens or add longer documents" if args.min_tokens > 1 else ""))
+    return docs, skipped
+
+
+def score_window(args, model, docs: list[list[int]], skipped: int, bos_id, window: int, row: dict) -> dict:
+    """One column of the table: the protocol at window W, and what it measured."""
+    label = row["label"]
+    warn_beyond_window(model.rope, window, f"{label}: window")
+    scores = ev.score_documents(model, docs, bos_id, window, args.stride, args.truncate, desc=f"{label} W={window}")
+    short = sum(len(d) < window - 1 for d in docs)
+    report.warn_short_documents(label, window, short, len(docs), scores.tokens)
+    return dict(row, window=window, bos=bos_id is not None,
+                mode="truncate" if args.truncate else "sliding", stride=None if args.truncate else args.stride,
+                perplexity=scores.perplexity, perplexity_window_mean=scores.perplexity_window_mean,
+                nll=scores.nll, tokens=scores.tokens, windows=len(scores.window_mean_nll),
+                documents=len(docs), skipped_documents=skipped, short_documents=short,
+                scale_in_effect=report.scale_in_effect(model.rope, window, docs), rope=model.rope.to_dict())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """evaluation.py and the eval scripts against independent computations: per-token NLLs from
 Hugging Face transformers on the same weights, the protocol re-derived token by token, the
 passkey prompt re-encoded, and Table 5's definitions applied by hand."""
+import dataclasses
 import importlib.util
 import json
 import math
@@ -18,9 +19,9 @@ import torch
 import yarn_minimal
 from hf_oracle import hf_model
 from test_model import L, tiny_model
-from yarn_minimal import evaluation as ev
+from yarn_minimal import cli, eval_report as report, evaluation as ev
 from yarn_minimal.model import ModelArgs, Transformer
-from yarn_minimal.rope import RopeConfig
+from yarn_minimal.rope import RopeConfig, warn_beyond_window
 from yarn_minimal.tokenizer import SentencePieceTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -284,9 +285,9 @@ def test_min_tokens_counts_skipped_documents(tok):
 
 def test_window_beyond_supported_length_warns_and_dynamic_does_not():
     with pytest.warns(UserWarning, match=r"window 17 exceeds the window RoPE supports, L x s = 16"):
-        assert ev.warn_beyond_window(RopeConfig(original_length=16), 17, "window")
-    assert not ev.warn_beyond_window(RopeConfig(method="yarn", scale=4, original_length=16), 64, "window")
-    assert not ev.warn_beyond_window(RopeConfig(method="ntk", dynamic=True, original_length=16), 10 ** 6, "window")
+        assert warn_beyond_window(RopeConfig(original_length=16), 17, "window")
+    assert not warn_beyond_window(RopeConfig(method="yarn", scale=4, original_length=16), 64, "window")
+    assert not warn_beyond_window(RopeConfig(method="ntk", dynamic=True, original_length=16), 10 ** 6, "window")
 
 
 def test_out_of_memory_is_a_clear_error(monkeypatch):
@@ -306,14 +307,36 @@ def test_out_of_memory_is_a_clear_error(monkeypatch):
                                           ("method=rope", "unknown method 'rope'")])
 def test_bad_config_specs(spec, needle):
     with pytest.raises(ev.EvalError, match=needle):
-        ev.apply_config(RopeConfig(), ev.parse_config(spec), spec)
+        report.apply_config(RopeConfig(), report.parse_config(spec), spec)
 
 
 def test_config_spec_applies_rope_fields():
-    c = ev.parse_config("method=pi, scale=8,dynamic=1,label=Dynamic PI,original_length=2048")
-    rope = ev.apply_config(RopeConfig(), c)
+    c = report.parse_config("method=pi, scale=8,dynamic=1,label=Dynamic PI,original_length=2048")
+    rope = report.apply_config(RopeConfig(), c)
     assert (rope.method, rope.scale, rope.dynamic, rope.original_length) == ("pi", 8.0, True, 2048)
-    assert ev.apply_config(RopeConfig(), ev.parse_config("scale=4")).method == "yarn"  # as --yarn-scale alone
+    assert report.apply_config(RopeConfig(), report.parse_config("scale=4")).method == "yarn"  # as --yarn-scale alone
+
+
+def test_length_and_number_flags():
+    assert report.parse_lengths("2048, 4k,8K") == [2048, 4096, 8192]  # k = 1024
+    assert report.parse_floats("0,0.25, 1", "--depths") == [0.0, 0.25, 1.0]
+    for text, needle in [("2k,x", "'x' is not an integer"), ("0,8", "must be > 0, got 0"), (" , ", "no values")]:
+        with pytest.raises(ev.EvalError, match=needle):
+            report.parse_lengths(text)
+    with pytest.raises(ev.EvalError, match="--depths 'a,1': 'a' is not a number"):
+        report.parse_floats("a,1", "--depths")
+
+
+def test_config_keys_are_rope_fields_with_their_types():
+    """--config's explicit key-to-type map covers every RopeConfig field, and each field's
+    default (where it has one) is a value of the type the map reads."""
+    rope_fields = {f.name: f.default for f in dataclasses.fields(RopeConfig)}
+    assert set(report.CONFIG_TYPES) == set(rope_fields) | {"label", "ckpt"}
+    for name, default in rope_fields.items():
+        if default is not None:
+            assert type(default) is report.CONFIG_TYPES[name], name
+    assert report.parse_config("truncate=no,attention_factor=1.5,original_length=2048") == {
+        "truncate": False, "attention_factor": 1.5, "original_length": 2048}
 
 
 # ---------------------------------------------------------------------------------------
@@ -407,14 +430,14 @@ def test_scripts_report_bad_input(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
     ppl = load_script("eval_perplexity.py")
     with pytest.raises(SystemExit, match=r"error: .*nope.txt: no such file"):
-        ppl.main(["--ckpt", str(ckpt), "--files", str(tmp_path / "nope.txt"), "--lengths", "32", "--stride", "16",
-                  "--device", "cpu"])
+        cli.run_main(ppl.main, ["--ckpt", str(ckpt), "--files", str(tmp_path / "nope.txt"), "--lengths", "32",
+                                "--stride", "16", "--device", "cpu"])
     (tmp_path / "short.txt").write_text("Tiny.")
     with pytest.raises(SystemExit, match=r"no document left to score: 1 skipped \(fewer than --min-tokens 100 tokens\)"):
-        ppl.main(["--ckpt", str(ckpt), "--files", str(tmp_path / "short.txt"), "--lengths", "32",
-                  "--stride", "16", "--min-tokens", "100", "--device", "cpu"])
+        cli.run_main(ppl.main, ["--ckpt", str(ckpt), "--files", str(tmp_path / "short.txt"), "--lengths", "32",
+                                "--stride", "16", "--min-tokens", "100", "--device", "cpu"])
     pk = load_script("eval_passkey.py")
     with pytest.raises(SystemExit, match=r"error: passkey length 20: shorter than the prompt"):
-        pk.main(["--ckpt", str(ckpt), "--lengths", "20", "--device", "cpu"])
+        cli.run_main(pk.main, ["--ckpt", str(ckpt), "--lengths", "20", "--device", "cpu"])
     with pytest.raises(SystemExit, match="no lengths"):
-        pk.main(["--ckpt", str(ckpt), "--device", "cpu"])
+        cli.run_main(pk.main, ["--ckpt", str(ckpt), "--device", "cpu"])

@@ -187,7 +187,7 @@ def test_empty_document_gets_one_consistent_message(tmp_path, capsys):
 
 def test_help_example_is_what_it_says():
     """eval_perplexity.py --help's Dynamic-PI example gives Dynamic PI with s = max(1, W/L)."""
-    from yarn_minimal.evaluation import apply_config, parse_config
+    from yarn_minimal.eval_report import apply_config, parse_config
     from yarn_minimal.rope import RopeConfig, effective_scale
 
     text = eval_perplexity.parse_args.__code__.co_consts

@@ -24,18 +24,17 @@ the key.
 
 Attention temperature sweep (Appendix A.2, Figures 2-4): perplexity for several sqrt(1/t)
 at a fixed s, overall and per segment of token positions (Eq. 26).
+
+The tables, plots, flags and JSON of the two evaluation scripts are in eval_report.py.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
-import sys
 import warnings
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
-from typing import Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -43,10 +42,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import data
-from .cli import updated_rope
 from .generation import generate
 from .model import Transformer
-from .rope import RopeConfig, effective_scale
+from .rope import yarn_attention_factor
+from .tokenizer import Tokenizer
 
 
 class EvalError(ValueError):
@@ -72,7 +71,7 @@ def skip_reason(min_tokens: int) -> str:
     return "empty" if min_tokens <= 1 else f"fewer than --min-tokens {min_tokens} tokens"
 
 
-def tokenize_documents(tokenizer, documents: Sequence[str], min_tokens: int = 0,
+def tokenize_documents(tokenizer: Tokenizer, documents: Sequence[str], min_tokens: int = 0,
                        max_documents: Optional[int] = None) -> tuple[list[list[int]], int]:
     """encode(document) without BOS/EOS for every document with at least min_tokens tokens
     (and at least one), keeping the first max_documents. Returns (token lists, number skipped)."""
@@ -192,7 +191,8 @@ def score_documents(model: Transformer, documents: Sequence[Sequence[int]], bos_
     return scores
 
 
-def _catch_oom(fn, what: str, device):
+def _catch_oom(fn: Callable, what: str, device: torch.device):
+    """fn(), with running out of memory said as one line that names what ran and what to change."""
     try:
         return fn()
     except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -210,140 +210,124 @@ def check_length(model: Transformer, length: int, what: str) -> None:
         raise EvalError(f"{what} {length}: {e}") from None
 
 
-def warn_short_documents(label: str, window: int, short: int, total: int, scored: int) -> None:
-    """A column labelled W over documents shorter than W is not perplexity at W: say so where
-    the numbers are read, not only in the JSON."""
-    if short:
-        warnings.warn(f"{label}: window {window}: {short} of {total} documents are shorter than the window, "
-                      f"so this column scores {scored} tokens at contexts below {window} (see short_documents "
-                      "in --out; --min-tokens keeps only long documents)", stacklevel=2)
-
-
-def scale_in_effect(rope: RopeConfig, window: int, documents: Sequence[Sequence[int]]) -> float:
-    """s at the longest forward pass of a window-W column: under Dynamic Scaling it is
-    max(s0, l/L) (Sec. 3.3) with l = W, or the longest document (+ BOS) when that is shorter."""
-    longest = min(window, max(len(d) for d in documents) + 1)
-    return effective_scale(rope, longest)
-
-
-def warn_beyond_window(rope: RopeConfig, length: int, what: str) -> bool:
-    """Beyond L' a static method still runs: the blow-up it shows is part of the measurement
-    (Table 2's "> 10^2" entries), so this warns rather than refuses."""
-    limit = rope.window
-    if limit is None or length <= limit:
-        return False
-    warnings.warn(f"{what} {length} exceeds the window {rope.describe()} supports, L x s = {limit} tokens; "
-                  "expect perplexity to rise / retrieval to fail there (use --dynamic or a larger --yarn-scale "
-                  "to extend it)", stacklevel=2)
-    return True
-
-
 # ---------------------------------------------------------------------------------------
-# Several method settings in one run
+# Passkey retrieval
 # ---------------------------------------------------------------------------------------
 
-CONFIG_KEYS = ("label", "ckpt") + tuple(f.name for f in fields(RopeConfig))
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                 "I will quiz you about the important information there.")
+PASSKEY_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
+                  "There and back again.")
+PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 
-def parse_config(spec: str) -> dict:
-    """--config "method=yarn,scale=8,dynamic=1" -> {"method": "yarn", "scale": 8.0, "dynamic": True}.
-    Keys are RopeConfig's fields, plus label (the name in tables and plots) and ckpt."""
-    types = {f.name: f.type for f in fields(RopeConfig)}
-    out = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in CONFIG_KEYS:
-            raise EvalError(f"--config {spec!r}: {item!r} is not key=value with a key among {', '.join(CONFIG_KEYS)}")
-        value = value.strip()
-        kind = str(types.get(key, "str"))
-        try:
-            if "bool" in kind:
-                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(value)
-                out[key] = value.lower() in ("1", "true", "yes")
-            elif "int" in kind:
-                out[key] = int(value)
-            elif "float" in kind:
-                out[key] = float(value)
-            else:
-                out[key] = value
-        except ValueError:
-            raise EvalError(f"--config {spec!r}: {key}={value!r} is not a valid {kind}") from None
-    return out
+@dataclass
+class PasskeyPrompt:
+    tokens: list[int]   # BOS included (when asked); len(tokens) == the length asked
+    key: int
+    depth: float        # where the key line sits, as a fraction of the filler
+    n_prefix: int       # filler tokens before / after the key line
+    n_suffix: int
 
 
-def apply_config(rope: RopeConfig, changes: dict, spec: str = "") -> RopeConfig:
-    """The RopeConfig `rope` with a parsed --config's fields on top (label/ckpt ignored), read
-    exactly as the shared rope flags are (cli.updated_rope)."""
-    changes = {k: v for k, v in changes.items() if k not in ("label", "ckpt")}
-    try:
-        return updated_rope(rope, changes)
-    except ValueError as e:
-        raise EvalError(f"--config {spec!r}: {e}") from None
+def _continuation(tokenizer: Tokenizer, before: str, text: str) -> list[int]:
+    """The tokens of `text` as they read after `before` in running text: tokenizers encode the
+    start of a text differently (sentencepiece's dummy prefix, byte-level BPE's leading space).
+    Where the two merge across the boundary, `text` encoded alone."""
+    a = tokenizer.encode(before, bos=False)
+    b = tokenizer.encode(before + text, bos=False)
+    return b[len(a):] if b[:len(a)] == a else tokenizer.encode(text, bos=False)
 
 
-def iter_configs(specs: Sequence[str], ckpt: Path, rope_from_flags, device, dtype):
-    """Yield (label, ckpt, model, tokenizer) for every --config (or once, for the shared flags
-    alone), with the model's RoPE set. Each config starts from its checkpoint's own setting,
-    then the shared rope flags (`rope_from_flags(base) -> RopeConfig`), then its own keys.
-    A checkpoint is loaded once for consecutive configs that share it."""
-    from .checkpoint import load
+def passkey_prompt(tokenizer: Tokenizer, length: int, key: int, depth: float, bos: bool = True) -> PasskeyPrompt:
+    """The passkey prompt with exactly `length` tokens (BOS included when bos=True):
 
-    parsed = [(spec, parse_config(spec)) for spec in specs] or [("", {})]
-    several_ckpts = len({c.get("ckpt", str(ckpt)) for _, c in parsed}) > 1
-    loaded, labels = None, set()
-    for spec, changes in parsed:
-        path = Path(changes.get("ckpt", ckpt))
-        if loaded is None or loaded[0] != path:
-            loaded = model = tokenizer = None  # free the previous model before loading the next
-            model, tokenizer = load(path, device=device, dtype=dtype)
-            loaded = (path, model, tokenizer, model.rope)
-        _, model, tokenizer, base = loaded
-        rope = apply_config(rope_from_flags(base), changes, spec)
-        model.set_rope(rope)
-        label = changes.get("label") or rope.describe() + (f" [{path.name}]" if several_ckpts else "")
-        while label in labels:
-            label += "'"
-        labels.add(label)
-        yield label, path, model, tokenizer
+        [BOS] intro, filler[:a], "\n" key line "\n", filler[:b], "\n" question
 
-
-def rope_row(rope: RopeConfig) -> dict:
-    return {"method": rope.method, "scale": rope.scale, "dynamic": rope.dynamic,
-            "original_length": rope.original_length, "attention_factor": rope.attention_factor}
+    Each piece is encoded once, as it reads after a filler sentence, and the filler token
+    stream is cut to the token so that the total is exact, with a = round(depth (a + b)).
+    Nothing here depends on how a tokenizer spells a newline (sentencepiece's <0x0A> byte
+    token, byte-level BPE's "\u010a"), so any tokenizer works."""
+    if not 0.0 <= depth <= 1.0:
+        raise EvalError(f"passkey depth {depth}: must be in [0, 1]")
+    sentences = " ".join(PASSKEY_FILLER)
+    head = ([tokenizer.bos_id] if bos else []) + tokenizer.encode(PASSKEY_INTRO, bos=False)
+    line = _continuation(tokenizer, sentences, "\n" + PASSKEY_LINE.format(key=key) + "\n")
+    question = _continuation(tokenizer, sentences, "\n" + PASSKEY_QUESTION)
+    room = length - len(head) - len(line) - len(question)
+    if room < 0:
+        bare = length - room
+        raise EvalError(f"passkey length {length}: shorter than the prompt without any filler, which takes "
+                        f"{bare} tokens with this tokenizer; use lengths >= {bare}")
+    cycle = _continuation(tokenizer, sentences, " " + sentences)  # one period of the filler
+    filler = cycle * (room // len(cycle) + 1)
+    a = round(depth * room)
+    tokens = head + filler[:a] + line + filler[:room - a] + question
+    return PasskeyPrompt(tokens=tokens, key=key, depth=depth, n_prefix=a, n_suffix=room - a)
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-    cells = [list(map(str, header))] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def passkey_prompts(tokenizer: Tokenizer, length: int, iterations: int, seed: int = 0,
+                    depth: Optional[float] = None, bos: bool = True) -> list[PasskeyPrompt]:
+    """`iterations` prompts of `length` tokens: a five-digit key (10000-99999) and, unless a
+    fixed depth is given, a key position drawn uniformly over the context. The random stream
+    depends only on (seed, length, depth), so adding lengths to a run changes no prompt."""
+    rng = random.Random(f"{seed}:{length}:{depth}")
+    prompts = []
+    for _ in range(iterations):
+        key = rng.randint(10000, 99999)
+        d = rng.random() if depth is None else depth
+        prompts.append(passkey_prompt(tokenizer, length, key, d, bos))
+    return prompts
 
 
-def _fmt(x) -> str:
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else (f"{x:.3e}" if abs(x) >= 1e4 else f"{x:.3f}")
-    return "-" if x is None else str(x)
+def parse_answer(text: str) -> Optional[int]:
+    """The first integer in the model's output (" 48213. Remember it." -> 48213)."""
+    match = re.search(r"\d+", text)
+    return int(match.group()) if match else None
 
 
-def perplexity_tables(results: list[dict]) -> str:
-    """One row per config, one column per window; then the per-window-mean variant."""
-    labels = list(dict.fromkeys(r["label"] for r in results))
-    windows = sorted({r["window"] for r in results})
-    by = {(r["label"], r["window"]): r for r in results}
-    out = []
-    for key, title in (("perplexity", "perplexity (token-weighted)"),
-                       ("perplexity_window_mean", "perplexity (mean over windows, the authors' variant)")):
-        rows = [[lab] + [by[lab, w][key] if (lab, w) in by else None for w in windows] for lab in labels]
-        out.append(title + "\n" + format_table(["config \\ window"] + windows, rows))
-    if any(r.get("dynamic") and "scale_in_effect" in r for r in results):  # Sec. 3.3: s grows with the window
-        rows = [[lab] + [by[lab, w].get("scale_in_effect") if (lab, w) in by else None for w in windows] for lab in labels]
-        out.append("s in effect at each window (Dynamic Scaling: s = max(s0, W/L))\n"
-                   + format_table(["config \\ window"] + windows, rows))
-    return "\n\n".join(out)
+def run_passkey(model: Transformer, tokenizer: Tokenizer, lengths: Sequence[int], iterations: int = 10, seed: int = 0,
+                depths: Optional[Sequence[float]] = None, max_new_tokens: int = 10, bos: bool = True) -> list[dict]:
+    """One result per length: {"length", "iterations", "correct", "accuracy", "by_depth", "trials"}.
+    bos: start every prompt with BOS (eval_passkey.py: the checkpoint's own setting)."""
+    device = next(model.parameters()).device
+    results = []
+    for length in lengths:
+        check_length(model, length + max_new_tokens - 1, f"passkey length {length}")
+        trials, by_depth = [], []
+        for depth in (depths if depths else [None]):
+            prompts = passkey_prompts(tokenizer, length, iterations, seed, depth, bos)
+            n_ok = 0
+            for p in tqdm(prompts, desc=f"passkey {length}" + ("" if depth is None else f" depth {depth:g}"),
+                          unit="prompt", leave=False):
+                new = _catch_oom(lambda: generate(model, p.tokens, max_new_tokens),
+                                 f"a passkey prompt of {length} tokens", device)
+                output = tokenizer.decode(new)
+                ok = parse_answer(output) == p.key
+                n_ok += ok
+                trials.append({"key": p.key, "depth": p.depth, "output": output, "correct": ok})
+            if depth is not None:
+                by_depth.append({"depth": depth, "iterations": len(prompts), "correct": n_ok,
+                                 "accuracy": n_ok / len(prompts)})
+        correct = sum(t["correct"] for t in trials)
+        row = {"length": length, "iterations": len(trials), "correct": correct, "accuracy": correct / len(trials)}
+        if depths:
+            row["by_depth"] = by_depth
+        row["trials"] = trials
+        results.append(row)
+    return results
+
+
+def passkey_summary(results: Sequence[dict], threshold: float = 0.8) -> dict:
+    """Table 5: the passkey context is the largest tested length with accuracy >= 80%; the
+    passkey accuracy is the mean accuracy over the tested lengths up to that context."""
+    passing = [r["length"] for r in results if r["accuracy"] >= threshold]
+    if not passing:
+        return {"passkey_context": None, "passkey_accuracy": None}
+    context = max(passing)
+    accs = [r["accuracy"] for r in results if r["length"] <= context]
+    return {"passkey_context": context, "passkey_accuracy": sum(accs) / len(accs)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,7 +374,7 @@ def attention_factor_sweep(model: Transformer, documents: Sequence[Sequence[int]
     doc_ppl = {a: per_factor[a].document_perplexities() for a in factors}
     return {
         "window": window, "scale": rope.scale, "segment_length": segment_length, "factors": factors,
-        "recommended_factor": 0.1 * math.log(rope.scale) + 1.0 if rope.scale > 1 else 1.0,  # Eq. 22
+        "recommended_factor": yarn_attention_factor(rope.scale, rope.attention_coefficient),  # Eq. 22
         "perplexity": [per_factor[a].perplexity for a in factors],
         "tokens": [per_factor[a].tokens for a in factors],
         "document_perplexity_mean": [float(doc_ppl[a].mean()) for a in factors],
@@ -407,266 +391,17 @@ def _nan_to_none(x: float):
     return None if math.isnan(x) else x
 
 
-def sweep_table(sweep: dict) -> str:
-    header = ["sqrt(1/t)", "perplexity", "doc mean", "doc std"] + [f"{a}-{b} %" for a, b in sweep["segments"]]
-    rows = [[f"{a:g}", p, m, s] + list(c) for a, p, m, s, c in zip(
-        sweep["factors"], sweep["perplexity"], sweep["document_perplexity_mean"],
-        sweep["document_perplexity_std"], sweep["segment_change_percent"])]
-    return (f"attention factor sweep at s={sweep['scale']:g}, window {sweep['window']} "
-            f"(Eq. 22 recommends sqrt(1/t) = {sweep['recommended_factor']:.3f}); "
-            "segment columns: Eq. 26 change vs sqrt(1/t)=1, %\n" + format_table(header, rows))
+# Moved to eval_report.py; still reachable here for one release (experiments/real_model.py).
+_MOVED_TO_EVAL_REPORT = {"parse_lengths", "parse_floats", "write_json", "plot_perplexity", "plot_sweep",
+                         "plot_passkey", "format_table", "perplexity_tables", "sweep_table", "passkey_table",
+                         "parse_config", "apply_config", "iter_configs", "CONFIG_KEYS", "rope_row"}
 
 
-# ---------------------------------------------------------------------------------------
-# Passkey retrieval
-# ---------------------------------------------------------------------------------------
+def __getattr__(name: str):
+    if name not in _MOVED_TO_EVAL_REPORT:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import eval_report  # here, not at the top: eval_report imports this module
 
-PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
-                 "I will quiz you about the important information there.")
-PASSKEY_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
-                  "There and back again.")
-PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
-
-
-@dataclass
-class PasskeyPrompt:
-    tokens: list[int]   # BOS included (when asked); len(tokens) == the length asked
-    key: int
-    depth: float        # where the key line sits, as a fraction of the filler
-    n_prefix: int       # filler tokens before / after the key line
-    n_suffix: int
-
-
-def _continuation(tokenizer, before: str, text: str) -> list[int]:
-    """The tokens of `text` as they read after `before` in running text: tokenizers encode the
-    start of a text differently (sentencepiece's dummy prefix, byte-level BPE's leading space).
-    Where the two merge across the boundary, `text` encoded alone."""
-    a = tokenizer.encode(before, bos=False)
-    b = tokenizer.encode(before + text, bos=False)
-    return b[len(a):] if b[:len(a)] == a else tokenizer.encode(text, bos=False)
-
-
-def passkey_prompt(tokenizer, length: int, key: int, depth: float, bos: bool = True) -> PasskeyPrompt:
-    """The passkey prompt with exactly `length` tokens (BOS included when bos=True):
-
-        [BOS] intro, filler[:a], "\n" key line "\n", filler[:b], "\n" question
-
-    Each piece is encoded once, as it reads after a filler sentence, and the filler token
-    stream is cut to the token so that the total is exact, with a = round(depth (a + b)).
-    Nothing here depends on how a tokenizer spells a newline (sentencepiece's <0x0A> byte
-    token, byte-level BPE's "\u010a"), so any tokenizer works."""
-    if not 0.0 <= depth <= 1.0:
-        raise EvalError(f"passkey depth {depth}: must be in [0, 1]")
-    sentences = " ".join(PASSKEY_FILLER)
-    head = ([tokenizer.bos_id] if bos else []) + tokenizer.encode(PASSKEY_INTRO, bos=False)
-    line = _continuation(tokenizer, sentences, "\n" + PASSKEY_LINE.format(key=key) + "\n")
-    question = _continuation(tokenizer, sentences, "\n" + PASSKEY_QUESTION)
-    room = length - len(head) - len(line) - len(question)
-    if room < 0:
-        bare = length - room
-        raise EvalError(f"passkey length {length}: shorter than the prompt without any filler, which takes "
-                        f"{bare} tokens with this tokenizer; use lengths >= {bare}")
-    cycle = _continuation(tokenizer, sentences, " " + sentences)  # one period of the filler
-    filler = cycle * (room // len(cycle) + 1)
-    a = round(depth * room)
-    tokens = head + filler[:a] + line + filler[:room - a] + question
-    return PasskeyPrompt(tokens=tokens, key=key, depth=depth, n_prefix=a, n_suffix=room - a)
-
-
-def passkey_prompts(tokenizer, length: int, iterations: int, seed: int = 0,
-                    depth: Optional[float] = None, bos: bool = True) -> list[PasskeyPrompt]:
-    """`iterations` prompts of `length` tokens: a five-digit key (10000-99999) and, unless a
-    fixed depth is given, a key position drawn uniformly over the context. The random stream
-    depends only on (seed, length, depth), so adding lengths to a run changes no prompt."""
-    rng = random.Random(f"{seed}:{length}:{depth}")
-    prompts = []
-    for _ in range(iterations):
-        key = rng.randint(10000, 99999)
-        d = rng.random() if depth is None else depth
-        prompts.append(passkey_prompt(tokenizer, length, key, d, bos))
-    return prompts
-
-
-def parse_answer(text: str) -> Optional[int]:
-    """The first integer in the model's output (" 48213. Remember it." -> 48213)."""
-    match = re.search(r"\d+", text)
-    return int(match.group()) if match else None
-
-
-def run_passkey(model: Transformer, tokenizer, lengths: Sequence[int], iterations: int = 10, seed: int = 0,
-                depths: Optional[Sequence[float]] = None, max_new_tokens: int = 10, bos: bool = True) -> list[dict]:
-    """One result per length: {"length", "iterations", "correct", "accuracy", "by_depth", "trials"}.
-    bos: start every prompt with BOS (eval_passkey.py: the checkpoint's own setting)."""
-    device = next(model.parameters()).device
-    results = []
-    for length in lengths:
-        check_length(model, length + max_new_tokens - 1, f"passkey length {length}")
-        trials, by_depth = [], []
-        for depth in (depths if depths else [None]):
-            prompts = passkey_prompts(tokenizer, length, iterations, seed, depth, bos)
-            n_ok = 0
-            for p in tqdm(prompts, desc=f"passkey {length}" + ("" if depth is None else f" depth {depth:g}"),
-                          unit="prompt", leave=False):
-                new = _catch_oom(lambda: generate(model, p.tokens, max_new_tokens),
-                                 f"a passkey prompt of {length} tokens", device)
-                output = tokenizer.decode(new)
-                ok = parse_answer(output) == p.key
-                n_ok += ok
-                trials.append({"key": p.key, "depth": p.depth, "output": output, "correct": ok})
-            if depth is not None:
-                by_depth.append({"depth": depth, "iterations": len(prompts), "correct": n_ok,
-                                 "accuracy": n_ok / len(prompts)})
-        correct = sum(t["correct"] for t in trials)
-        row = {"length": length, "iterations": len(trials), "correct": correct, "accuracy": correct / len(trials)}
-        if depths:
-            row["by_depth"] = by_depth
-        row["trials"] = trials
-        results.append(row)
-    return results
-
-
-def passkey_summary(results: Sequence[dict], threshold: float = 0.8) -> dict:
-    """Table 5: the passkey context is the largest tested length with accuracy >= 80%; the
-    passkey accuracy is the mean accuracy over the tested lengths up to that context."""
-    passing = [r["length"] for r in results if r["accuracy"] >= threshold]
-    if not passing:
-        return {"passkey_context": None, "passkey_accuracy": None}
-    context = max(passing)
-    accs = [r["accuracy"] for r in results if r["length"] <= context]
-    return {"passkey_context": context, "passkey_accuracy": sum(accs) / len(accs)}
-
-
-def passkey_table(results: Sequence[dict]) -> str:
-    rows = [[r["length"], r["iterations"], r["correct"], f"{100 * r['accuracy']:.1f}%"] for r in results]
-    table = format_table(["length", "iterations", "correct", "accuracy"], rows)
-    s = passkey_summary(results)
-    if s["passkey_context"] is None:
-        return table + "\npasskey context: none (no length reached 80% accuracy)"
-    return (table + f"\npasskey context (largest length with accuracy >= 80%): {s['passkey_context']}"
-            f"\npasskey accuracy (mean over lengths <= passkey context, Table 5): {100 * s['passkey_accuracy']:.1f}%")
-
-
-# ---------------------------------------------------------------------------------------
-# Command-line helpers and plots
-# ---------------------------------------------------------------------------------------
-
-def parse_lengths(text: str, flag: str = "--lengths") -> list[int]:
-    """"2048,4096,8k" -> [2048, 4096, 8192] (k = 1024)."""
-    out = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        try:
-            value = int(item[:-1]) * 1024 if item.lower().endswith("k") else int(item)
-        except ValueError:
-            raise EvalError(f"{flag} {text!r}: {item!r} is not an integer (or <n>k)") from None
-        if value <= 0:
-            raise EvalError(f"{flag} {text!r}: lengths must be > 0, got {value}")
-        out.append(value)
-    if not out:
-        raise EvalError(f"{flag} {text!r}: no lengths given")
-    return out
-
-
-def parse_floats(text: str, flag: str) -> list[float]:
-    try:
-        out = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise EvalError(f"{flag} {text!r}: expected comma-separated numbers") from None
-    if not out:
-        raise EvalError(f"{flag} {text!r}: no values given")
-    return out
-
-
-def run_script(run, args) -> None:
-    """What eval_perplexity.py and eval_passkey.py do with parsed flags: run, with warnings as
-    one plain line and an EvalError as `error: ...` and exit status 1 instead of a traceback."""
-    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
-    try:
-        run(args)
-    except EvalError as e:
-        sys.exit(f"error: {e}")
-
-
-def write_json(path: str, obj: dict) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_perplexity(results: Sequence[dict], path: str) -> None:
-    """Figure 1's style: perplexity against context window, one line per config, log y."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(r["label"] for r in results):
-        rows = sorted((r for r in results if r["label"] == label), key=lambda r: r["window"])
-        ax.plot([r["window"] for r in rows], [r["perplexity"] for r in rows], marker="o", markersize=3, label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("context window (tokens)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-
-
-def plot_sweep(sweep: dict, path: str) -> None:
-    """Appendix A.2: Figure 2 (perplexity vs sqrt(1/t), +-1 std over documents), Figure 3
-    (Eq. 26 change per position segment) and Figure 4 (documents best at each factor)."""
-    plt = _pyplot()
-    f = np.array(sweep["factors"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    mean, std = np.array(sweep["document_perplexity_mean"]), np.array(sweep["document_perplexity_std"])
-    axes[0].plot(f, mean, marker="o", label="mean over documents")
-    axes[0].fill_between(f, mean - std, mean + std, alpha=0.25)
-    axes[0].plot(f, sweep["perplexity"], linestyle="--", label="token-weighted")
-    axes[0].axvline(sweep["recommended_factor"], color="gray", linestyle=":", label="Eq. 22")
-    axes[0].set(xlabel="sqrt(1/t)", ylabel="perplexity", title=f"s={sweep['scale']:g}, window {sweep['window']}")
-    axes[0].legend()
-    change = np.array([[np.nan if c is None else c for c in row] for row in sweep["segment_change_percent"]])
-    for k, (a, b) in enumerate(sweep["segments"]):
-        axes[1].plot(f, change[:, k], marker=".", label=f"{a}-{b}")
-    axes[1].axhline(0, color="gray", linewidth=0.8)
-    axes[1].set(xlabel="sqrt(1/t)", ylabel="perplexity change vs t=1 (%)", title="Eq. 26 per position segment")
-    axes[1].legend(fontsize=7)
-    counts = np.array(sweep["best_factor_counts"])
-    im = axes[2].imshow(counts, aspect="auto", origin="lower", cmap="viridis")
-    axes[2].set_yticks(range(len(f)), [f"{x:g}" for x in f])
-    axes[2].set_xticks(range(len(sweep["segments"])), [f"{a}" for a, _ in sweep["segments"]], rotation=45)
-    axes[2].set(xlabel="segment start (token position)", ylabel="sqrt(1/t)", title="documents with lowest perplexity")
-    fig.colorbar(im, ax=axes[2])
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-
-
-def plot_passkey(results: Sequence[dict], path: str) -> None:
-    """Accuracy against length; with a depth grid, a length x depth heat map beside it."""
-    plt = _pyplot()
-    has_depth = "by_depth" in results[0]
-    fig, axes = plt.subplots(1, 2 if has_depth else 1, figsize=(12 if has_depth else 7, 4.5), squeeze=False)
-    ax = axes[0, 0]
-    ax.plot([r["length"] for r in results], [100 * r["accuracy"] for r in results], marker="o")
-    ax.axhline(80, color="gray", linestyle=":", label="80% (passkey context threshold)")
-    ax.set(xlabel="context length (tokens)", ylabel="passkey accuracy (%)", ylim=(-5, 105))
-    ax.legend()
-    if has_depth:
-        depths = [d["depth"] for d in results[0]["by_depth"]]
-        grid = np.array([[100 * d["accuracy"] for d in r["by_depth"]] for r in results]).T
-        im = axes[0, 1].imshow(grid, aspect="auto", origin="lower", cmap="RdYlGn", vmin=0, vmax=100)
-        axes[0, 1].set_xticks(range(len(results)), [str(r["length"]) for r in results], rotation=45)
-        axes[0, 1].set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-        axes[0, 1].set(xlabel="context length (tokens)", ylabel="key depth (fraction of filler)")
-        fig.colorbar(im, ax=axes[0, 1], label="accuracy (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    warnings.warn(f"yarn_minimal.evaluation.{name} has moved to yarn_minimal.eval_report.{name}",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(eval_report, name)

@@ -17,7 +17,6 @@ authors' code do, to measure the stale-rotation error that causes. This module o
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Collection, Iterator, Optional
 
@@ -25,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .model import KVCache, Transformer
-from .rope import effective_scale
+from .rope import effective_scale, warn_beyond_window
 
 CACHE_MODES = ("pre-rope", "rotated")
 
@@ -79,15 +78,8 @@ def check_request(model: Transformer, prompt_tokens, max_new_tokens: int, temper
             raise ValueError(f"max_length: the prompt has {len(prompt_tokens)} tokens, more than max_length={max_length}")
         total = min(total, max_length)
     model.check_length(total)  # a Mistral sliding window: refused before any work
-    window = model.rope.window
-    if window is not None and total > window:
-        # Still well defined (and showing the breakdown is a legitimate experiment), so a
-        # warning rather than an error: past L' the model sees rotations it was never trained on.
-        warnings.warn(f"prompt ({len(prompt_tokens)}) + new tokens ({total - len(prompt_tokens)}) = {total} "
-                      f"exceeds the window this RoPE setting supports, {window} tokens "
-                      f"({model.rope.describe()}: L x s = {model.rope.original_length} x {model.rope.scale:g}); "
-                      f"expect degraded output past it. Use --dynamic, or a --yarn-scale of at least "
-                      f"{total / model.rope.original_length:.3g}.", stacklevel=3)
+    warn_beyond_window(model.rope, total, f"prompt ({len(prompt_tokens)}) + new tokens "
+                                          f"({total - len(prompt_tokens)}) =", stacklevel=3)
     return total
 
 

@@ -22,6 +22,7 @@ import argparse
 import functools
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -227,6 +228,19 @@ def effective_scale(cfg: RopeConfig, seq_len: int) -> float:
     if not cfg.dynamic:
         return float(cfg.scale)
     return max(float(cfg.scale), seq_len / cfg.original_length)
+
+
+def warn_beyond_window(cfg: RopeConfig, length: int, what: str, stacklevel: int = 2) -> bool:
+    """Warn when a sequence of `length` tokens goes past L' = s L (Eq. 11), the window a static
+    setting supports; True if it does. A warning, not an error: the model still runs there, and
+    the breakdown is a legitimate measurement (Table 2's "> 10^2" entries). Generation and
+    evaluation both say it this way. `what` names the length, e.g. "window"."""
+    if cfg.window is None or length <= cfg.window:
+        return False
+    warnings.warn(f"{what} {length} exceeds the window {cfg.describe()} supports, L x s = {cfg.window} tokens; "
+                  f"expect perplexity to rise and output to degrade past it. Use --dynamic, or a --yarn-scale of "
+                  f"at least {length / cfg.original_length:.3g}.", stacklevel=stacklevel + 1)
+    return True
 
 
 # ---------------------------------------------------------------------------------------
