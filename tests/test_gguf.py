@@ -332,7 +332,7 @@ def test_save_refuses_what_llama_cpp_cannot_run(demo, tmp_path, rope, words):
     RopeConfig(method="yarn", scale=16.0, original_length=256, attention_factor=1.5),
 ], ids=["pi", "ntk-by-parts", "yarn-attention-factor"])
 def test_rope_metadata_roundtrip(demo, tmp_path, rope):
-    from yarn_minimal.formats.gguf import read_config, rope_config
+    from yarn_minimal.formats.gguf import read_gguf_config, rope_config
 
     model, tok, _, _ = demo
     model.set_rope(rope)
@@ -341,7 +341,7 @@ def test_rope_metadata_roundtrip(demo, tmp_path, rope):
     finally:
         model.set_rope(YARN16)
     back, provenance, _ = rope_config(path)
-    assert read_config(path)[0].rope == back
+    assert read_gguf_config(path)[0].rope == back
     assert back.method == rope.method and back.scale == rope.scale and back.original_length == 256
     assert (back.attention_factor or 1.0) == pytest.approx(rope.attention_factor or 1.0, rel=1e-6)
     assert provenance["scale"] == "llama.rope.scaling.factor"

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, verify_checksums, write_checksums
+from .files import CheckpointError, atomic_write, move_into_place, temporary, verify_checksums, write_checksums
 from .model import LOSS_CHUNK, ModelArgs, Transformer
 
 # Sec. 4.1. What the paper leaves open is chosen in the comments beside each value.
@@ -421,7 +421,7 @@ def save_checkpoint(out: Path, name: str, model, optimizer, scheduler, trainer_s
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    final, tmp = out / name, out / (name + ".tmp")
+    final, tmp = out / name, temporary(out / name)
     if env.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -439,16 +439,8 @@ def save_checkpoint(out: Path, name: str, model, optimizer, scheduler, trainer_s
     write_checksums(tmp, mine, f"checksums-rank{env.rank}.json")  # each rank sums only what it wrote
     env.barrier()
     if env.main:
-        if final.exists():  # re-saving the same step: move the old one aside first
-            old = out / (name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        (out / "latest.tmp").write_text(name + "\n")
-        os.replace(out / "latest.tmp", out / "latest")
+        move_into_place(tmp, final)  # every rank has written its part: publish the folder
+        atomic_write(out / "latest", lambda t: t.write_text(name + "\n"))
         if keep > 0:
             for old in sorted(out.glob("step-*"))[:-keep]:
                 if old.is_dir() and old.suffix not in (".tmp", ".old") and old.name != name:
@@ -529,11 +521,7 @@ def save_model(model, tokenizer, path: Path, dtype: torch.dtype, env: DistEnv, e
             plain = Transformer(model.args)
         plain.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
         for target, fmt in [(path, "meta")] + ([(path.with_name(path.name + "-hf"), "hf")] if export_hf else []):
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            checkpoint.save(plain, tokenizer, tmp, format=fmt)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp: checkpoint.save(plain, tokenizer, tmp, format=fmt))
     env.barrier()
 
 
