@@ -49,7 +49,7 @@ __all__ = ["CHECKSUMS", "CheckpointError", "SHARD_DIM", "hf_rope_scaling", "load
            "read_config", "rope_from_hf", "save", "verify_checksums", "write_checksums"]
 
 
-def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device="cpu",
+def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device: torch.device | str = "cpu",
          dtype: torch.dtype = torch.float32, progress: bool = False) -> tuple[Transformer, Tokenizer]:
     """Load (model, tokenizer) from a checkpoint folder in any of the layouts above, or from a
     llama.cpp .gguf file. rope=None keeps the checkpoint's own setting (rope.json, or config.json's

@@ -334,7 +334,8 @@ def tensors_by_key(reader, path: Path) -> dict:
     return by_key
 
 
-def load_gguf(path: Path, rope: Optional[RopeConfig], device, dtype, progress=False) -> tuple[Transformer, Tokenizer]:
+def load_gguf(path: Path, rope: Optional[RopeConfig], device: torch.device | str,
+              dtype: torch.dtype, progress: bool = False) -> tuple[Transformer, Tokenizer]:
     reader = open_gguf(path)
     meta = Metadata(reader, path)
     _check_arch(meta)

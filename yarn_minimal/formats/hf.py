@@ -333,7 +333,8 @@ def _open_hf_files(files: list[Path], stack: contextlib.ExitStack) -> dict[str, 
     return tensors
 
 
-def load_hf(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=False) -> tuple[Transformer, Tokenizer]:
+def load_hf(folder: Path, rope: Optional[RopeConfig], device: torch.device | str,
+            dtype: torch.dtype, progress: bool = False) -> tuple[Transformer, Tokenizer]:
     config_path = folder / "config.json"
     cfg = read_json(config_path)
     args, _, _ = args_from_hf(cfg, rope, config_path)

@@ -93,7 +93,7 @@ def read_meta_config(path: Path) -> tuple[ModelArgs, dict[str, str], list[str]]:
     return model_args(cfg, rope, path), provenance, notes
 
 
-def _merge(parts: list[torch.Tensor], dim: Optional[int], dtype, device) -> torch.Tensor:
+def _merge(parts: list[torch.Tensor], dim: Optional[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """One full tensor from its model-parallel parts, written straight into the target dtype."""
     if dim is None or len(parts) == 1:
         return parts[0].to(device=device, dtype=dtype)
@@ -105,7 +105,8 @@ def _merge(parts: list[torch.Tensor], dim: Optional[int], dtype, device) -> torc
     return out
 
 
-def load_meta(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=False) -> tuple[Transformer, Tokenizer]:
+def load_meta(folder: Path, rope: Optional[RopeConfig], device: torch.device | str,
+              dtype: torch.dtype, progress: bool = False) -> tuple[Transformer, Tokenizer]:
     params_path = folder / "params.json"
     params = read_json(params_path)
     check_params(params, params_path)
