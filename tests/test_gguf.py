@@ -62,6 +62,11 @@ def test_smollm_metadata(smollm):
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_hidden_dim) == (576, 30, 9, 3, 49152, 1536)
     assert model.rope == RopeConfig(base=100000.0, original_length=8192)
     assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.eos_ids) == (1, 2, False, (2,))
+    # generation stops at the file's EOS id, as gguf's own reader finds it
+    from gguf import GGUFReader
+
+    field = GGUFReader(smollm_path()).fields["tokenizer.ggml.eos_token_id"]
+    assert model.eos_ids == (int(field.parts[field.data[0]][0]),)
     # tied embeddings: the file has no output.weight, so the output is the embedding
     assert torch.equal(model.output.weight, model.tok_embeddings.weight)
 

@@ -57,17 +57,18 @@ def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device: tor
     tqdm bar while tensors are read."""
     folder = Path(path)
     if folder.suffix.lower() == ".gguf" and not folder.is_dir():
-        return load_gguf(folder, rope, device, dtype, progress)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder")
-    verify_checksums(folder)
-    if (folder / "params.json").is_file():
-        model, tokenizer = load_meta(folder, rope, device, dtype, progress)
-    elif (folder / "config.json").is_file():
-        model, tokenizer = load_hf(folder, rope, device, dtype, progress)
+        model, tokenizer = load_gguf(folder, rope, device, dtype, progress)
     else:
-        raise CheckpointError(f"{folder}: no params.json (Meta's layout: params.json + consolidated.*.pth) "
-                              "and no config.json (Hugging Face's layout: config.json + *.safetensors)")
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: not a folder")
+        verify_checksums(folder)
+        if (folder / "params.json").is_file():
+            model, tokenizer = load_meta(folder, rope, device, dtype, progress)
+        elif (folder / "config.json").is_file():
+            model, tokenizer = load_hf(folder, rope, device, dtype, progress)
+        else:
+            raise CheckpointError(f"{folder}: no params.json (Meta's layout: params.json + consolidated.*.pth) "
+                                  "and no config.json (Hugging Face's layout: config.json + *.safetensors)")
     model.eos_ids = tokenizer.eos_ids  # generation stops at these unless told not to
     return model.eval(), tokenizer
 
@@ -157,7 +158,7 @@ def _save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
 # python -m yarn_minimal.checkpoint convert SRC DST --format hf
 # ---------------------------------------------------------------------------------------
 
-def main(argv=None) -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m yarn_minimal.checkpoint",
         description="Convert a Llama 2 checkpoint between layouts: Meta's raw download (params.json + "

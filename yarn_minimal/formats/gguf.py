@@ -367,7 +367,7 @@ def load_gguf(path: Path, rope: Optional[RopeConfig], device: torch.device | str
         state[key] = done[t.name].clone() if t.name in done else _to_torch(t, dtype, device)
         done[t.name] = state[key]
     model.load_state_dict(state, assign=True, strict=True)
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------
