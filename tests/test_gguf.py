@@ -62,6 +62,11 @@ def test_smollm_metadata(smollm):
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_hidden_dim) == (576, 30, 9, 3, 49152, 1536)
     assert model.rope == RopeConfig(base=100000.0, original_length=8192)
     assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.eos_ids) == (1, 2, False, (2,))
+    # generation stops at the file's EOS id, as gguf's own reader finds it
+    from gguf import GGUFReader
+
+    field = GGUFReader(smollm_path()).fields["tokenizer.ggml.eos_token_id"]
+    assert model.eos_ids == (int(field.parts[field.data[0]][0]),)
     # tied embeddings: the file has no output.weight, so the output is the embedding
     assert torch.equal(model.output.weight, model.tok_embeddings.weight)
 
@@ -332,7 +337,7 @@ def test_save_refuses_what_llama_cpp_cannot_run(demo, tmp_path, rope, words):
     RopeConfig(method="yarn", scale=16.0, original_length=256, attention_factor=1.5),
 ], ids=["pi", "ntk-by-parts", "yarn-attention-factor"])
 def test_rope_metadata_roundtrip(demo, tmp_path, rope):
-    from yarn_minimal.formats.gguf import read_config, rope_config
+    from yarn_minimal.formats.gguf import read_gguf_config, rope_config
 
     model, tok, _, _ = demo
     model.set_rope(rope)
@@ -341,7 +346,7 @@ def test_rope_metadata_roundtrip(demo, tmp_path, rope):
     finally:
         model.set_rope(YARN16)
     back, provenance, _ = rope_config(path)
-    assert read_config(path)[0].rope == back
+    assert read_gguf_config(path)[0].rope == back
     assert back.method == rope.method and back.scale == rope.scale and back.original_length == 256
     assert (back.attention_factor or 1.0) == pytest.approx(rope.attention_factor or 1.0, rel=1e-6)
     assert provenance["scale"] == "llama.rope.scaling.factor"

@@ -25,6 +25,8 @@ from tqdm import tqdm
 from .cli import run_main
 from .tokenizer import SentencePieceTokenizer
 
+from .files import atomic_write, move_into_place, temporary, write_json
+
 FORMAT = "yarn-minimal-tokens/1"
 
 
@@ -45,12 +47,8 @@ def write_segments(out_dir: str | os.PathLike, segments: np.ndarray, meta: dict)
     full_meta = dict(meta)
     full_meta.update(format=FORMAT, seq_len=int(segments.shape[1]),
                      n_segments=int(segments.shape[0]), dtype=dtype.name)
-    tmp = out_dir / "tokens.bin.tmp"
-    segments.astype(dtype.newbyteorder("<")).tofile(tmp)
-    os.replace(tmp, out_dir / "tokens.bin")
-    tmp = out_dir / "meta.json.tmp"
-    tmp.write_text(json.dumps(full_meta, indent=2) + "\n")
-    os.replace(tmp, out_dir / "meta.json")
+    atomic_write(out_dir / "tokens.bin", lambda tmp: segments.astype(dtype.newbyteorder("<")).tofile(tmp))
+    write_json(out_dir / "meta.json", full_meta)
     return out_dir
 
 
@@ -159,7 +157,7 @@ class SegmentWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.seq_len, self.vocab_size = seq_len, vocab_size
         self.dtype = token_dtype(vocab_size).newbyteorder("<")
-        self.tmp = self.out_dir / "tokens.bin.tmp"
+        self.tmp = temporary(self.out_dir / "tokens.bin")
         self.file = self.tmp.open("wb")
         self.pending: list[np.ndarray] = []
         self.n_pending = 0
@@ -192,10 +190,8 @@ class SegmentWriter:
         full_meta.update(format=FORMAT, seq_len=self.seq_len, n_segments=self.n_segments, dtype=self.dtype.name,
                          vocab_size=self.vocab_size, n_tokens_read=self.n_tokens,
                          n_tokens_dropped=self.n_tokens - self.n_segments * self.seq_len)
-        os.replace(self.tmp, self.out_dir / "tokens.bin")
-        tmp = self.out_dir / "meta.json.tmp"
-        tmp.write_text(json.dumps(full_meta, indent=2) + "\n")
-        os.replace(tmp, self.out_dir / "meta.json")
+        move_into_place(self.tmp, self.out_dir / "tokens.bin")
+        write_json(self.out_dir / "meta.json", full_meta)
         return self.out_dir
 
 

@@ -43,7 +43,7 @@ except ImportError:
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
 from . import checkpoint
-from .checkpoint import CheckpointError, verify_checksums, write_checksums
+from .files import CheckpointError, atomic_write, move_into_place, temporary, verify_checksums, write_checksums
 from .model import ModelArgs, Transformer
 from .rope import RopeConfig
 from .tokenizer import SentencePieceTokenizer, Tokenizer
@@ -409,7 +409,7 @@ def save_checkpoint(out: Path, name: str, model: torch.nn.Module, optimizer: tor
     every rank has finished, and OUT/latest is then pointed at it. A kill at any moment leaves
     either the previous checkpoint or the new one, never a half-written one under a final name.
     keep > 0 deletes all but the newest `keep` step-* checkpoints."""
-    final, tmp = out / name, out / (name + ".tmp")
+    final, tmp = out / name, temporary(out / name)
     if env.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -427,16 +427,8 @@ def save_checkpoint(out: Path, name: str, model: torch.nn.Module, optimizer: tor
     write_checksums(tmp, mine, f"checksums-rank{env.rank}.json")  # each rank sums only what it wrote
     env.barrier()
     if env.main:
-        if final.exists():  # re-saving the same step: move the old one aside first
-            old = out / (name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-        (out / "latest.tmp").write_text(name + "\n")
-        os.replace(out / "latest.tmp", out / "latest")
+        move_into_place(tmp, final)  # every rank has written its part: publish the folder
+        atomic_write(out / "latest", lambda t: t.write_text(name + "\n"))
         if keep > 0:
             for old in sorted(out.glob("step-*"))[:-keep]:
                 if old.is_dir() and old.suffix not in (".tmp", ".old") and old.name != name:
@@ -512,11 +504,7 @@ def save_model(model: torch.nn.Module, tokenizer: Tokenizer, path: Path, dtype: 
             plain = Transformer(model.args)
         plain.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
         for target, fmt in [(path, "meta")] + ([(path.with_name(path.name + "-hf"), "hf")] if export_hf else []):
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            checkpoint.save(plain, tokenizer, tmp, format=fmt)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp: checkpoint.save(plain, tokenizer, tmp, format=fmt))
     env.barrier()
 
 

@@ -36,7 +36,7 @@ rope.scaling.attn_factor (1 by default).
 from __future__ import annotations
 
 import functools
-import math
+import json
 import os
 import warnings
 from pathlib import Path
@@ -46,11 +46,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import (CheckpointError, _atomic_write, _check_keys, _check_shape, _empty_model,
-                          _model_args, meta_ffn_params)
+from ..files import CheckpointError, atomic_write
 from ..model import ModelArgs, Transformer
 from ..rope import RopeConfig, frequencies, ntk_aware_base, yarn_attention_factor
 from ..tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+from .common import check_keys, check_shape, empty_model, model_args
+from .meta import meta_ffn_params
+
+# The gguf package takes 0.4 s to import: it is imported inside the functions that read or write a
+# GGUF file, so that loading any other layout does not pay for it.
 
 ARCH = "llama"
 
@@ -262,7 +266,7 @@ def args_from_metadata(meta: Metadata, rope: Optional[RopeConfig], vocab_size: i
         rope, _, notes = rope_from_metadata(meta)
         for note in notes:
             warnings.warn(f"{meta.path}: {note}")
-    return _model_args(params, rope, meta.path)
+    return model_args(params, rope, meta.path)
 
 
 def rope_config(path: str | os.PathLike) -> tuple[RopeConfig, dict, list[str]]:
@@ -272,7 +276,7 @@ def rope_config(path: str | os.PathLike) -> tuple[RopeConfig, dict, list[str]]:
     return rope_from_metadata(meta)
 
 
-def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict, list[str]]:
+def read_gguf_config(path: str | os.PathLike) -> tuple[ModelArgs, dict, list[str]]:
     """(ModelArgs with the file's RopeConfig, provenance, warnings) without reading a weight:
     checkpoint.read_config's answer for a .gguf file."""
     path = Path(path)
@@ -330,7 +334,8 @@ def tensors_by_key(reader, path: Path) -> dict:
     return by_key
 
 
-def load_gguf(path: Path, rope: Optional[RopeConfig], device, dtype, progress=False) -> tuple[Transformer, Tokenizer]:
+def load_gguf(path: Path, rope: Optional[RopeConfig], device: torch.device | str,
+              dtype: torch.dtype, progress: bool = False) -> tuple[Transformer, Tokenizer]:
     reader = open_gguf(path)
     meta = Metadata(reader, path)
     _check_arch(meta)
@@ -346,12 +351,12 @@ def load_gguf(path: Path, rope: Optional[RopeConfig], device, dtype, progress=Fa
     if "output.weight" not in tensors:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]  # tied embeddings (SmolLM, Llama 3.2)
 
-    model = _empty_model(args)
+    model = empty_model(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    _check_keys(set(tensors), set(expected), str(path))
+    check_keys(set(tensors), set(expected), str(path))
     for key, shape in expected.items():
         t = tensors[key]
-        _check_shape(t.name, tuple(reversed([int(d) for d in t.shape])), shape, str(path), " from the metadata")
+        check_shape(t.name, tuple(reversed([int(d) for d in t.shape])), shape, str(path), " from the metadata")
         if not can_dequantize(t.tensor_type):
             raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf "
                                   "package cannot dequantize")
@@ -362,7 +367,7 @@ def load_gguf(path: Path, rope: Optional[RopeConfig], device, dtype, progress=Fa
         state[key] = done[t.name].clone() if t.name in done else _to_torch(t, dtype, device)
         done[t.name] = state[key]
     model.load_state_dict(state, assign=True, strict=True)
-    return model.eval(), tokenizer
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------
@@ -555,8 +560,6 @@ def _byte_level_vocab(tok: HFTokenizer) -> dict:
     """tokenizer.ggml.* ("gpt2") for a byte-level BPE tokenizer.json whose pre-tokenizer is one
     llama.cpp names (PRE_SPLITS); anything else is refused rather than written with a split
     llama.cpp would apply differently."""
-    import json
-
     spec = json.loads(tok.tok.to_str())
     steps = _pre_steps(spec.get("pre_tokenizer"))
     pre = next((name for name, splits in PRE_SPLITS.items() if tuple(splits) == steps), None)
@@ -616,7 +619,7 @@ def save_gguf(model: Transformer, tokenizer: Optional[Tokenizer], path: Path) ->
     """One .gguf file that llama.cpp (and Ollama) run with the model's RoPE. Weights keep the
     model's dtype (F32, F16 or BF16); Q/K rows are written in Meta's order, which is llama.cpp's.
     Written to a temporary name and renamed."""
-    from gguf import GGUFValueType, GGUFWriter
+    from gguf import GGUFWriter
 
     args, state = model.args, model.state_dict()
     dtype = state["layers.0.attention.wq.weight"].dtype
@@ -665,7 +668,7 @@ def save_gguf(model: Transformer, tokenizer: Optional[Tokenizer], path: Path) ->
         w.close()
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, write)
+    atomic_write(path, write)
     return path
 
 

@@ -1,0 +1,100 @@
+"""What every format module checks the same way before a byte of weights is used: the keys,
+the shapes, the tokenizer against the embedding, finite values; and the empty model on the
+meta device that the weights are assigned into."""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..files import CheckpointError, check_zip_crcs
+from ..model import ModelArgs, Transformer
+from ..rope import RopeConfig
+from ..tokenizer import Tokenizer, open_tokenizer
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def torch_load(path: Path) -> dict:
+    """A consolidated.*.pth or pytorch_model.bin, memory-mapped. A legacy (pre-zip) file cannot be
+    memory-mapped and carries no checksums: it is read whole, and torch.load decides."""
+    check_zip_crcs(path)
+    try:
+        state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except Exception as e:  # truncated zip, pickle error, code the pickle would run, ...
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return state
+
+
+def read_tokenizer(folder: Path) -> Tokenizer:
+    try:
+        return open_tokenizer(folder)
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(str(e)) from None
+
+
+def model_args(params: dict, rope: Optional[RopeConfig], source: Path) -> ModelArgs:
+    try:
+        return ModelArgs.from_params(params, rope=rope)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def empty_model(args: ModelArgs) -> Transformer:
+    with torch.device("meta"):  # parameters without storage: nothing is allocated twice
+        return Transformer(args)
+
+
+def check_tokenizer(tokenizer: Tokenizer, args: ModelArgs, source: Path) -> None:
+    """Every id the tokenizer can produce needs an embedding row. More rows than ids is fine and
+    common (embeddings padded to a multiple of 64 or 128 for speed); fewer is an error, since
+    those tokens would index past the embedding."""
+    top = max([tokenizer.max_id(), *(i for i in (tokenizer.bos_id, *tokenizer.eos_ids) if i is not None)])
+    if top >= args.vocab_size:
+        raise CheckpointError(f"{tokenizer.path}: tokenizer has ids up to {top} ({tokenizer.vocab_size} pieces), "
+                              f"but {source} gives the model's embedding {args.vocab_size} rows; "
+                              f"expected at least {top + 1}")
+
+
+def check_sliding_window(args: ModelArgs, rope: Optional[RopeConfig], source: Path) -> None:
+    """A RopeConfig asked for at load time states the context the user means to run; with a
+    sliding window shorter than it, this model (full attention only) would compute something
+    the checkpoint was never trained for. Longer inputs are refused again in the forward pass."""
+    if args.sliding_window is not None and rope is not None and rope.window is not None \
+            and rope.window > args.sliding_window:
+        raise CheckpointError(f"{source}: sliding_window is {args.sliding_window}, shorter than the requested "
+                              f"context {rope.window} ({rope.describe()}); this model has no sliding-window "
+                              "attention, so it runs at most sliding_window tokens")
+
+
+def check_keys(found: set, expected: set, source: str, ignored: str = "") -> None:
+    """Missing or unexpected keys are errors: never a silently random weight."""
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        show = lambda keys: f"{keys[:5]}{f' and {len(keys) - 5} more' if len(keys) > 5 else ''}"
+        raise CheckpointError(f"{source}: keys do not match the model"
+                              + (f"; missing {show(missing)}" if missing else "")
+                              + (f"; unexpected {show(unexpected)}" if unexpected else "") + ignored)
+
+
+def check_shape(key: str, found, expected, source: str, note: str = "") -> None:
+    if tuple(found) != tuple(expected):
+        raise CheckpointError(f"{source}: tensor {key} has shape {tuple(found)}, expected {tuple(expected)}{note}")
+
+
+def check_finite(key: str, tensor: torch.Tensor, path) -> None:
+    """NaN or inf in a weight is a corrupt file (random bytes decode to them), never a model.
+    A sum is one fast pass with no temporary; a non-finite sum is then confirmed element-wise
+    (a float16 sum can overflow where no element does)."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return
+    bad = (~torch.isfinite(tensor)).sum().item()
+    if bad:
+        raise CheckpointError(f"{path}: tensor {key} holds {bad} NaN/inf values of {tensor.numel()}; "
+                              "the file is corrupt")

@@ -1,0 +1,447 @@
+"""Hugging Face Llama and Mistral folders in and out.
+
+    config.json     LlamaConfig / MistralConfig, incl. rope_scaling (transformers v4) or
+                    rope_parameters (v5); every key read: docs/checkpoints.md
+    model.safetensors, or model-0000X-of-0000N.safetensors + model.safetensors.index.json
+                    (pytorch_model*.bin only where there is no safetensors file)
+    tokenizer.model (sentencepiece) or tokenizer.json (Hugging Face `tokenizers`), with BOS/EOS
+                    from tokenizer_config.json / generation_config.json (tokenizer.open_tokenizer)
+
+Reading: config.json -> ModelArgs and RopeConfig (rope_from_hf), then the tensors, renamed to
+Meta's keys and with wq / wk permuted back to Meta's interleaved rotation.
+Export: the same mapping the other way (like gpt-fast's convert_hf_checkpoint.py, reversed):
+hf_rope_scaling and hf_config write config.json, save_hf model.safetensors.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..files import CheckpointError, atomic_write, read_json, write_json
+from ..model import ModelArgs, Transformer
+from ..rope import RopeConfig, frequencies, ntk_aware_base, yarn_attention_factor
+from ..tokenizer import Tokenizer
+from .common import (check_finite, check_keys, check_shape, check_sliding_window, check_tokenizer, empty_model,
+                     first_line, model_args, read_tokenizer, torch_load)
+from .meta import meta_ffn_params
+
+
+# ---------------------------------------------------------------------------------------
+# The mapping between Meta's names and rotation and Hugging Face's
+# ---------------------------------------------------------------------------------------
+
+def hf_key(meta_key: str) -> str:
+    """Meta's key name -> HF LlamaForCausalLM's."""
+    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    if meta_key in top:
+        return top[meta_key]
+    _, layer, rest = meta_key.split(".", 2)
+    rest = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+            "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+            "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+            "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+            "ffn_norm.weight": "post_attention_layernorm.weight"}[rest]
+    return f"model.layers.{layer}.{rest}"
+
+
+def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta rotates interleaved pairs (2i, 2i+1) of each head; HF rotates halves (i, i + D/2).
+    Reorder the rows of wq / wk so that HF's rotation gives the same q.k (HF's converter)."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.view(n_heads, head_dim // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def permute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of permute_to_hf: HF's split-half rows back to Meta's interleaved pairs."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def _heads_of(meta_key: str, args: ModelArgs) -> Optional[int]:
+    """n_heads for wq, n_kv_heads for wk: the rows HF permutes. None for every other key."""
+    if meta_key.endswith("attention.wq.weight"):
+        return args.n_heads
+    if meta_key.endswith("attention.wk.weight"):
+        return args.n_kv_heads
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# config.json -> ModelArgs and RopeConfig
+# ---------------------------------------------------------------------------------------
+
+# The released Yarn-Mistral checkpoints (NousResearch/Yarn-Mistral-7b-64k, -128k) run the authors'
+# remote code, which their config.json names in auto_map. That code hard-codes constants that
+# differ from Llama's 32 / 1 / 0.1 and that the config does not carry: jquesnelle/yarn,
+# scaled_rope/modeling_mistral_yarn.py, `MistralYaRNScaledRotaryEmbedding.__init__` defaults
+# beta_fast=128, beta_slow=2 (its `_init_rope` passes neither) and `_yarn_get_mscale`:
+# sqrt(1/t) = 0.07 ln(s) + 1.
+YARN_MISTRAL_CODE = "modeling_mistral_yarn"
+YARN_MISTRAL_CONSTANTS = {"beta": 128.0, "alpha": 2.0, "attention_coefficient": 0.07}
+
+# max_position_embeddings when config.json omits it: LlamaConfig's and MistralConfig's defaults
+DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32}
+
+
+def _remote_code(cfg: dict) -> Optional[str]:
+    """The auto_map entry that points at the authors' Yarn-Mistral code, if any."""
+    for ref in (cfg.get("auto_map") or {}).values():
+        if YARN_MISTRAL_CODE in str(ref):
+            return str(ref)
+    return None
+
+
+def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], list[str]]:
+    """RopeConfig from a config.json's rope_scaling (transformers v4) or rope_parameters (v5),
+    with where each value came from (RopeConfig field -> config key, or "default") and the
+    ambiguities worth a reader's attention (defaults used, a factor that disagrees with
+    max_position_embeddings / original_max_position_embeddings, constants that live in remote
+    code). The loader and `python -m yarn_minimal.rope --config` both read configs with it.
+
+    default -> plain RoPE, L = max_position_embeddings.
+    linear  -> PI (Eq. 10), s = factor.
+    dynamic -> Dynamic NTK-aware (Sec. 3.1 + 3.3) with L = max_position_embeddings. HF computes
+               b' = b (a l/L - (a - 1))^(D/(D-2)) with its factor a; for a = 1 that is the
+               paper's s = max(1, l/L). For a != 1 there is no RopeConfig equivalent, so we stop
+               and ask for an explicit rope= rather than silently change the model.
+    yarn    -> YaRN (Eq. 17-22) with the public code's ramp: alpha = beta_slow, beta = beta_fast,
+               L = original_max_position_embeddings, s = factor (default max_position_embeddings/L,
+               as transformers), sqrt(1/t) = attention_factor, or HF's 0.1 mscale ln(s) + 1 over
+               0.1 mscale_all_dim ln(s) + 1 when both are set, or else Eq. 22.
+               The released Yarn-Llama-2 configs add "finetuned": true; it only matters to the
+               authors' dynamic variant, so a static "yarn" accepts and ignores it.
+               Yarn-Mistral (auto_map -> modeling_mistral_yarn): the remote code's 128 / 2 / 0.07
+               (YARN_MISTRAL_CONSTANTS) wherever the config itself says nothing.
+    llama3  -> Llama 3.1's NTK-by-parts: Eq. 17-20 with the paper's ramp (Eq. 18, linear in
+               r = L/lambda), alpha = low_freq_factor, beta = high_freq_factor,
+               L = original_max_position_embeddings, s = factor, no temperature. transformers
+               keeps theta where lambda < L/high_freq_factor (r > beta: gamma = 1), uses
+               theta/factor where lambda > L/low_freq_factor (r < alpha: gamma = 0) and blends
+               with smooth = (L/lambda - low)/(high - low) = gamma(r) in between.
+    """
+    r = _ConfigReading(cfg, source)
+    key, kind = r.key, r.kind
+    model_type = cfg.get("model_type", "llama")
+    base = float(r.read("base", [f"{key}.rope_theta", "rope_theta"], 10000.0, "LlamaConfig's default"))
+    max_pos = int(r.read("max_position_embeddings", ["max_position_embeddings"],
+                         DEFAULT_MAX_POSITIONS.get(model_type, 2048), f"{model_type} config default"))
+    r.provenance["original_length"] = r.provenance["max_position_embeddings"]  # L, unless the method states another
+    r.provenance["method"] = f"{key}.{'rope_type' if 'rope_type' in r.scaling else 'type'}" if r.scaling else "default"
+
+    try:
+        if kind in ("default", "none", None):
+            rope = RopeConfig(base=base, original_length=max_pos)
+        elif kind == "linear":
+            rope = RopeConfig(method="pi", scale=float(r.need("factor")), original_length=max_pos, base=base)
+        elif kind == "dynamic":
+            factor = float(r.read("scale", [f"{key}.factor"], 1.0, "the paper's Dynamic NTK"))
+            if factor != 1.0:
+                raise CheckpointError(
+                    f"{source}: {key} dynamic with factor {factor:g}: transformers then uses "
+                    f"b' = b (factor l/L - (factor - 1))^(D/(D-2)), which differs from the paper's Dynamic NTK "
+                    f"(s = max(1, l/L), i.e. factor 1) and has no RopeConfig equivalent. Pass rope= to load(), "
+                    f"e.g. RopeConfig(method='ntk', dynamic=True, original_length={max_pos}), to choose explicitly")
+            r.provenance["dynamic"] = r.provenance["method"]
+            rope = RopeConfig(method="ntk", dynamic=True, original_length=max_pos, base=base)
+        elif kind == "llama3":
+            rope = RopeConfig(method="ntk-by-parts", ramp="paper", scale=float(r.need("factor")),
+                              original_length=int(r.need("original_max_position_embeddings")), base=base,
+                              alpha=float(r.need("low_freq_factor")), beta=float(r.need("high_freq_factor")))
+            r.provenance["ramp"] = r.provenance["method"]
+            r.check_factor(rope, max_pos)
+        elif kind == "yarn":
+            rope = _yarn_from_hf(r, max_pos, base, model_type)
+        else:
+            raise CheckpointError(f"{source}: {key} type {kind!r} is not supported; supported: default, linear, "
+                                  "dynamic, yarn, llama3")
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: {key}: {e}") from None
+    return rope, r.provenance, r.notes
+
+
+class _ConfigReading:
+    """A config.json being read for its RoPE: each value with the key it came from, and notes
+    on what is ambiguous."""
+
+    FIELD_OF = {"factor": "scale", "original_max_position_embeddings": "original_length",
+                "low_freq_factor": "alpha", "high_freq_factor": "beta"}  # config key -> RopeConfig field
+
+    def __init__(self, cfg: dict, source: Path):
+        self.cfg, self.source = cfg, source
+        self.key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+        self.scaling = cfg.get(self.key) or {}
+        self.kind = self.scaling.get("rope_type", self.scaling.get("type", "default"))
+        self.provenance: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    def read(self, field: str, names: list[str], default, why: str, fallback: str = "default"):
+        """The first of the config keys `names` that is set ("a.b" looks inside a); else default,
+        recorded as `fallback` (and noted when it is a plain default)."""
+        for name in names:
+            value = self.cfg
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None:
+                self.provenance[field] = name
+                return value
+        self.provenance[field] = fallback
+        if fallback == "default":
+            self.notes.append(f"{' / '.join(names)} not set: using {default:g} ({why})")
+        return default
+
+    def need(self, name: str):
+        """A rope_scaling key the method cannot do without."""
+        if self.scaling.get(name) is None:
+            raise CheckpointError(f"{self.source}: {self.key} of type {self.kind!r} has no {name!r}")
+        self.provenance[self.FIELD_OF.get(name, name)] = f"{self.key}.{name}"
+        return self.scaling[name]
+
+    def check_factor(self, rope: RopeConfig, max_pos: int) -> None:
+        """Two keys state the extension ratio; say so when they disagree (transformers issue 38224)."""
+        if max_pos != rope.window:
+            self.notes.append(f"{self.key}.factor {rope.scale:g} disagrees with max_position_embeddings / "
+                              f"original_max_position_embeddings = {max_pos} / {rope.original_length} = "
+                              f"{max_pos / rope.original_length:g}; s = factor is used (as transformers does), "
+                              f"so the intended window L x s is {rope.window}, not {max_pos}")
+
+
+def _yarn_from_hf(r: _ConfigReading, max_pos: int, base: float, model_type: str) -> RopeConfig:
+    key, scaling = r.key, r.scaling
+    original = int(r.read("original_length", [f"{key}.original_max_position_embeddings"], max_pos,
+                          "max_position_embeddings"))
+    scale = float(r.read("scale", [f"{key}.factor"], max_pos / original,
+                         "max_position_embeddings / original_max_position_embeddings"))
+    r.provenance["ramp"] = r.provenance["method"]  # "yarn" means the public code's ramp
+    remote = _remote_code(r.cfg) if model_type == "mistral" else None
+    fallback = f"remote code ({remote})" if remote else "default"
+    if remote:
+        constants, why = YARN_MISTRAL_CONSTANTS, "the Yarn-Mistral remote code"
+        r.notes.append(f"auto_map -> {remote}: beta_fast 128, beta_slow 2 and sqrt(1/t) = 0.07 ln(s) + 1 live in "
+                       "that remote code (jquesnelle/yarn scaled_rope/modeling_mistral_yarn.py), not in this config")
+    else:
+        paper = RopeConfig()  # the paper's 32 / 1 / 0.1, which are transformers' too
+        constants = {"beta": paper.beta, "alpha": paper.alpha, "attention_coefficient": paper.attention_coefficient}
+        why = "transformers' and the paper's default"
+        if model_type == "mistral":
+            r.notes.append("model_type mistral with yarn and no auto_map to the authors' modeling_mistral_yarn.py: "
+                           "transformers' constants (32 / 1 / 0.1) are used; NousResearch's Yarn-Mistral checkpoints "
+                           "were trained with 128 / 2 / 0.07")
+    alpha = float(r.read("alpha", [f"{key}.beta_slow"], constants["alpha"], why, fallback))
+    beta = float(r.read("beta", [f"{key}.beta_fast"], constants["beta"], why, fallback))
+    factor = scaling.get("attention_factor")
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if factor is not None:
+        r.provenance["attention_factor"] = f"{key}.attention_factor"
+    elif mscale and mscale_all_dim:  # DeepSeek-style: the ratio of two Eq. 22 forms
+        factor = yarn_attention_factor(scale, 0.1 * mscale) / yarn_attention_factor(scale, 0.1 * mscale_all_dim)
+        r.provenance["attention_factor"] = f"{key}.mscale / {key}.mscale_all_dim"
+    else:
+        r.provenance["attention_coefficient"] = fallback
+    rope = RopeConfig(method="yarn", scale=scale, original_length=original, base=base, alpha=alpha, beta=beta,
+                      attention_factor=None if factor is None else float(factor),
+                      attention_coefficient=constants["attention_coefficient"],
+                      truncate=bool(scaling.get("truncate", True)))
+    if "original_max_position_embeddings" in scaling and "factor" in scaling:
+        r.check_factor(rope, max_pos)
+    return rope
+
+
+def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> tuple[ModelArgs, dict, list[str]]:
+    """(ModelArgs, RoPE provenance, notes) from a config.json; see rope_from_hf."""
+    if cfg.get("model_type", "llama") not in DEFAULT_MAX_POSITIONS:
+        raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r}; only Llama-architecture "
+                              f"checkpoints (model_type {' or '.join(map(repr, DEFAULT_MAX_POSITIONS))}) are supported")
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+        if name not in cfg:
+            raise CheckpointError(f"{source}: no {name!r}")
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    for name, allowed in (("hidden_act", ("silu",)), ("attention_bias", (False,)), ("mlp_bias", (False,)),
+                          ("partial_rotary_factor", (1, 1.0)), ("head_dim", (dim // n_heads,))):
+        if cfg.get(name) is not None and cfg[name] not in allowed:
+            raise CheckpointError(f"{source}: {name} is {cfg[name]!r}; Llama 2 (and this model) needs {allowed[0]!r}")
+    multiple_of, multiplier = meta_ffn_params(dim, cfg["intermediate_size"], source)
+    params = dict(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+                  n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
+                  multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
+                  norm_eps=cfg.get("rms_norm_eps", 1e-6),  # 1e-6: LlamaConfig's default
+                  sliding_window=cfg.get("sliding_window"))  # Mistral 7B v0.1: 4096; null: full attention
+    own, provenance, notes = rope_from_hf(cfg, source)
+    window = cfg.get("sliding_window")
+    if window is not None and own.window is not None and own.window > window:
+        notes.append(f"sliding_window {window} is shorter than the intended window {own.window}: this model has "
+                     f"full attention only, so sequences longer than {window} tokens are refused")
+    if rope is not None:
+        provenance, notes = {field: "rope= (given to load)" for field in provenance}, []
+    return model_args(params, rope if rope is not None else own, source), provenance, notes
+
+
+def read_hf_config(path: Path) -> tuple[ModelArgs, dict, list[str]]:
+    """checkpoint.read_config for a config.json: ModelArgs, where each RoPE value came from, notes."""
+    return args_from_hf(read_json(path), None, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the tensors
+# ---------------------------------------------------------------------------------------
+
+def hf_weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map'")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in {index.name} but missing")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise CheckpointError(f"{folder}: no weight files (model.safetensors, model-*-of-*.safetensors "
+                              "or pytorch_model*.bin) beside config.json")
+    return files
+
+
+def _open_hf_files(files: list[Path], stack: contextlib.ExitStack) -> dict[str, tuple[Path, Callable, tuple]]:
+    """HF key -> (file, read(), shape), reading no tensor data yet."""
+    tensors = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            try:
+                f = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+                for k in f.keys():
+                    tensors[k] = (path, lambda f=f, k=k: f.get_tensor(k), tuple(f.get_slice(k).get_shape()))
+            except Exception as e:  # truncated or corrupt header / data
+                raise CheckpointError(f"{path}: cannot be read as safetensors ({type(e).__name__}: {first_line(e)})") from None
+        else:
+            state = torch_load(path)
+            for k, v in state.items():
+                tensors[k] = (path, lambda v=v: v, tuple(v.shape))
+    return tensors
+
+
+def load_hf(folder: Path, rope: Optional[RopeConfig], device: torch.device | str,
+            dtype: torch.dtype, progress: bool = False) -> tuple[Transformer, Tokenizer]:
+    config_path = folder / "config.json"
+    cfg = read_json(config_path)
+    args, _, _ = args_from_hf(cfg, rope, config_path)
+    tokenizer = read_tokenizer(folder)
+    check_tokenizer(tokenizer, args, config_path)
+    check_sliding_window(args, rope, config_path)
+    files = hf_weight_files(folder)
+    model = empty_model(args)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with contextlib.ExitStack() as stack:
+        tensors = _open_hf_files(files, stack)
+        for k in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
+            del tensors[k]  # older transformers saved this buffer; we compute our own
+        if cfg.get("tie_word_embeddings") and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+            tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
+        source = str(files[0].parent / (files[0].name if len(files) == 1 else "{" + ",".join(f.name for f in files) + "}"))
+        check_keys(set(tensors), {hf_key(k) for k in expected}, source)
+        for key, shape in expected.items():
+            path, _, found = tensors[hf_key(key)]
+            check_shape(hf_key(key), found, shape, str(path), f" from {config_path.name}")
+        state = {}
+        for key in tqdm(expected, desc=f"reading {len(files)} file(s)", unit="tensor", disable=not progress):
+            path, read, _ = tensors.pop(hf_key(key))
+            try:
+                t = read()
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot read tensor {hf_key(key)} ({type(e).__name__}: {first_line(e)})") from None
+            check_finite(hf_key(key), t, path)
+            heads = _heads_of(key, args)
+            state[key] = (permute_from_hf(t, heads) if heads else t).to(device=device, dtype=dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------
+# Export: config.json and model.safetensors for transformers, vLLM and llama.cpp
+# ---------------------------------------------------------------------------------------
+
+def hf_rope_scaling(rope: RopeConfig, head_dim: int) -> tuple[float, Optional[dict], int]:
+    """(rope_theta, rope_scaling, max_position_embeddings) for config.json.
+
+    rope_scaling carries both "rope_type" (transformers >= 4.45, vLLM) and "type" (older
+    transformers, llama.cpp's converter). Static NTK-aware is written exactly as a base change,
+    rope_theta = b' (Eq. 16). Methods with no counterpart that transformers, vLLM and llama.cpp
+    all read the same way are refused rather than written approximately."""
+    L, s = rope.original_length, rope.scale
+    entry = lambda kind, **kw: {"rope_type": kind, "type": kind, **kw}
+    if rope.method == "none" or (s == 1 and not rope.dynamic and rope.method != "ntk" and rope.attention_factor is None):
+        return rope.base, None, L
+    if rope.method == "pi" and not rope.dynamic:
+        return rope.base, entry("linear", factor=s), L  # HF's convention: max_position_embeddings = L
+    if rope.method == "ntk" and not rope.dynamic:
+        # Eq. 14-16: static NTK-aware is plain RoPE with base b' (what Code Llama's rope_theta is)
+        return ntk_aware_base(rope.base, s, head_dim), None, int(round(L * s))
+    if rope.method == "ntk" and rope.dynamic and s == 1:
+        return rope.base, entry("dynamic", factor=1.0), L  # HF's dynamic uses L = max_position_embeddings
+    if rope.method == "yarn" and not rope.dynamic and rope.ramp == "code":
+        scaling = entry("yarn", factor=s, original_max_position_embeddings=L, beta_fast=rope.beta, beta_slow=rope.alpha)
+        if not rope.truncate:
+            scaling["truncate"] = False
+        if rope.attention_factor is not None or rope.attention_coefficient != 0.1:
+            # transformers' key (replaces Eq. 22); a coefficient other than 0.1 has no key of its own
+            scaling["attention_factor"] = frequencies(rope, head_dim, s)[1]
+        return rope.base, scaling, int(round(L * s))
+    if rope.method == "ntk-by-parts" and not rope.dynamic and rope.ramp == "paper":
+        # Llama 3.1's "llama3" is exactly this (see rope_from_hf)
+        return rope.base, entry("llama3", factor=s, original_max_position_embeddings=L, low_freq_factor=rope.alpha,
+                                high_freq_factor=rope.beta), int(round(L * s))
+    raise CheckpointError(
+        f"format='hf': {rope.describe()} (ramp={rope.ramp}) has no Hugging Face rope_scaling equivalent "
+        "(transformers knows static PI 'linear', Dynamic NTK 'dynamic' with s0 = 1, static YaRN 'yarn' with the "
+        "code's ramp, and static NTK-by-parts with the paper's ramp as 'llama3'). Save with format='meta' (this project's layout keeps any RopeConfig in rope.json)")
+
+
+def hf_config(model: Transformer, dtype: torch.dtype, tokenizer: Optional[Tokenizer] = None) -> dict:
+    """config.json for transformers' LlamaForCausalLM (also read by vLLM and llama.cpp's converter);
+    MistralForCausalLM for a model with a sliding window, so that the window is not dropped.
+    BOS/EOS ids are the tokenizer's (Llama 2's 1 and 2 without one); eos_token_id lists every
+    id that ends generation when there are several."""
+    args = model.args
+    rope_theta, rope_scaling, max_pos = hf_rope_scaling(args.rope, args.head_dim)
+    bos, eos = (1, [2]) if tokenizer is None else (tokenizer.bos_id, list(tokenizer.eos_ids))
+    mistral = args.sliding_window is not None
+    return {
+        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+        "model_type": "mistral" if mistral else "llama",
+        **({"sliding_window": args.sliding_window} if mistral else {}),
+        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps, "hidden_act": "silu", "max_position_embeddings": max_pos,
+        "rope_theta": rope_theta, "rope_scaling": rope_scaling,
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
+        "bos_token_id": bos, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "initializer_range": 0.02, "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def save_hf(model: Transformer, state: dict[str, torch.Tensor], folder: Path, tokenizer: Optional[Tokenizer]) -> None:
+    """model.safetensors with HF's names and wq / wk rows permuted to HF's split-half rotation,
+    and config.json. Refuses RoPE settings HF cannot express before anything is written."""
+    config = hf_config(model, next(iter(state.values())).dtype, tokenizer)
+    hf_state = {}
+    for key, t in state.items():
+        heads = _heads_of(key, model.args)
+        hf_state[hf_key(key)] = (permute_to_hf(t, heads) if heads else t).contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(hf_state, str(tmp), metadata={"format": "pt"}))
+    write_json(folder / "config.json", config)
