@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
-import warnings
+from dataclasses import asdict
 
 import torch
 
 from yarn_minimal import cli
 from yarn_minimal.checkpoint import CheckpointError, load
-from yarn_minimal.generation import CACHE_MODES, GenerationStats, stream
+from yarn_minimal.generation import CACHE_MODES, GenerationConfig, GenerationStats, stream
 
 DEFAULT_PROMPT = "Once upon a time,"
 
@@ -90,14 +90,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt tokens per prefill forward pass; bounds activation memory (default 4096)")
     args = p.parse_args(argv)
 
-    if args.max_new_tokens < 0:
-        p.error(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
-    if not (args.temperature >= 0):
-        p.error(f"--temperature: must be >= 0 (0 = greedy), got {args.temperature}")
-    if not (0 < args.top_p <= 1):
-        p.error(f"--top-p: must be in (0, 1], got {args.top_p}")
-    if args.prefill_chunk <= 0:
-        p.error(f"--prefill-chunk: must be > 0, got {args.prefill_chunk}")
+    try:  # the request is checked when it is made; its message names the field, i.e. the flag
+        args.request = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                                        ignore_eos=args.ignore_eos, cache=args.cache,
+                                        prefill_chunk=args.prefill_chunk, compile=args.compile)
+    except ValueError as e:
+        field, _, problem = str(e).partition(": ")
+        p.error(f"--{field.replace('_', '-')}: {problem}")
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
@@ -131,7 +130,6 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
     ckpt = cli.resolve_checkpoint(args.ckpt)
-    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
         model, tokenizer = load(ckpt, device=device, dtype=dtype)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
@@ -156,9 +154,7 @@ def main(argv=None) -> None:
     print(f"# {model.rope.describe()}, {len(prompt_tokens)} prompt tokens, {device} {str(dtype).removeprefix('torch.')}",
           file=sys.stderr)
     try:
-        tokens = stream(model, prompt_tokens, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                        cache=args.cache, prefill_chunk=args.prefill_chunk, ignore_eos=args.ignore_eos,
-                        compile=args.compile, stats=stats, progress=True)
+        tokens = stream(model, prompt_tokens, **asdict(args.request), stats=stats, progress=True)
     except ValueError as e:  # a request the checkpoint cannot run (e.g. past a sliding window)
         raise SystemExit(f"error: {e}") from None
     for token in tokens:

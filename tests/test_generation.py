@@ -239,7 +239,6 @@ def test_cache_reused_after_a_rope_switch_uses_the_new_rotation():
 
 @pytest.mark.slow  # 9 s warm, 31 s with a cold inductor cache (C++ compilation)
 @pytest.mark.filterwarnings("ignore:Torchinductor does not support code generation for complex")
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # pure: traced is fine
 def test_compiled_decoding_equals_eager():
     # torch.compile of the decode step, through Dynamic Scaling's branch change at L (the
     # pre-RoPE keys start being re-rotated every step): same tokens and logits as eager.

@@ -1,5 +1,5 @@
 """rope.py against independent computations: transformers' RoPE code, the paper's worked
-numbers, and Eq. 17-20 recomputed here in plain Python."""
+numbers, and Eq. 17 to Eq. 20 recomputed here in plain Python."""
 import math
 
 import pytest
@@ -70,7 +70,7 @@ def test_ntk_aware_base_table1():
 
 
 def paper_eq17_20(head_dim, base, L, s, alpha, beta):
-    """Eq. 17-20 written out independently, one pair at a time."""
+    """Eq. 17 to Eq. 20 written out independently, one pair at a time."""
     out = []
     for d in range(head_dim // 2):
         theta = base ** (-2 * d / head_dim)
