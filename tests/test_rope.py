@@ -165,3 +165,27 @@ def test_cli_table_and_json(capsys):
     main(["--method", "yarn", "--scale", "16"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + 64 and lines[1].split()[0] == "d"
+
+
+def test_module_command_line_runs_without_runpy_warning():
+    """`python -m yarn_minimal.rope` with RuntimeWarnings as errors: runpy warns when importing the
+    package has already run the module it is about to run as __main__, which plain imports in
+    __init__.py would do. Every other import of the package still gets the whole API."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
+    run = lambda *argv: subprocess.run([sys.executable, "-W", "error::RuntimeWarning", *argv], env=env,
+                                       capture_output=True, text=True, timeout=120)
+    r = run("-m", "yarn_minimal.rope", "--method", "ntk", "--scale", "2", "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert json.loads(r.stdout)["inv_freq"][-1] == pytest.approx(10000 ** (-126 / 128) / 2)  # Eq. 16: lowest / s
+    r = run("-c", "import yarn_minimal as y; print(*(getattr(y, n).__module__ for n in y.__all__))")
+    assert r.returncode == 0, r.stderr
+    where = dict(RopeConfig="rope", load="checkpoint", generate="generation", GenerationConfig="generation",
+                 Transformer="model", open_tokenizer="tokenizer")
+    found = dict(zip(__import__("yarn_minimal").__all__, r.stdout.split()))
+    assert all(found[name] == f"yarn_minimal.{module}" for name, module in where.items()), found

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
-from .rope import RopeConfig, check_head_dim, effective_scale, frequencies, rope_tables
+from .rope import RopeConfig, attention_factor, check_head_dim, effective_scale, rope_tables
 
 FLASH_ATTN_MIN = (2, 1)  # before 2.1, flash-attn aligns the causal mask top-left when Tq != Tk
 
@@ -141,9 +141,10 @@ def rotation_table(rope: RopeConfig, head_dim: int, end: int, scale: float,
     Built as e^{i m h} = e^{i 64a h} e^{i r h} for m = 64a + r: cos/sin of end/64 + 64 positions
     and one complex product, 5-8x cheaper than cos/sin of every position (Dynamic Scaling needs
     a new table at every step), within 4e-7 of it (float32 rounding of the two factors)."""
-    coarse = torch.complex(*rope_tables(rope, head_dim, torch.arange(0, end, 64), scale, device=device))
-    fine = torch.complex(*rope_tables(rope, head_dim, torch.arange(64), scale, device=device))
-    fine = fine / frequencies(rope, head_dim, scale)[1]  # sqrt(1/t) once, not twice
+    n_coarse = (end + 63) // 64
+    positions = torch.cat([torch.arange(0, end, 64), torch.arange(64)])  # one table: h(theta_d) made once
+    table = torch.complex(*rope_tables(rope, head_dim, positions, scale, device=device))
+    coarse, fine = table[:n_coarse], table[n_coarse:] / attention_factor(rope, scale)  # sqrt(1/t) once, not twice
     return (coarse[:, None] * fine).flatten(0, 1)[:end]
 
 

@@ -257,14 +257,17 @@ def frequencies(cfg: RopeConfig, head_dim: int, scale: float) -> tuple[torch.Ten
         inv_freq = ntk_aware_frequencies(head_dim, cfg.base, scale)
     else:  # "ntk-by-parts" and "yarn" share Eq. 17 to Eq. 20
         inv_freq = ntk_by_parts_frequencies(theta, scale, ntk_by_parts_ramp(cfg, head_dim))
+    return inv_freq, attention_factor(cfg, scale)
 
+
+def attention_factor(cfg: RopeConfig, scale: float) -> float:
+    """sqrt(1/t) at scale s (Sec. 3.4): YaRN's Eq. 22, or the value the config fixes; 1 for
+    every other method, which has no temperature."""
     if cfg.method != "yarn":
-        factor = 1.0
-    elif cfg.attention_factor is not None:
-        factor = float(cfg.attention_factor)
-    else:
-        factor = yarn_attention_factor(scale, cfg.attention_coefficient)
-    return inv_freq, factor
+        return 1.0
+    if cfg.attention_factor is not None:
+        return float(cfg.attention_factor)
+    return yarn_attention_factor(scale, cfg.attention_coefficient)
 
 
 def rope_tables(cfg: RopeConfig, head_dim: int, positions: torch.Tensor, scale: float,
