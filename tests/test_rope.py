@@ -167,25 +167,40 @@ def test_cli_table_and_json(capsys):
     assert len(lines) == 2 + 64 and lines[1].split()[0] == "d"
 
 
-def test_module_command_line_runs_without_runpy_warning():
-    """`python -m yarn_minimal.rope` with RuntimeWarnings as errors: runpy warns when importing the
-    package has already run the module it is about to run as __main__, which plain imports in
-    __init__.py would do. Every other import of the package still gets the whole API."""
-    import json
+def run_python(*argv: str, path: str = "") -> "subprocess.CompletedProcess":
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), OMP_NUM_THREADS="1")
-    run = lambda *argv: subprocess.run([sys.executable, "-W", "error::RuntimeWarning", *argv], env=env,
-                                       capture_output=True, text=True, timeout=120)
-    r = run("-m", "yarn_minimal.rope", "--method", "ntk", "--scale", "2", "--json")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), path])), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-W", "error::RuntimeWarning", *argv], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_module_command_line_runs_without_runpy_warning():
+    """`python -m yarn_minimal.rope` with RuntimeWarnings as errors: runpy warns when importing the
+    package has already run the module it is about to run as __main__, which plain imports in
+    __init__.py would do. Any other import of the package gets the whole API."""
+    import json
+
+    import yarn_minimal
+
+    r = run_python("-m", "yarn_minimal.rope", "--method", "ntk", "--scale", "2", "--json")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert json.loads(r.stdout)["inv_freq"][-1] == pytest.approx(10000 ** (-126 / 128) / 2)  # Eq. 16: lowest / s
-    r = run("-c", "import yarn_minimal as y; print(*(getattr(y, n).__module__ for n in y.__all__))")
-    assert r.returncode == 0, r.stderr
     where = dict(RopeConfig="rope", load="checkpoint", generate="generation", GenerationConfig="generation",
                  Transformer="model", open_tokenizer="tokenizer")
-    found = dict(zip(__import__("yarn_minimal").__all__, r.stdout.split()))
-    assert all(found[name] == f"yarn_minimal.{module}" for name, module in where.items()), found
+    assert all(getattr(yarn_minimal, name).__module__ == f"yarn_minimal.{module}" for name, module in where.items())
+    assert all(hasattr(yarn_minimal, name) for name in yarn_minimal.__all__)
+
+
+@pytest.mark.slow  # a process that imports the whole package: 3-7 s on two shared cores
+def test_package_api_is_complete_while_another_package_starts_with_python_m(tmp_path):
+    # __init__.py leaves its API out only while runpy starts one of yarn_minimal's own modules
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "__init__.py").write_text("import yarn_minimal\nprint(yarn_minimal.load.__module__)\n")
+    (tmp_path / "other" / "tool.py").write_text("")
+    r = run_python("-m", "other.tool", path=str(tmp_path))
+    assert r.returncode == 0 and r.stdout.split() == ["yarn_minimal.checkpoint"], r.stderr

@@ -15,11 +15,17 @@ Public API:
 """
 import sys
 
-# `python -m yarn_minimal.rope` (likewise .checkpoint and .data) imports this package, then runs
-# the module's file as __main__. Importing the API here too would first run that file as
-# yarn_minimal.rope, and runpy would warn about the second run. sys.argv[0] is "-m" only while
-# runpy imports the package of the module it is about to run, so only then is the API left out.
-if sys.argv[:1] != ["-m"]:
+
+def _runpy_is_starting_one_of_our_modules() -> bool:
+    """`python -m yarn_minimal.rope` (likewise .checkpoint and .data) imports this package, then
+    runs the module's file as __main__. Importing the API here too would first run that file as
+    yarn_minimal.rope, and runpy would warn about the second run. sys.argv[0] is "-m" only while
+    runpy imports the package of the module it is about to run; sys.orig_argv says which one."""
+    argv = sys.orig_argv
+    return sys.argv[:1] == ["-m"] and "-m" in argv and argv[argv.index("-m") + 1].startswith(f"{__name__}.")
+
+
+if not _runpy_is_starting_one_of_our_modules():
     from .checkpoint import CheckpointError, load, save
     from .generation import GenerationConfig, GenerationStats, generate, stream
     from .model import KVCache, ModelArgs, Transformer
