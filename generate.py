@@ -13,12 +13,14 @@ import argparse
 import resource
 import sys
 from dataclasses import asdict
+from typing import Optional
 
 import torch
 
 from yarn_minimal import cli
 from yarn_minimal.checkpoint import CheckpointError, load
 from yarn_minimal.generation import CACHE_MODES, GenerationConfig, GenerationStats, stream
+from yarn_minimal.tokenizer import Tokenizer
 
 DEFAULT_PROMPT = "Once upon a time,"
 
@@ -29,7 +31,7 @@ class TextStream:
     pieces, so every new piece is decoded together with the previous ones and only the new
     characters are printed; text ending in an incomplete character waits for the next token."""
 
-    def __init__(self, tokenizer, context: list[int]):
+    def __init__(self, tokenizer: Tokenizer, context: list[int]):
         self.tokenizer = tokenizer
         self.ids = list(context)
         self.start, self.done = 0, len(self.ids)  # ids[start:done] is already printed
@@ -58,7 +60,7 @@ def peak_memory(device: torch.device) -> str:
     return f"{kib / 2**20:.2f} GiB (process peak RSS)"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Generate text with a RoPE-extended Llama 2 (YaRN, PI, NTK, ...). "
                     "Tokens stream to stdout; prompt length, final scale s, tokens/s and peak memory go to stderr.")
@@ -126,7 +128,7 @@ def speed_line(stats: GenerationStats, compiled: bool) -> str:
             f"{stats.decode_seconds:.2f} s{compile_note(stats) if compiled else ''})")
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
     ckpt = cli.resolve_checkpoint(args.ckpt)
