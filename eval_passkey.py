@@ -12,6 +12,7 @@ passkey accuracy of Table 5 (mean accuracy over the lengths up to the passkey co
 """
 import argparse
 import sys
+from dataclasses import asdict
 
 from yarn_minimal import cli, eval_report as report, evaluation as ev
 from yarn_minimal.checkpoint import load
@@ -71,7 +72,7 @@ def main(argv=None):
     results = ev.run_passkey(model, tokenizer, lengths, args.iterations, args.seed, depths, args.max_new_tokens, bos)
     print(report.passkey_table(results))
     config = report.run_config(args, device, dtype, ckpt=str(ckpt), bos=bos, lengths=lengths, depths=depths,
-                               rope=model.rope.to_dict())
+                               rope=asdict(model.rope))
     if args.out:
         report.write_json(args.out, {"results": results, **ev.passkey_summary(results), "config": config})
         print(f"wrote {args.out}", file=sys.stderr)

@@ -13,6 +13,7 @@ The protocol is stated exactly in yarn_minimal/evaluation.py and docs/evaluation
 import argparse
 import sys
 import warnings
+from dataclasses import asdict
 
 from yarn_minimal import cli, eval_report as report, evaluation as ev
 from yarn_minimal.cli import (add_bos_arg, add_checkpoint_arg, add_device_args, add_rope_args, resolve_bos,
@@ -74,7 +75,7 @@ def main(argv=None):
         if factors:
             sweep = ev.attention_factor_sweep(model, docs, bos_id, windows[0], factors, args.stride,
                                               args.truncate, args.segment_length)
-            sweep.update(label=label, ckpt=str(ckpt), rope=model.rope.to_dict())
+            sweep.update(label=label, ckpt=str(ckpt), rope=asdict(model.rope))
             results += [dict(row, label=f"{label} sqrt(1/t)={a:g}", attention_factor=a, window=windows[0],
                              perplexity=ppl, tokens=n)
                         for a, ppl, n in zip(sweep["factors"], sweep["perplexity"], sweep["tokens"])]
@@ -128,7 +129,7 @@ def score_window(args, model, docs: list[list[int]], skipped: int, bos_id, windo
                 perplexity=scores.perplexity, perplexity_window_mean=scores.perplexity_window_mean,
                 nll=scores.nll, tokens=scores.tokens, windows=len(scores.window_mean_nll),
                 documents=len(docs), skipped_documents=skipped, short_documents=short,
-                scale_in_effect=report.scale_in_effect(model.rope, window, docs), rope=model.rope.to_dict())
+                scale_in_effect=report.scale_in_effect(model.rope, window, docs), rope=asdict(model.rope))
 
 
 if __name__ == "__main__":

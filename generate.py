@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
+from dataclasses import asdict
+from typing import Optional
 
 import torch
 
 from yarn_minimal import cli, sizing
 from yarn_minimal.checkpoint import CheckpointError, load
-from yarn_minimal.generation import CACHE_MODES, GenerationStats, stream
+from yarn_minimal.generation import CACHE_MODES, GenerationConfig, GenerationStats, stream
+from yarn_minimal.tokenizer import Tokenizer
 
 DEFAULT_PROMPT = "Once upon a time,"
 
@@ -28,7 +30,7 @@ class TextStream:
     pieces, so every new piece is decoded together with the previous ones and only the new
     characters are printed; text ending in an incomplete character waits for the next token."""
 
-    def __init__(self, tokenizer, context: list[int]):
+    def __init__(self, tokenizer: Tokenizer, context: list[int]):
         self.tokenizer = tokenizer
         self.ids = list(context)
         self.start, self.done = 0, len(self.ids)  # ids[start:done] is already printed
@@ -55,7 +57,7 @@ def peak_memory(device: torch.device) -> str:
     return f"{sizing.peak_memory(device) / 2**30:.2f} GiB ({what})"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Generate text with a RoPE-extended Llama 2 (YaRN, PI, NTK, ...). "
                     "Tokens stream to stdout; prompt length, final scale s, tokens/s and peak memory go to stderr.")
@@ -87,14 +89,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompt tokens per prefill forward pass; bounds activation memory (default 4096)")
     args = p.parse_args(argv)
 
-    if args.max_new_tokens < 0:
-        p.error(f"--max-new-tokens: must be >= 0, got {args.max_new_tokens}")
-    if not (args.temperature >= 0):
-        p.error(f"--temperature: must be >= 0 (0 = greedy), got {args.temperature}")
-    if not (0 < args.top_p <= 1):
-        p.error(f"--top-p: must be in (0, 1], got {args.top_p}")
-    if args.prefill_chunk <= 0:
-        p.error(f"--prefill-chunk: must be > 0, got {args.prefill_chunk}")
+    try:  # the request is checked when it is made; its message names the field, i.e. the flag
+        args.request = GenerationConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                                        ignore_eos=args.ignore_eos, cache=args.cache,
+                                        prefill_chunk=args.prefill_chunk, compile=args.compile)
+    except ValueError as e:
+        field, _, problem = str(e).partition(": ")
+        p.error(f"--{field.replace('_', '-')}: {problem}")
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
@@ -124,11 +125,10 @@ def speed_line(stats: GenerationStats, compiled: bool) -> str:
             f"{stats.decode_seconds:.2f} s{compile_note(stats) if compiled else ''})")
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
     ckpt = cli.resolve_checkpoint(args.ckpt)
-    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
         model, tokenizer = load(ckpt, device=device, dtype=dtype)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
@@ -153,9 +153,7 @@ def main(argv=None) -> None:
     print(f"# {model.rope.describe()}, {len(prompt_tokens)} prompt tokens, {device} {str(dtype).removeprefix('torch.')}",
           file=sys.stderr)
     try:
-        tokens = stream(model, prompt_tokens, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                        cache=args.cache, prefill_chunk=args.prefill_chunk, ignore_eos=args.ignore_eos,
-                        compile=args.compile, stats=stats, progress=True)
+        tokens = stream(model, prompt_tokens, **asdict(args.request), stats=stats, progress=True)
     except ValueError as e:  # a request the checkpoint cannot run (e.g. past a sliding window)
         raise SystemExit(f"error: {e}") from None
     for token in tokens:

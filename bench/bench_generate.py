@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from yarn_minimal import checkpoint, cli  # noqa: E402
-from yarn_minimal.generation import GenerationStats, generate  # noqa: E402
+from yarn_minimal.generation import GenerationStats, decode_step, generate, prefill  # noqa: E402
 from yarn_minimal.model import KVCache, ModelArgs, Transformer  # noqa: E402
 from yarn_minimal.rope import RopeConfig  # noqa: E402
 
@@ -154,15 +154,14 @@ def interleaved_steps(model, prompt: list[int], ropes: dict[str, RopeConfig], st
     for name, rope in ropes.items():
         model.set_rope(rope)
         caches[name] = KVCache(model.args, 1, len(prompt) + steps, device=device, dtype=dtype)
-        for a in range(0, len(prompt), 4096):
-            model(tokens[:, a:a + 4096], cache=caches[name], last_only=True, scale_length=len(prompt))
+        prefill(model, prompt, caches[name], 4096)
     times = {name: [] for name in ropes}
     for i in range(steps):
         for name, rope in ropes.items():
             model.set_rope(rope)
             sync(device)
             t0 = time.perf_counter()
-            model(tokens[:, i:i + 1], cache=caches[name], last_only=True)
+            decode_step(model, tokens[:, i:i + 1], caches[name])
             sync(device)
             times[name].append(time.perf_counter() - t0)
     return times

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -239,7 +240,6 @@ def test_cache_reused_after_a_rope_switch_uses_the_new_rotation():
 
 @pytest.mark.slow  # 9 s warm, 31 s with a cold inductor cache (C++ compilation)
 @pytest.mark.filterwarnings("ignore:Torchinductor does not support code generation for complex")
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # pure: traced is fine
 def test_compiled_decoding_equals_eager():
     # torch.compile of the decode step, through Dynamic Scaling's branch change at L (the
     # pre-RoPE keys start being re-rotated every step): same tokens and logits as eager.
@@ -328,6 +328,17 @@ def test_stream_stops_at_eos_and_fills_stats():
     # the last forward pass saw 2L - 1 tokens (the last new token is not fed back)
     assert stats.final_scale == pytest.approx((2 * L - 1) / L)
     assert stats.decode_steps == len(out) - 1 and stats.decode_tokens_per_s > 0
+
+
+def test_stats_time_the_steps_not_the_consumer():
+    # stream times each decode step from outside the loop; a consumer that sleeps between tokens
+    # (printing, say) must not slow the reported decode rate
+    model = tiny_model(RopeConfig(method="yarn", scale=4.0, original_length=L))
+    stats = GenerationStats()
+    for _ in stream(model, PROMPT, 5, ignore_eos=True, stats=stats):
+        time.sleep(0.05)
+    assert stats.new_tokens == 5 and stats.decode_steps == 4 and stats.prefill_seconds > 0
+    assert 0 < stats.decode_seconds < 0.1, stats  # 4 tiny steps; the consumer slept 0.25 s
 
 
 # ---------------------------------------------------------------------------------------
@@ -427,6 +438,8 @@ def test_text_stream_handles_spaces_and_multibyte_pieces(tokenizer_path):
     (["--top-p", "1.5"], r"--top-p: must be in (0, 1], got 1.5"),
     (["--top-p", "0"], r"--top-p: must be in (0, 1], got 0.0"),
     (["--temperature", "-1"], "--temperature: must be >= 0"),
+    (["--max-new-tokens", "-2"], "--max-new-tokens: must be >= 0, got -2"),
+    (["--prefill-chunk", "0"], "--prefill-chunk: must be > 0, got 0"),
 ])
 def test_generate_script_bad_arguments(argv, needle, capsys):
     sys.path.insert(0, str(ROOT))

@@ -1,5 +1,5 @@
 """rope.py against independent computations: transformers' RoPE code, the paper's worked
-numbers, and Eq. 17-20 recomputed here in plain Python."""
+numbers, and Eq. 17 to Eq. 20 recomputed here in plain Python."""
 import math
 
 import pytest
@@ -70,7 +70,7 @@ def test_ntk_aware_base_table1():
 
 
 def paper_eq17_20(head_dim, base, L, s, alpha, beta):
-    """Eq. 17-20 written out independently, one pair at a time."""
+    """Eq. 17 to Eq. 20 written out independently, one pair at a time."""
     out = []
     for d in range(head_dim // 2):
         theta = base ** (-2 * d / head_dim)
@@ -165,3 +165,42 @@ def test_cli_table_and_json(capsys):
     main(["--method", "yarn", "--scale", "16"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + 64 and lines[1].split()[0] == "d"
+
+
+def run_python(*argv: str, path: str = "") -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), path])), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-W", "error::RuntimeWarning", *argv], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_module_command_line_runs_without_runpy_warning():
+    """`python -m yarn_minimal.rope` with RuntimeWarnings as errors: runpy warns when importing the
+    package has already run the module it is about to run as __main__, which plain imports in
+    __init__.py would do. Any other import of the package gets the whole API."""
+    import json
+
+    import yarn_minimal
+
+    r = run_python("-m", "yarn_minimal.rope", "--method", "ntk", "--scale", "2", "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert json.loads(r.stdout)["inv_freq"][-1] == pytest.approx(10000 ** (-126 / 128) / 2)  # Eq. 16: lowest / s
+    where = dict(RopeConfig="rope", load="checkpoint", generate="generation", GenerationConfig="generation",
+                 Transformer="model", open_tokenizer="tokenizer")
+    assert all(getattr(yarn_minimal, name).__module__ == f"yarn_minimal.{module}" for name, module in where.items())
+    assert all(hasattr(yarn_minimal, name) for name in yarn_minimal.__all__)
+
+
+@pytest.mark.slow  # a process that imports the whole package: 3-7 s on two shared cores
+def test_package_api_is_complete_while_another_package_starts_with_python_m(tmp_path):
+    # __init__.py leaves its API out only while runpy starts one of yarn_minimal's own modules
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "__init__.py").write_text("import yarn_minimal\nprint(yarn_minimal.load.__module__)\n")
+    (tmp_path / "other" / "tool.py").write_text("")
+    r = run_python("-m", "other.tool", path=str(tmp_path))
+    assert r.returncode == 0 and r.stdout.split() == ["yarn_minimal.checkpoint"], r.stderr

@@ -11,21 +11,27 @@ Public API:
     generate(model, prompt_tokens, max_new_tokens, temperature=0.0, top_p=1.0, seed=None) -> list[int]
                                     stops at the checkpoint's EOS ids (model.eos_ids) unless ignore_eos=True
     stream(...)                     the same, yielding tokens as they are made (generation.py)
+    GenerationConfig, GenerationStats   a request's options (checked when made); what a run measured
 """
-import importlib
-
-# Imported on first use, so that `python -m yarn_minimal.rope` runs rope.py exactly once.
-_API = {
-    "RopeConfig": "rope", "ModelArgs": "model", "Transformer": "model", "KVCache": "model",
-    "Tokenizer": "tokenizer", "SentencePieceTokenizer": "tokenizer", "HFTokenizer": "tokenizer",
-    "open_tokenizer": "tokenizer",
-    "load": "checkpoint", "save": "checkpoint", "CheckpointError": "checkpoint",
-    "generate": "generation", "stream": "generation", "GenerationStats": "generation",
-}
-__all__ = list(_API)
+import sys
 
 
-def __getattr__(name):
-    if name in _API:
-        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _runpy_is_starting_one_of_our_modules() -> bool:
+    """`python -m yarn_minimal.rope` (likewise .checkpoint and .data) imports this package, then
+    runs the module's file as __main__. Importing the API here too would first run that file as
+    yarn_minimal.rope, and runpy would warn about the second run. sys.argv[0] is "-m" only while
+    runpy imports the package of the module it is about to run; sys.orig_argv says which one."""
+    argv = sys.orig_argv
+    return sys.argv[:1] == ["-m"] and "-m" in argv and argv[argv.index("-m") + 1].startswith(f"{__name__}.")
+
+
+if not _runpy_is_starting_one_of_our_modules():
+    from .checkpoint import CheckpointError, load, save
+    from .generation import GenerationConfig, GenerationStats, generate, stream
+    from .model import KVCache, ModelArgs, Transformer
+    from .rope import RopeConfig
+    from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, open_tokenizer
+
+__all__ = ["RopeConfig", "ModelArgs", "Transformer", "KVCache", "Tokenizer", "SentencePieceTokenizer",
+           "HFTokenizer", "open_tokenizer", "load", "save", "CheckpointError", "generate", "stream",
+           "GenerationConfig", "GenerationStats"]

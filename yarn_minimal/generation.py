@@ -9,16 +9,19 @@ it keeps keys before RoPE and hands them to attention rotated at the current s, 
 the paper asks; cache="rotated" keeps only rotated keys, the way Hugging Face, vLLM and the
 authors' code do, to measure the stale-rotation error that causes. This module only drives it:
 
-  prefill  the prompt in chunks of `prefill_chunk` tokens. Every chunk is told the whole
-           prompt's length (scale_length), so under Dynamic Scaling every chunk uses the s of
-           one big forward over the prompt; only the last position's logits are computed.
-  decode   one token per forward pass; s follows the length, l' = tokens so far + 1.
+  prefill      the prompt in chunks of `prefill_chunk` tokens. Every chunk is told the whole
+               prompt's length (scale_length), so under Dynamic Scaling every chunk uses the s
+               of one big forward over the prompt; only the last position's logits are computed.
+  decode_step  one token per forward pass; s follows the length, l' = tokens so far + 1.
+  decode       the loop: sample a token, stop at EOS, yield it, feed it back.
+
+`stream` runs the three and times them from outside (GenerationStats); none of them keeps time.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterator, Optional
+from typing import Callable, Collection, Iterator, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -27,6 +30,58 @@ from .model import KVCache, Transformer
 from .rope import effective_scale, warn_beyond_window
 
 CACHE_MODES = ("pre-rope", "rotated")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """One request: how many tokens, how each is chosen, when to stop, how the model runs.
+    Values that no model could run are refused here, when the request is made; `check_request`
+    checks the rest against the model.
+
+    max_new_tokens  tokens to generate at most
+    temperature     0: greedy; otherwise sample from softmax(logits / temperature)
+    top_p           nucleus sampling mass in (0, 1]; 1: off
+    seed            seed for sampling (reproducible output)
+    eos_id          stop when this token (or any of these tokens) is produced; it is not yielded.
+                    None: the checkpoint's own EOS ids (model.eos_ids, set by load)
+    ignore_eos      never stop early: produce max_new_tokens tokens
+    max_length      cap on prompt + new tokens
+    cache           "pre-rope" (correct under Dynamic Scaling, Sec. 3.3) or "rotated" (the
+                    stale-rotation cache of other implementations, for comparison)
+    prefill_chunk   prompt tokens per prefill forward pass (bounds activation memory)
+    compile         torch.compile the decode steps where s is constant (all, for static methods)
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    eos_id: Optional[int | Collection[int]] = None
+    ignore_eos: bool = False
+    max_length: Optional[int] = None
+    cache: str = "pre-rope"
+    prefill_chunk: int = 4096
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        # each message starts with the field's name: generate.py turns it into the flag's
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: must be >= 0, got {self.max_new_tokens}")
+        if not (self.temperature >= 0):  # also rejects NaN
+            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache: {self.cache!r}; allowed: {', '.join(CACHE_MODES)}")
+        if self.prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk: must be > 0, got {self.prefill_chunk}")
+
+    def stop_ids(self, model: Transformer) -> frozenset[int]:
+        if self.ignore_eos:
+            return frozenset()
+        if self.eos_id is None:
+            return frozenset(model.eos_ids)
+        return frozenset([self.eos_id] if isinstance(self.eos_id, int) else self.eos_id)
 
 
 @dataclass
@@ -52,9 +107,8 @@ class GenerationStats:
         return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
-def check_request(model: Transformer, prompt_tokens, max_new_tokens: int, temperature: float,
-                  top_p: float, cache: str, prefill_chunk: int, max_length: Optional[int]) -> int:
-    """Reject what cannot be run, warn about what runs but is outside the model's window.
+def check_request(model: Transformer, prompt_tokens: Sequence[int], config: GenerationConfig) -> int:
+    """Reject what this model cannot run, warn about what runs but is outside its window.
     Returns the number of positions the KV cache needs."""
     if len(prompt_tokens) == 0:
         raise ValueError("prompt_tokens: the prompt is empty; generation needs at least one token (e.g. BOS)")
@@ -62,17 +116,8 @@ def check_request(model: Transformer, prompt_tokens, max_new_tokens: int, temper
     bad = [t for t in prompt_tokens if not (0 <= int(t) < vocab)]
     if bad:
         raise ValueError(f"prompt_tokens: token ids must be in [0, {vocab}), found {bad[:5]}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
-    if not (temperature >= 0):  # also rejects NaN
-        raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
-    if not (0 < top_p <= 1):
-        raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache: {cache!r}; allowed: {', '.join(CACHE_MODES)}")
-    if prefill_chunk <= 0:
-        raise ValueError(f"prefill_chunk: must be > 0, got {prefill_chunk}")
-    total = len(prompt_tokens) + max_new_tokens
+    total = len(prompt_tokens) + config.max_new_tokens
+    max_length = config.max_length
     if max_length is not None:
         if len(prompt_tokens) > max_length:
             raise ValueError(f"max_length: the prompt has {len(prompt_tokens)} tokens, more than max_length={max_length}")
@@ -82,6 +127,10 @@ def check_request(model: Transformer, prompt_tokens, max_new_tokens: int, temper
                                           f"({total - len(prompt_tokens)}) =", stacklevel=3)
     return total
 
+
+# ---------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus sampling: keep the smallest set of most likely tokens whose mass reaches top_p,
@@ -106,103 +155,136 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _decode_step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------
+# Prefill, decode step, decode loop
+# ---------------------------------------------------------------------------------------
+
+def prefill(model: Transformer, prompt_tokens: Sequence[int], cache: KVCache, chunk: int,
+            progress: bool = False) -> torch.Tensor:
+    """Run the prompt through the model into the cache, `chunk` tokens per forward pass; the
+    logits (vocab,) of its last position. Every chunk rotates with the s of one forward pass
+    over the whole sequence (scale_length, Sec. 3.3), so chunking changes nothing but memory."""
+    device = model.tok_embeddings.weight.device
+    prompt = torch.tensor([list(prompt_tokens)], dtype=torch.long, device=device)
+    length = cache.length + prompt.shape[1]
+    starts = range(0, prompt.shape[1], chunk)
+    for a in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 2, leave=False):
+        logits = model(prompt[:, a:a + chunk], cache=cache, last_only=True, scale_length=length)[0, -1]
+    return logits
+
+
+def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One new token (1, 1) through the model after the cached ones: its logits (vocab,).
+    s follows the length, l' = tokens so far + 1 (Sec. 3.3)."""
     return model(token, cache=cache, last_only=True)[0, -1]
 
 
-def _compiled_decode_step() -> Callable:
-    # The cache grows every step, so dynamic shapes. Only used while s is constant: s enters
-    # the graph as a constant, and a new s every step would mean a recompilation every step.
-    return torch.compile(_decode_step, dynamic=True)
+DecodeStep = Callable[[Transformer, torch.Tensor, KVCache], torch.Tensor]
 
 
-def stream(model: Transformer, prompt_tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
-           top_p: float = 1.0, seed: Optional[int] = None, *, cache: str = "pre-rope",
-           prefill_chunk: int = 4096, eos_id: Optional[int | Collection[int]] = None, ignore_eos: bool = False,
-           max_length: Optional[int] = None,
-           compile: bool = False, stats: Optional[GenerationStats] = None,
-           on_logits: Optional[Callable[[torch.Tensor], None]] = None, progress: bool = False) -> Iterator[int]:
+def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, max_new_tokens: int,
+           choose: Callable[[torch.Tensor], int], stop_ids: Collection[int],
+           step: DecodeStep = decode_step) -> Iterator[int]:
+    """The decode loop: a token chosen from the logits, then fed back for the next logits;
+    stops before a token in stop_ids (not yielded) or after max_new_tokens tokens."""
+    for i in range(max_new_tokens):
+        token = choose(logits)
+        if token in stop_ids:
+            return
+        yield token
+        if i + 1 < max_new_tokens:  # the last token needs no logits after it
+            logits = step(model, torch.tensor([[token]], device=logits.device), cache)
+
+
+def compiled_decode_step(stats: GenerationStats) -> DecodeStep:
+    """decode_step under torch.compile while s stays at its floor (every step of a static method,
+    Dynamic Scaling's up to L s0), counted in stats.compiled_steps. s enters the graph as a
+    constant, so past L s0, where s changes with every token, a compiled step would compile
+    again at every token: those steps run eagerly."""
+    compiled = torch.compile(decode_step, dynamic=True)  # the cache grows every step
+
+    def step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if effective_scale(model.rope, cache.length + 1) != model.rope.scale:
+            return decode_step(model, token, cache)
+        stats.compiled_steps += 1
+        return compiled(model, token, cache)
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------
+# The public entry points, and the timing around the loop
+# ---------------------------------------------------------------------------------------
+
+def stream(model: Transformer, prompt_tokens: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+           top_p: float = 1.0, seed: Optional[int] = None, *, stats: Optional[GenerationStats] = None,
+           on_logits: Optional[Callable[[torch.Tensor], None]] = None, progress: bool = False,
+           **options) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids, one at a time, as they are produced.
 
-    cache          "pre-rope" (correct under Dynamic Scaling, Sec. 3.3) or "rotated" (the
-                   stale-rotation cache of other implementations, for comparison)
-    prefill_chunk  prompt tokens per prefill forward pass (bounds activation memory)
-    eos_id         stop when this token (or any of these tokens) is produced; it is not yielded.
-                   Default: the checkpoint's own EOS ids (model.eos_ids, set by load)
-    ignore_eos     never stop early: produce max_new_tokens tokens
-    max_length     cap on prompt + new tokens
-    compile        torch.compile the decode steps where s is constant (all, for static methods)
-    stats          a GenerationStats to fill in (timings, final s)
-    on_logits      called with the logits (vocab,) that every new token is sampled from
-    progress       a tqdm bar (stderr) over the prefill chunks
+    options    the other fields of GenerationConfig: eos_id, ignore_eos, max_length, cache,
+               prefill_chunk, compile
+    stats      a GenerationStats to fill in (timings, final s)
+    on_logits  called with the logits (vocab,) that every new token is sampled from
+    progress   a tqdm bar (stderr) over the prefill chunks
     """
-    total = check_request(model, prompt_tokens, max_new_tokens, temperature, top_p, cache,
-                          prefill_chunk, max_length)  # here, so that bad input fails at the call
-    stop = model.eos_ids if eos_id is None else ([eos_id] if isinstance(eos_id, int) else eos_id)
-    return _run(model, list(prompt_tokens), total, temperature, top_p, seed, cache, prefill_chunk,
-                frozenset() if ignore_eos else frozenset(stop), compile, stats, on_logits, progress)
+    config = GenerationConfig(max_new_tokens, temperature, top_p, seed, **options)
+    total = check_request(model, prompt_tokens, config)  # here, so that bad input fails at the call
+    return _run(model, list(prompt_tokens), total, config, GenerationStats() if stats is None else stats,
+                on_logits, progress)
+
+
+def generate(model: Transformer, prompt_tokens: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: Optional[int] = None, **options) -> list[int]:
+    """The new tokens (not the prompt) as a list; see `stream` for the options."""
+    return list(stream(model, prompt_tokens, max_new_tokens, temperature, top_p, seed, **options))
 
 
 @torch.inference_mode()
-def _run(model, prompt_tokens, total, temperature, top_p, seed, cache, prefill_chunk, stop_ids, compile,
-         stats, on_logits, progress) -> Iterator[int]:
-    stats = stats if stats is not None else GenerationStats()
-    P = len(prompt_tokens)
-    stats.prompt_tokens = P
-    if total == P:
+def _run(model: Transformer, prompt_tokens: list[int], total: int, config: GenerationConfig,
+         stats: GenerationStats, on_logits: Optional[Callable[[torch.Tensor], None]],
+         progress: bool) -> Iterator[int]:
+    """stream's body: prefill, then the decode loop, each timed from outside."""
+    stats.prompt_tokens = len(prompt_tokens)
+    n_new = total - len(prompt_tokens)
+    if n_new == 0:
         return
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    kv = KVCache(model.args, 1, total, device=device, dtype=dtype, mode=cache)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    compiled = _compiled_decode_step() if compile else None
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    weights = next(model.parameters())
+    cache = KVCache(model.args, 1, total, device=weights.device, dtype=weights.dtype, mode=config.cache)
+    generator = None if config.seed is None else torch.Generator(weights.device).manual_seed(config.seed)
 
-    t0 = time.perf_counter()
-    prompt = torch.tensor(prompt_tokens, dtype=torch.long, device=device)[None]
-    starts = range(0, P, prefill_chunk)
-    for a in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 2, leave=False):
-        # scale_length=P: every chunk rotates with the s of the whole prompt (Sec. 3.3)
-        logits = model(prompt[:, a:a + prefill_chunk], cache=kv, last_only=True, scale_length=P)[0, -1]
-    sync()
-    stats.prefill_seconds = time.perf_counter() - t0
-    stats.final_scale = kv.scale
-
-    n_new = total - P
-    t_step = None  # the first new token comes from the prefill's logits
-    compiling = False  # the step being timed is the compiled function's first call
-    for i in range(n_new):
+    def choose(logits: torch.Tensor) -> int:
         if on_logits is not None:
             on_logits(logits)
-        token = sample(logits, temperature, top_p, generator)  # int(): waits for the device
-        if t_step is not None:
-            if compiling:  # that step was mostly compilation: keep it out of the decode rate
-                stats.compile_seconds, compiling = time.perf_counter() - t_step, False
+        return sample(logits, config.temperature, config.top_p, generator)  # int(): waits for the device
+
+    t0 = time.perf_counter()
+    logits = prefill(model, prompt_tokens, cache, config.prefill_chunk, progress)
+    if weights.device.type == "cuda":
+        torch.cuda.synchronize(weights.device)
+    stats.prefill_seconds, stats.final_scale = time.perf_counter() - t0, cache.scale
+    step = compiled_decode_step(stats) if config.compile else decode_step
+    yield from timed(decode(model, cache, logits, n_new, choose, config.stop_ids(model), step), cache, stats)
+    stats.stopped_at_eos = stats.new_tokens < n_new
+
+
+def timed(tokens: Iterator[int], cache: KVCache, stats: GenerationStats) -> Iterator[int]:
+    """The tokens of the decode loop, passed on, with the time of each decode step (its forward
+    pass and the sampling after it) added to stats. The consumer's time between tokens
+    (printing) is not counted, and the first compiled step, mostly compilation, is kept apart."""
+    while True:
+        length, compiled_before = cache.length, stats.compiled_steps
+        t0 = time.perf_counter()
+        token = next(tokens, None)
+        if cache.length > length:  # a forward pass ran: every token but the first, and a final EOS
+            seconds = time.perf_counter() - t0
+            if compiled_before == 0 and stats.compiled_steps == 1:
+                stats.compile_seconds = seconds
             else:
-                stats.decode_seconds += time.perf_counter() - t_step
+                stats.decode_seconds += seconds
                 stats.decode_steps += 1
-        if token in stop_ids:
-            stats.stopped_at_eos = True
+            stats.final_scale = cache.scale  # s of this step: l' = tokens so far (Sec. 3.3)
+        if token is None:
             return
         stats.new_tokens += 1
-        yield token  # the consumer's time (printing) is not counted
-        if i + 1 == n_new:
-            return
-        t_step = time.perf_counter()
-        step = _decode_step
-        # compiled while s stays at its floor (static methods always, Dynamic Scaling up to
-        # L s0); past it s changes with every token, and those steps run eagerly
-        if compiled is not None and effective_scale(model.rope, kv.length + 1) == model.rope.scale:
-            step, compiling = compiled, stats.compiled_steps == 0
-            stats.compiled_steps += 1
-        logits = step(model, torch.tensor([[token]], dtype=torch.long, device=device), kv)
-        stats.final_scale = kv.scale  # s of this step: l' = tokens so far (Sec. 3.3)
-
-
-def generate(model: Transformer, prompt_tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: Optional[int] = None, **opts) -> list[int]:
-    """The new tokens (not the prompt) as a list; see `stream` for the options."""
-    return list(stream(model, prompt_tokens, max_new_tokens, temperature, top_p, seed, **opts))
-
+        yield token

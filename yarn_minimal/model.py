@@ -2,7 +2,7 @@
 
 Parameter names are Meta's checkpoint keys (tok_embeddings, layers.N.attention.wq, ...), and
 RoPE uses Meta's interleaved convention: dimensions (2d, 2d+1) of a head form the complex
-number of frequency pair d (Eq. 3-4). Raw Llama 2 weights therefore load without renaming.
+number of frequency pair d (Eq. 3 and Eq. 4). Raw Llama 2 weights therefore load without renaming.
 
 The only place the extension methods enter is `Transformer.rotation`, which asks rope.py for
 float32 cos/sin tables at the scale s in effect (Sec. 3.3) and turns them into the complex
@@ -18,7 +18,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
-from .rope import RopeConfig, check_head_dim, effective_scale, frequencies, rope_tables
+from .rope import RopeConfig, attention_factor, check_head_dim, effective_scale, rope_tables
 
 FLASH_ATTN_MIN = (2, 1)  # before 2.1, flash-attn aligns the causal mask top-left when Tq != Tk
 
@@ -38,7 +38,7 @@ def flash_attn_version_ok(version: str) -> bool:
     return found >= FLASH_ATTN_MIN
 
 
-def load_flash_attn():
+def load_flash_attn() -> Optional[Callable[..., torch.Tensor]]:
     """flash_attn_func if flash-attn >= 2.1 is installed (optional: CUDA machines only, see
     README), else None, with a one-line warning for an older version."""
     try:
@@ -74,7 +74,7 @@ class ModelArgs:
     # checkpoint with a window runs only sequences that fit in it (see Transformer.hidden_states)
     sliding_window: Optional[int] = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
@@ -133,22 +133,24 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rotation_table(rope: RopeConfig, head_dim: int, end: int, scale: float, device=None) -> torch.Tensor:
+def rotation_table(rope: RopeConfig, head_dim: int, end: int, scale: float,
+                   device: torch.device | str | None = None) -> torch.Tensor:
     """e^{i m h(theta_d)} for positions m = 0..end-1 at scale s, as complex64 (end, |D|/2): cos +
     i sin from rope.rope_tables, which already carry YaRN's sqrt(1/t) (Sec. 3.4).
 
     Built as e^{i m h} = e^{i 64a h} e^{i r h} for m = 64a + r: cos/sin of end/64 + 64 positions
     and one complex product, 5-8x cheaper than cos/sin of every position (Dynamic Scaling needs
     a new table at every step), within 4e-7 of it (float32 rounding of the two factors)."""
-    coarse = torch.complex(*rope_tables(rope, head_dim, torch.arange(0, end, 64), scale, device=device))
-    fine = torch.complex(*rope_tables(rope, head_dim, torch.arange(64), scale, device=device))
-    fine = fine / frequencies(rope, head_dim, scale)[1]  # sqrt(1/t) once, not twice
+    n_coarse = (end + 63) // 64
+    positions = torch.cat([torch.arange(0, end, 64), torch.arange(64)])  # one table: h(theta_d) made once
+    table = torch.complex(*rope_tables(rope, head_dim, positions, scale, device=device))
+    coarse, fine = table[:n_coarse], table[n_coarse:] / attention_factor(rope, scale)  # sqrt(1/t) once, not twice
     return (coarse[:, None] * fine).flatten(0, 1)[:end]
 
 
 def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Eq. 5: f(x_m, m) = e^{i m theta} x_m, where each interleaved pair (x_2d, x_2d+1) of a
-    head is one complex number (Eq. 3-4). x is (B, T, H, |D|) in the model's dtype, rotation
+    head is one complex number (Eq. 3 and Eq. 4). x is (B, T, H, |D|) in the model's dtype, rotation
     the (T, |D|/2) rows of `rotation_table` for x's positions; the result has x's dtype.
     One complex multiplication in float32: on CPU ~10x faster than the same arithmetic on
     strided real/imaginary views."""
@@ -164,7 +166,7 @@ rope_op = torch.library.custom_op("yarn_minimal::rotate_pairs", rotate_pairs, mu
 
 
 @rope_op.register_fake
-def _(x, rotation):
+def _(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -178,13 +180,13 @@ def _rotate_pairs_real(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 rope_op.register_kernel("cuda")(torch.compile(_rotate_pairs_real, dynamic=True))
 
 
-def _rope_op_backward(ctx, grad):
+def _rope_op_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
     # a rotation's adjoint is the opposite rotation: multiply by the conjugate
     rotation, = ctx.saved_tensors
     return rope_op(grad, torch.conj_physical(rotation)), None
 
 
-def _save_rotation(ctx, inputs, output):
+def _save_rotation(ctx, inputs: tuple[torch.Tensor, torch.Tensor], output: torch.Tensor) -> None:
     ctx.save_for_backward(inputs[1])
 
 
@@ -209,15 +211,18 @@ class Rotation:
     table: torch.Tensor   # complex64 (end, |D|/2)
     new: torch.Tensor = field(init=False)  # the rows of the new tokens
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.new = self.table[self.start:]
+
+
+KeysValues = tuple[torch.Tensor, torch.Tensor]  # one block of keys and values, each (B, T, Hkv, |D|)
 
 
 def flash_attn_applies(q: torch.Tensor) -> bool:
     return flash_attn_func is not None and q.device.type in FLASH_DEVICES and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def attention(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def attention(q: torch.Tensor, blocks: Iterable[KeysValues]) -> torch.Tensor:
     """Causal softmax(q k^T / sqrt(|D|)) v (Eq. 2), where the Tq queries are the LAST Tq
     positions of the keys. Shapes (B, T, H, |D|); k and v may have fewer (grouped) heads.
 
@@ -238,7 +243,8 @@ def attention(q: torch.Tensor, blocks: Iterable[tuple[torch.Tensor, torch.Tensor
     return out.type_as(q)
 
 
-def merge_softmax(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_softmax(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                  lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over the union of two key sets from each set's output and log-sum-exp of its
     scores (B, Tq, H): softmax over both = each set's softmax weighted by exp(lse - lse_both)."""
     lse = torch.logaddexp(lse_a, lse_b)
@@ -246,7 +252,8 @@ def merge_softmax(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tenso
     return out, lse
 
 
-def attention_block(q, k, v, causal: bool, with_lse: bool = False):
+def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                    with_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Eq. 2 over one block of keys, aligned bottom-right if causal, otherwise every key is
     visible. With with_lse: (float32 output, log-sum-exp of the scores (B, Tq, H))."""
     if flash_attn_applies(q):  # (B, T, H, |D|) as flash-attn wants; it handles GQA
@@ -271,7 +278,8 @@ def attention_block(q, k, v, causal: bool, with_lse: bool = False):
 SCORES_PER_TILE = 1 << 24  # float32 scores at a time in attention_with_lse (64 MiB)
 
 
-def attention_with_lse(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 2 written out, for blocks without flash-attn (SDPA does not return the log-sum-exp):
     queries in tiles so that no more than SCORES_PER_TILE scores exist at once."""
     B, Tq, H, D = q.shape
@@ -311,13 +319,13 @@ class LayerCache:
     """
 
     def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, pre_rope: bool,
-                 device=None, dtype=torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         shape = (batch_size, max_len, n_kv_heads, head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.pre_rope = pre_rope
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor, rotation: Rotation):
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor, rotation: Rotation) -> Iterable[KeysValues]:
         """Store k, v (B, T, Hkv, |D|, keys not rotated yet) at positions start..start+T-1;
         return the (keys, values) blocks of positions 0..start+T-1 for `attention`."""
         B, T = k.shape[:2]
@@ -329,7 +337,7 @@ class LayerCache:
         self.keys[:B, start:end] = k  # Sec. 3.3: cache keys before RoPE
         return self.rotated_blocks(B, start, end, rotation.table)
 
-    def rotated_blocks(self, B: int, start: int, end: int, table: torch.Tensor):
+    def rotated_blocks(self, B: int, start: int, end: int, table: torch.Tensor) -> Iterator[KeysValues]:
         """Every key so far rotated with `table` (this pass's s), block by block: first the
         block holding the new tokens, then the earlier ones (the order `attention` expects)."""
         last = start - start % ROTATE_BLOCK
@@ -369,7 +377,7 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, hidden, bias=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
 
 
@@ -389,8 +397,8 @@ class TransformerBlock(nn.Module):
 class KVCache:
     """The KV cache of a whole model (one LayerCache per layer) and how far they are filled."""
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None,
-                 dtype=torch.float32, mode: str = "pre-rope"):
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32, mode: str = "pre-rope"):
         if mode not in ("pre-rope", "rotated"):
             raise ValueError(f"cache mode: {mode!r}; allowed: pre-rope, rotated")
         pre_rope = mode == "pre-rope" and args.rope.dynamic  # static methods: rotated keys are exact
@@ -404,7 +412,7 @@ class KVCache:
     def reset(self) -> None:
         self.length, self.scale = 0, None
 
-    def s0_table(self, rope: RopeConfig, head_dim: int, device) -> torch.Tensor:
+    def s0_table(self, rope: RopeConfig, head_dim: int, device: torch.device | str | None) -> torch.Tensor:
         """rotation_table of all max_len positions at s0 = rope.scale, the s of every static
         method (and of Dynamic Scaling up to L s0): computed once per RoPE setting, then
         sliced by each forward pass instead of recomputing cos/sin for every new token."""
@@ -545,7 +553,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     softmax twice; keeping every chunk's logits would hold N x vocab floats.)"""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size):
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
@@ -556,7 +564,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def chunk(h, weight, targets, grad_h, grad_weight) -> torch.Tensor:
+    def chunk(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grad_h: Optional[torch.Tensor],
+              grad_weight: Optional[torch.Tensor]) -> torch.Tensor:
         """One chunk's summed loss; writes its dL/dh into grad_h, adds its dL/dW to grad_weight."""
         nll, logp = _chunk_nll(h @ weight.t(), targets)
         grad = _chunk_gradient(logp, targets).to(weight.dtype)
@@ -570,7 +579,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], None, None]:
         # scaled in place: a copy would add an N x dim tensor at the peak of training (all
         # activations alive). A second backward through the loss is then refused by autograd's
         # check on modified saved tensors.

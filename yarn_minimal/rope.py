@@ -19,11 +19,10 @@ the flag is given.)
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -53,7 +52,7 @@ class RopeConfig:
                     Yarn-Mistral checkpoints were trained with 0.07 (see yarn_attention_factor).
     truncate        ramp="code" only: round the correction dims to integers (HF's `truncate`).
 
-    Llama 3.1's rope_type "llama3" is not a method of its own: it is NTK-by-parts (Eq. 17-20)
+    Llama 3.1's rope_type "llama3" is not a method of its own: it is NTK-by-parts (Eq. 17 to Eq. 20)
     with the paper's ramp (Eq. 18, linear in r = L/lambda), alpha = low_freq_factor,
     beta = high_freq_factor, L = original_max_position_embeddings, s = factor and no
     temperature, i.e. RopeConfig(method="ntk-by-parts", ramp="paper", alpha=1, beta=4, scale=8,
@@ -73,7 +72,7 @@ class RopeConfig:
     attention_coefficient: float = 0.1
     truncate: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"RopeConfig.method: unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
         if self.ramp not in RAMPS:
@@ -96,13 +95,6 @@ class RopeConfig:
         """L' = s L (Eq. 11), the context a static setting is meant for; None under Dynamic
         Scaling, where s grows with the sequence and there is no fixed window."""
         return None if self.dynamic else int(round(self.original_length * self.scale))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RopeConfig":
-        return cls(**d)
 
     def describe(self) -> str:
         name = {"none": "RoPE", "pi": "PI", "ntk": "NTK-aware", "ntk-by-parts": "NTK-by-parts", "yarn": "YaRN"}[self.method]
@@ -149,13 +141,13 @@ def pi_frequencies(theta: torch.Tensor, scale: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 def ntk_aware_base(base: float, scale: float, head_dim: int) -> float:
-    """Eq. 16 (derived in A.1, Eq. 23-24): b' = b * s^(|D|/(|D|-2)).
+    """Eq. 16 (derived in A.1, Eq. 23 and Eq. 24): b' = b * s^(|D|/(|D|-2)).
     Chosen so the lowest frequency d = |D|/2-1 is divided by exactly s."""
     return base * scale ** (head_dim / (head_dim - 2))
 
 
 def ntk_aware_frequencies(head_dim: int, base: float, scale: float) -> torch.Tensor:
-    """Eq. 14-15: g(m) = m, h(theta_d) = b'^(-2d/|D|)."""
+    """Eq. 14 and Eq. 15: g(m) = m, h(theta_d) = b'^(-2d/|D|)."""
     return rope_frequencies(head_dim, ntk_aware_base(base, scale, head_dim))
 
 
@@ -201,7 +193,7 @@ def ramp_code(head_dim: int, base: float, original_length: int, alpha: float, be
 
 
 def ntk_by_parts_frequencies(theta: torch.Tensor, scale: float, gamma: torch.Tensor) -> torch.Tensor:
-    """Eq. 19-20: g(m) = m, h(theta_d) = (1 - gamma) theta_d / s + gamma theta_d.
+    """Eq. 19 and Eq. 20: g(m) = m, h(theta_d) = (1 - gamma) theta_d / s + gamma theta_d.
     gamma = 1 keeps high-frequency pairs untouched, gamma = 0 interpolates like PI."""
     return (1.0 - gamma) * theta / scale + gamma * theta
 
@@ -261,10 +253,8 @@ def yarn_attention_factor(scale: float, coefficient: float = 0.1) -> float:
 # One code path from a config to the frequencies and the cos/sin tables
 # ---------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=256)  # decoding asks for the same (cfg, s) at every token
 def frequencies(cfg: RopeConfig, head_dim: int, scale: float) -> tuple[torch.Tensor, float]:
-    """h(theta_d) for d = 0..|D|/2-1 (float64) and the attention factor sqrt(1/t), at scale s.
-    The returned tensor is shared between calls: do not modify it in place."""
+    """h(theta_d) for d = 0..|D|/2-1 (float64) and the attention factor sqrt(1/t), at scale s."""
     theta = rope_frequencies(head_dim, cfg.base)
     if cfg.method == "none":
         inv_freq = theta
@@ -272,20 +262,23 @@ def frequencies(cfg: RopeConfig, head_dim: int, scale: float) -> tuple[torch.Ten
         inv_freq = pi_frequencies(theta, scale)
     elif cfg.method == "ntk":
         inv_freq = ntk_aware_frequencies(head_dim, cfg.base, scale)
-    else:  # "ntk-by-parts" and "yarn" share Eq. 17-20
+    else:  # "ntk-by-parts" and "yarn" share Eq. 17 to Eq. 20
         inv_freq = ntk_by_parts_frequencies(theta, scale, ntk_by_parts_ramp(cfg, head_dim))
+    return inv_freq, attention_factor(cfg, scale)
 
+
+def attention_factor(cfg: RopeConfig, scale: float) -> float:
+    """sqrt(1/t) at scale s (Sec. 3.4): YaRN's Eq. 22, or the value the config fixes; 1 for
+    every other method, which has no temperature."""
     if cfg.method != "yarn":
-        factor = 1.0
-    elif cfg.attention_factor is not None:
-        factor = float(cfg.attention_factor)
-    else:
-        factor = yarn_attention_factor(scale, cfg.attention_coefficient)
-    return inv_freq, factor
+        return 1.0
+    if cfg.attention_factor is not None:
+        return float(cfg.attention_factor)
+    return yarn_attention_factor(scale, cfg.attention_coefficient)
 
 
 def rope_tables(cfg: RopeConfig, head_dim: int, positions: torch.Tensor, scale: float,
-                device=None) -> tuple[torch.Tensor, torch.Tensor]:
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of m * h(theta_d) for the given positions m, each (len(positions), |D|/2),
     multiplied by sqrt(1/t): the "length scaling" trick of Sec. 3.4 scales both q and k by
     sqrt(1/t), so q.k is scaled by 1/t (Eq. 21) without touching the attention code.
@@ -315,7 +308,7 @@ def dimension_table(cfg: RopeConfig, head_dim: int, scale: float) -> list[dict]:
             for d in range(head_dim // 2)]
 
 
-def main(argv=None) -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m yarn_minimal.rope",
         description="Print, for each RoPE frequency pair d, what an extension method does to it: "

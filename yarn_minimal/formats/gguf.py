@@ -24,12 +24,12 @@ A GGUF file is one file: metadata (key -> value) followed by tensors, each store
 Q/K row order. HF's Llama checkpoints rotate split halves (i, i + |D|/2) and store wq / wk rows
 permuted for that; llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute) undoes the
 permutation, and llama.cpp rotates adjacent pairs (2i, 2i+1) (its rope type NORM). A GGUF file
-therefore holds Meta's interleaved order, the order model.py rotates (Eq. 3-4): the rows are
+therefore holds Meta's interleaved order, the order model.py rotates (Eq. 3 and Eq. 4): the rows are
 used as they are. tests/test_gguf.py proves it against transformers' own GGUF loader, which
 permutes them back to HF's order.
 
 RoPE. llama.cpp has no Dynamic Scaling, so a GGUF file states a static method: "none", "linear"
-(PI, Eq. 10) or "yarn" (Eq. 17-22, the code's ramp, floored/ceiled as ggml_rope_yarn_corr_dims
+(PI, Eq. 10) or "yarn" (Eq. 17 to Eq. 22, the code's ramp, floored/ceiled as ggml_rope_yarn_corr_dims
 does). Its YaRN multiplies cos/sin by attn_factor * (0.1 ln s + 1), i.e. Eq. 22 times
 rope.scaling.attn_factor (1 by default).
 """
@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from ..files import CheckpointError, atomic_write
 from ..model import ModelArgs, Transformer
-from ..rope import RopeConfig, frequencies, ntk_aware_base, yarn_attention_factor
+from ..rope import RopeConfig, attention_factor, ntk_aware_base, yarn_attention_factor
 from ..tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 from .common import check_keys, check_shape, empty_model, model_args
 from .meta import meta_ffn_params
@@ -231,7 +231,7 @@ def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
             # Sec. 3.4: llama.cpp multiplies Eq. 22 by attn_factor; 1 leaves Eq. 22 itself (None)
             factor = None if attn == 1.0 else attn * yarn_attention_factor(scale)
             if factor is not None and abs(factor - 1.0) < 1e-6:  # float32 attn_factor = 1 / Eq. 22
-                # YaRN without its attention factor is NTK-by-parts (Eq. 17-20), what gguf_rope writes for it
+                # YaRN without its attention factor is NTK-by-parts (Eq. 17 to Eq. 20), what gguf_rope writes for it
                 return RopeConfig(method="ntk-by-parts", scale=scale, original_length=original, base=base,
                                   alpha=alpha, beta=beta), prov, notes
             return RopeConfig(method="yarn", scale=scale, original_length=original, base=base,
@@ -482,7 +482,7 @@ def gguf_rope(rope: RopeConfig, head_dim: int) -> tuple[float, dict, int]:
     YaRN    -> scaling.type "yarn", factor s, original_context_length L; llama.cpp multiplies
                cos/sin by attn_factor * (0.1 ln s + 1), so an explicit sqrt(1/t) is written as
                attn_factor = sqrt(1/t) / (0.1 ln s + 1).
-    NTK-by-parts -> the same YaRN entry with sqrt(1/t) = 1 (Eq. 17-20 without Sec. 3.4).
+    NTK-by-parts -> the same YaRN entry with sqrt(1/t) = 1 (Eq. 17 to Eq. 20 without Sec. 3.4).
     context_length is the extended window L' = s L (what llama.cpp and Ollama use as the
     model's context). What llama.cpp cannot run is refused, never written approximately."""
     L, s = rope.original_length, rope.scale
@@ -505,7 +505,7 @@ def gguf_rope(rope: RopeConfig, head_dim: int) -> tuple[float, dict, int]:
         raise CheckpointError(f"{where}: alpha={rope.alpha:g}, beta={rope.beta:g}; llama.cpp reads "
                               "rope.scaling.yarn_beta_fast/slow only for a few other architectures and uses 32/1 "
                               "for 'llama'")
-    target = frequencies(rope, head_dim, s)[1]  # the sqrt(1/t) this model runs with (1 for NTK-by-parts)
+    target = attention_factor(rope, s)  # the sqrt(1/t) this model runs with (1 for NTK-by-parts)
     scaling = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(s), "rope.scaling.original_context_length": L}
     attn = target / yarn_attention_factor(s)  # llama.cpp's own Eq. 22 (0.1 ln s + 1) is divided out
     if abs(attn - 1.0) > 1e-7:

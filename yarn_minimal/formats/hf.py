@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..files import CheckpointError, atomic_write, read_json, write_json
 from ..model import ModelArgs, Transformer
-from ..rope import RopeConfig, frequencies, ntk_aware_base, yarn_attention_factor
+from ..rope import RopeConfig, attention_factor, ntk_aware_base, yarn_attention_factor
 from ..tokenizer import Tokenizer
 from .common import (check_finite, check_keys, check_shape, check_sliding_window, check_tokenizer, empty_model,
                      first_line, model_args, read_tokenizer, torch_load)
@@ -113,7 +113,7 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
                b' = b (a l/L - (a - 1))^(D/(D-2)) with its factor a; for a = 1 that is the
                paper's s = max(1, l/L). For a != 1 there is no RopeConfig equivalent, so we stop
                and ask for an explicit rope= rather than silently change the model.
-    yarn    -> YaRN (Eq. 17-22) with the public code's ramp: alpha = beta_slow, beta = beta_fast,
+    yarn    -> YaRN (Eq. 17 to Eq. 22) with the public code's ramp: alpha = beta_slow, beta = beta_fast,
                L = original_max_position_embeddings, s = factor (default max_position_embeddings/L,
                as transformers), sqrt(1/t) = attention_factor, or HF's 0.1 mscale ln(s) + 1 over
                0.1 mscale_all_dim ln(s) + 1 when both are set, or else Eq. 22.
@@ -121,7 +121,7 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
                authors' dynamic variant, so a static "yarn" accepts and ignores it.
                Yarn-Mistral (auto_map -> modeling_mistral_yarn): the remote code's 128 / 2 / 0.07
                (YARN_MISTRAL_CONSTANTS) wherever the config itself says nothing.
-    llama3  -> Llama 3.1's NTK-by-parts: Eq. 17-20 with the paper's ramp (Eq. 18, linear in
+    llama3  -> Llama 3.1's NTK-by-parts: Eq. 17 to Eq. 20 with the paper's ramp (Eq. 18, linear in
                r = L/lambda), alpha = low_freq_factor, beta = high_freq_factor,
                L = original_max_position_embeddings, s = factor, no temperature. transformers
                keeps theta where lambda < L/high_freq_factor (r > beta: gamma = 1), uses
@@ -387,7 +387,7 @@ def hf_rope_scaling(rope: RopeConfig, head_dim: int) -> tuple[float, Optional[di
     if rope.method == "pi" and not rope.dynamic:
         return rope.base, entry("linear", factor=s), L  # HF's convention: max_position_embeddings = L
     if rope.method == "ntk" and not rope.dynamic:
-        # Eq. 14-16: static NTK-aware is plain RoPE with base b' (what Code Llama's rope_theta is)
+        # Eq. 14 to Eq. 16: static NTK-aware is plain RoPE with base b' (what Code Llama's rope_theta is)
         return ntk_aware_base(rope.base, s, head_dim), None, int(round(L * s))
     if rope.method == "ntk" and rope.dynamic and s == 1:
         return rope.base, entry("dynamic", factor=1.0), L  # HF's dynamic uses L = max_position_embeddings
@@ -397,7 +397,7 @@ def hf_rope_scaling(rope: RopeConfig, head_dim: int) -> tuple[float, Optional[di
             scaling["truncate"] = False
         if rope.attention_factor is not None or rope.attention_coefficient != 0.1:
             # transformers' key (replaces Eq. 22); a coefficient other than 0.1 has no key of its own
-            scaling["attention_factor"] = frequencies(rope, head_dim, s)[1]
+            scaling["attention_factor"] = attention_factor(rope, s)
         return rope.base, scaling, int(round(L * s))
     if rope.method == "ntk-by-parts" and not rope.dynamic and rope.ramp == "paper":
         # Llama 3.1's "llama3" is exactly this (see rope_from_hf)
