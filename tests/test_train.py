@@ -170,6 +170,21 @@ def test_two_processes_match_one_and_an_independent_loss(setup, tokenizer_path):
     assert (final.rope.method, final.rope.scale, final.rope.original_length) == ("yarn", 16.0, 16)
 
 
+def test_two_processes_bfloat16(setup):
+    """The README's torchrun command in bf16 (FSDP2's MixedPrecisionPolicy casts every block's
+    inputs, the Rotation dataclass included): one step runs, and its loss is the float32 loss to
+    bf16 precision."""
+    tmp, _ = setup
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           str(ROOT / "train.py"), *flags(tmp, tmp / "two-bf16", "--steps", "1", "--dtype", "bfloat16")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    train.main(flags(tmp, tmp / "one-f32", "--steps", "1"))
+    bf16, f32 = metrics(tmp / "two-bf16")[0]["loss"], metrics(tmp / "one-f32")[0]["loss"]
+    assert bf16 == pytest.approx(f32, rel=2e-2)
+
+
 def test_resume_matches_uninterrupted(setup):
     """A run of 2 steps continued to 4 equals 4 steps straight (with the constant schedule,
     where --steps does not change the rate; the default decay is resumed in the Ctrl-C test)."""

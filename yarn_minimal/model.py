@@ -209,10 +209,13 @@ class Rotation:
     scale: float
     start: int            # position of the first new token
     table: torch.Tensor   # complex64 (end, |D|/2)
-    new: torch.Tensor = field(init=False)  # the rows of the new tokens
 
-    def __post_init__(self) -> None:
-        self.new = self.table[self.start:]
+    @property
+    def new(self) -> torch.Tensor:
+        """The rows of the new tokens. A property, not a field: FSDP2's mixed precision rebuilds
+        every dataclass argument of a block with dataclasses.replace(), which refuses
+        init=False fields."""
+        return self.table[self.start:]
 
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]  # one block of keys and values, each (B, T, Hkv, |D|)
