@@ -15,8 +15,8 @@ import sys
 
 from yarn_minimal import evaluation as ev
 from yarn_minimal.checkpoint import load
-from yarn_minimal.cli import (add_checkpoint_arg, add_device_args, add_rope_args, resolve_checkpoint,
-                              resolve_device_dtype, rope_from_args)
+from yarn_minimal.cli import (add_bos_arg, add_checkpoint_arg, add_device_args, add_rope_args, resolve_bos,
+                              resolve_checkpoint, resolve_device_dtype, rope_from_args)
 
 
 def parse_args(argv=None):
@@ -33,6 +33,7 @@ def parse_args(argv=None):
     p.add_argument("--depths", help="fixed key depths in [0, 1] (fraction of the filler before the key), e.g. "
                                     "0,0.25,0.5,0.75,1; default: a uniformly random depth per prompt")
     p.add_argument("--max-new-tokens", type=int, default=10, help="tokens decoded greedily per answer (default 10)")
+    add_bos_arg(p)
     p.add_argument("--out", help="write the results as JSON to this file")
     p.add_argument("--plot", help="write a PNG: accuracy vs length (and a length x depth heat map with --depths)")
     add_device_args(p)
@@ -69,9 +70,10 @@ def run(args):
     model.set_rope(rope_from_args(args, model.rope))
     print(f"{ckpt}: {model.rope.describe()}", file=sys.stderr)
 
-    results = ev.run_passkey(model, tokenizer, lengths, args.iterations, args.seed, depths, args.max_new_tokens)
+    bos = resolve_bos(args.bos, tokenizer)
+    results = ev.run_passkey(model, tokenizer, lengths, args.iterations, args.seed, depths, args.max_new_tokens, bos)
     print(ev.passkey_table(results))
-    config = dict(vars(args), ckpt=str(ckpt), lengths=lengths, depths=depths, rope=model.rope.to_dict(),
+    config = dict(vars(args), ckpt=str(ckpt), bos=bos, lengths=lengths, depths=depths, rope=model.rope.to_dict(),
                   device=str(device), dtype=str(dtype).replace("torch.", ""))
     if args.out:
         ev.write_json(args.out, {"results": results, **ev.passkey_summary(results), "config": config})

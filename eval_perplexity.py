@@ -15,8 +15,8 @@ import sys
 import warnings
 
 from yarn_minimal import evaluation as ev
-from yarn_minimal.cli import (add_checkpoint_arg, add_device_args, add_rope_args, resolve_checkpoint,
-                              resolve_device_dtype, rope_from_args)
+from yarn_minimal.cli import (add_bos_arg, add_checkpoint_arg, add_device_args, add_rope_args, resolve_bos,
+                              resolve_checkpoint, resolve_device_dtype, rope_from_args)
 
 
 def parse_args(argv=None):
@@ -39,6 +39,7 @@ def parse_args(argv=None):
     g.add_argument("--lengths", required=True,
                    help="context windows W, comma-separated, e.g. 2048,4096,8k (k = 1024)")
     g.add_argument("--stride", type=int, default=256, help="sliding-window stride S (default 256, as the paper)")
+    add_bos_arg(g)
     g.add_argument("--truncate", action="store_true",
                    help="cut each document to W - 1 tokens and score it in one pass (Table 2 / Figure 1); S is unused")
     g.add_argument("--attention-factor-sweep", metavar="A,B,C",
@@ -80,11 +81,12 @@ def run(args):
             print(f"{len(docs)} documents kept, {skipped} skipped (fewer than --min-tokens "
                   f"{max(args.min_tokens, 1)} tokens)", file=sys.stderr)
         docs, skipped = tokenized[tokenizer.path]
+        bos_id = tokenizer.bos_id if resolve_bos(args.bos, tokenizer) else None  # None: windows without BOS
         if not docs:
             raise ev.EvalError(f"no document has at least --min-tokens {args.min_tokens} tokens "
                                f"({skipped} skipped); lower --min-tokens or add longer documents")
         if factors:
-            sweep = ev.attention_factor_sweep(model, docs, tokenizer.bos_id, windows[0], factors, args.stride,
+            sweep = ev.attention_factor_sweep(model, docs, bos_id, windows[0], factors, args.stride,
                                               args.truncate, args.segment_length)
             sweep.update(label=label, ckpt=str(ckpt), rope=model.rope.to_dict())
             for a, ppl, n in zip(sweep["factors"], sweep["perplexity"], sweep["tokens"]):
@@ -94,10 +96,10 @@ def run(args):
             continue
         for window in windows:
             ev.warn_beyond_window(model.rope, window, f"{label}: window")
-            scores = ev.score_documents(model, docs, tokenizer.bos_id, window, args.stride, args.truncate,
+            scores = ev.score_documents(model, docs, bos_id, window, args.stride, args.truncate,
                                         desc=f"{label} W={window}")
             results.append({
-                "label": label, "ckpt": str(ckpt), **ev.rope_row(model.rope), "window": window,
+                "label": label, "ckpt": str(ckpt), **ev.rope_row(model.rope), "window": window, "bos": bos_id is not None,
                 "mode": "truncate" if args.truncate else "sliding", "stride": None if args.truncate else args.stride,
                 "perplexity": scores.perplexity, "perplexity_window_mean": scores.perplexity_window_mean,
                 "nll": scores.nll, "tokens": scores.tokens, "windows": len(scores.window_mean_nll),

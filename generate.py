@@ -76,7 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1: off)")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
-    g.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="keep going past the end-of-sequence token(s); by default generation stops at any of the "
+                        "checkpoint's EOS ids (tokenizer_config.json eos_token and generation_config.json eos_token_id)")
+    cli.add_bos_arg(g)
     r = p.add_argument_group("runtime")
     cli.add_device_args(r)
     r.add_argument("--compile", action="store_true", help="torch.compile the decode step")
@@ -122,27 +125,31 @@ def main(argv=None) -> None:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: --ckpt {ckpt}: {e}") from None
     model.set_rope(cli.rope_from_args(args, model.rope))
+    bos = cli.resolve_bos(args.bos, tokenizer)
 
     if args.prompt is not None:
-        prompt_tokens = tokenizer.encode(args.prompt, bos=True)
+        prompt_tokens = tokenizer.encode(args.prompt, bos=bos)
     elif ckpt == cli.DEFAULT_CKPT:
         # the demo model (L = 256): a long document it never saw, 12 x L tokens of it, so that
         # `--yarn-scale 16` has a context far beyond L to work with
         n = 12 * model.rope.original_length
-        prompt_tokens = tokenizer.encode(cli.DEMO_PROMPT.read_text(encoding="utf-8"), bos=True)[:n]
+        prompt_tokens = tokenizer.encode(cli.DEMO_PROMPT.read_text(encoding="utf-8"), bos=bos)[:n]
         print(f"# no --prompt: the first {n} tokens of {cli.DEMO_PROMPT.name}, a held-out document", file=sys.stderr)
     else:
-        prompt_tokens = tokenizer.encode(DEFAULT_PROMPT, bos=True)
+        prompt_tokens = tokenizer.encode(DEFAULT_PROMPT, bos=bos)
     stats = GenerationStats()
     text = TextStream(tokenizer, prompt_tokens[-1:])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     print(f"# {model.rope.describe()}, {len(prompt_tokens)} prompt tokens, {device} {str(dtype).removeprefix('torch.')}",
           file=sys.stderr)
-    for token in stream(model, prompt_tokens, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                        cache=args.cache, prefill_chunk=args.prefill_chunk,
-                        eos_id=None if args.ignore_eos else tokenizer.eos_id,
-                        compile=args.compile, stats=stats, progress=True):
+    try:
+        tokens = stream(model, prompt_tokens, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                        cache=args.cache, prefill_chunk=args.prefill_chunk, ignore_eos=args.ignore_eos,
+                        compile=args.compile, stats=stats, progress=True)
+    except ValueError as e:  # a request the checkpoint cannot run (e.g. past a sliding window)
+        raise SystemExit(f"error: {e}") from None
+    for token in tokens:
         print(text.push(token), end="", flush=True)
     print(text.flush())
     print(f"prompt: {stats.prompt_tokens} tokens | generated: {stats.new_tokens} tokens"

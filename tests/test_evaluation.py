@@ -148,32 +148,54 @@ def tok(tokenizer_path):
     return SentencePieceTokenizer(tokenizer_path)
 
 
-def test_passkey_prompt_has_exact_length_and_whole_sentences(tok):
-    bare = len(tok.encode(ev.passkey_text(12345, 0, 0)))
-    per_sentence = max(len(tok.encode(s, bos=False)) for s in ev.PASSKEY_FILLER)
-    nl = tok.sp.piece_to_id("<0x0A>")
+def words(text):
+    return " ".join(text.split())  # whitespace as any tokenizer may normalize it
+
+
+def bare_length(tok, bos=True):
+    """The shortest passkey prompt (no filler), found by asking for shorter and shorter ones."""
+    n = 1000
+    while True:
+        try:
+            ev.passkey_prompt(tok, n - 1, 12345, 0.5, bos)
+        except ev.EvalError:
+            return n
+        n -= 1
+
+
+def check_passkey_prompts(tok, bos=True):
+    """Exact length, the key at the asked depth (counted in tokens), and a prompt that decodes to
+    the intro, a cut of the repeating filler, the key line, filler and the question."""
+    bare = bare_length(tok, bos)
+    start = int(bos)
+    key_at = lambda tokens: next(j for j in range(len(tokens)) if "54321" in tok.decode(tokens[start:j + 1]))
+    j0 = key_at(ev.passkey_prompt(tok, bare, 54321, 0.0, bos).tokens)
+    cycle = " ".join(ev.PASSKEY_FILLER) + " "
     for length, depth in [(bare, 0.5), (bare + 1, 0.0), (bare + 37, 1.0), (401, 0.3), (1000, 0.77)]:
-        p = ev.passkey_prompt(tok, length, 54321, depth)
-        assert len(p.tokens) == length and p.tokens[0] == tok.bos_id
-        # the prompt is exactly the text with whole filler sentences plus n_pad newline tokens
-        text = ev.passkey_text(54321, p.n_prefix, p.n_suffix)
-        unpadded = list(p.tokens)
-        for _ in range(p.n_pad):
-            unpadded.remove(nl)
-        assert unpadded == tok.encode(text)
-        assert 0 <= p.n_pad <= per_sentence + 2  # filler fills the context, padding only tops it up
-        assert abs(p.n_prefix - depth * (p.n_prefix + p.n_suffix)) <= 0.5
-        assert text.count("54321") == 2 and text.count(ev.PASSKEY_LINE.format(key=54321)) == 1
-        lines = text.split("\n")
-        assert lines[0] == ev.PASSKEY_INTRO and lines[-1] == ev.PASSKEY_QUESTION
-        for filler_line in (lines[1], lines[3]):
-            sentences = re.findall(r"[^.]+\.", filler_line)
-            assert all(s.strip() in ev.PASSKEY_FILLER for s in sentences)
-            assert "".join(sentences).strip() == filler_line.strip()
+        p = ev.passkey_prompt(tok, length, 54321, depth, bos)
+        assert len(p.tokens) == length and (p.tokens[0] == tok.bos_id) == bos
+        room = length - bare
+        assert key_at(p.tokens) - j0 == round(depth * room)  # filler tokens before the key
+        assert p.n_prefix + p.n_suffix == room and p.n_prefix == round(depth * room)
+        text = words(tok.decode(p.tokens[start:]))
+        line = ev.PASSKEY_LINE.format(key=54321)
+        assert text.startswith(ev.PASSKEY_INTRO) and text.endswith(ev.PASSKEY_QUESTION)
+        assert text.count("54321") == 2 and text.count(line) == 1
+        before, after = text[len(ev.PASSKEY_INTRO):-len(ev.PASSKEY_QUESTION)].split(line)
+        for filler in (before.strip(), after.strip()):  # each a prefix of the repeating filler
+            assert (cycle * (len(filler) // len(cycle) + 1)).startswith(filler)
+        assert ev.parse_answer(f" {p.key}. Remember it.") == 54321
+
+
+def test_passkey_prompt_has_exact_length_and_key_at_depth(tok):
+    check_passkey_prompts(tok, bos=True)
+    check_passkey_prompts(tok, bos=False)
 
 
 def test_passkey_length_below_scaffolding_is_a_clear_error(tok):
-    bare = len(tok.encode(ev.passkey_text(12345, 0, 0)))
+    bare = bare_length(tok)
+    assert bare <= len(tok.encode(" ".join([ev.PASSKEY_INTRO, ev.PASSKEY_LINE.format(key=12345),
+                                            ev.PASSKEY_QUESTION]))) + 3
     with pytest.raises(ev.EvalError, match=f"passkey length {bare - 1}: shorter .* {bare} tokens"):
         ev.passkey_prompt(tok, bare - 1, 12345, 0.5)
 

@@ -6,11 +6,13 @@
        params.json                     dim, n_layers, n_heads, n_kv_heads, multiple_of, ...
        consolidated.00.pth ... .NN.pth one file per model-parallel rank (7B: 1, 13B: 2, 70B: 8)
        tokenizer.model                 in the folder or its parent (Meta's download has it there)
-2. A Hugging Face Llama folder
-       config.json                     LlamaConfig, incl. rope_scaling (v4) / rope_parameters (v5)
+2. A Hugging Face Llama or Mistral folder
+       config.json                     LlamaConfig / MistralConfig, incl. rope_scaling (v4) /
+                                       rope_parameters (v5); every key read: docs/checkpoints.md
        model.safetensors, or model-0000X-of-0000N.safetensors + model.safetensors.index.json
        (pytorch_model*.bin only where there is no safetensors file)
-       tokenizer.model
+       tokenizer.model (sentencepiece) or tokenizer.json (Hugging Face `tokenizers`), with
+       BOS/EOS from tokenizer_config.json / generation_config.json (tokenizer.open_tokenizer)
 3. The project's own layout (what `save(format="meta")` and fine-tuning write): Meta's layout
    with one shard plus rope.json, the RopeConfig the model was fine-tuned with. rope.json sits
    beside params.json rather than inside it so that Meta's loader, which passes every
@@ -34,8 +36,8 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -44,8 +46,8 @@ import torch
 from tqdm import tqdm
 
 from .model import ModelArgs, Transformer
-from .rope import RopeConfig, ntk_aware_base
-from .tokenizer import SentencePieceTokenizer, Tokenizer
+from .rope import RopeConfig, frequencies, ntk_aware_base, yarn_attention_factor
+from .tokenizer import HFTokenizer, Tokenizer, open_tokenizer
 
 
 class CheckpointError(ValueError):
@@ -56,19 +58,10 @@ class CheckpointError(ValueError):
 # Small helpers
 # ---------------------------------------------------------------------------------------
 
-def find_tokenizer(folder: Path) -> Path:
-    for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
-    raise CheckpointError(f"{folder}: no tokenizer.model in the folder or its parent "
-                          "(a sentencepiece model is needed; Meta's download has it beside the model folder)")
-
-
 def _open_tokenizer(folder: Path) -> Tokenizer:
-    path = find_tokenizer(folder)
     try:
-        return SentencePieceTokenizer(path)
-    except ValueError as e:
+        return open_tokenizer(folder)
+    except (ValueError, FileNotFoundError) as e:
         raise CheckpointError(str(e)) from None
 
 
@@ -99,9 +92,25 @@ def _torch_load(path: Path) -> dict:
 
 
 def _check_tokenizer(tokenizer: Tokenizer, args: ModelArgs, source: Path) -> None:
-    if tokenizer.vocab_size != args.vocab_size:
-        raise CheckpointError(f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} pieces, but {source} "
-                              f"gives the model's embedding {args.vocab_size} rows")
+    """Every id the tokenizer can produce needs an embedding row. More rows than ids is fine and
+    common (embeddings padded to a multiple of 64 or 128 for speed); fewer is an error, since
+    those tokens would index past the embedding."""
+    top = max([tokenizer.max_id(), *(i for i in (tokenizer.bos_id, *tokenizer.eos_ids) if i is not None)])
+    if top >= args.vocab_size:
+        raise CheckpointError(f"{tokenizer.path}: tokenizer has ids up to {top} ({tokenizer.vocab_size} pieces), "
+                              f"but {source} gives the model's embedding {args.vocab_size} rows; "
+                              f"expected at least {top + 1}")
+
+
+def _check_sliding_window(args: ModelArgs, rope: Optional[RopeConfig], source: Path) -> None:
+    """A RopeConfig asked for at load time states the context the user means to run; with a
+    sliding window shorter than it, this model (full attention only) would compute something
+    the checkpoint was never trained for. Longer inputs are refused again in the forward pass."""
+    if args.sliding_window is not None and rope is not None and rope.window is not None \
+            and rope.window > args.sliding_window:
+        raise CheckpointError(f"{source}: sliding_window is {args.sliding_window}, shorter than the requested "
+                              f"context {rope.window} ({rope.describe()}); this model has no sliding-window "
+                              "attention, so it runs at most sliding_window tokens")
 
 
 def _check_keys(found: set, expected: set, source: str, ignored: str = "") -> None:
@@ -166,13 +175,12 @@ def load_meta(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=
     if params.get("norm_eps") == 1e-6:
         warnings.warn(f"{params_path}: norm_eps is 1e-6; Llama 2 uses 1e-5 (an early download shipped 1e-6 "
                       "by mistake, meta-llama/llama issue 771)")
-    if rope is None and (folder / "rope.json").is_file():
-        try:
-            rope = RopeConfig.from_dict(_read_json(folder / "rope.json"))
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{folder / 'rope.json'}: {e}") from None
+    asked = rope
+    if rope is None:
+        rope = _project_rope(folder)
     args = _model_args(params, rope, params_path)
     _check_tokenizer(tokenizer, args, params_path)
+    _check_sliding_window(args, asked, params_path)
 
     paths = sorted(folder.glob("consolidated.*.pth"))
     if not paths:
@@ -251,63 +259,173 @@ def _heads_of(meta_key: str, args: ModelArgs) -> Optional[int]:
     return None
 
 
-def rope_from_hf(cfg: dict, source: Path) -> RopeConfig:
-    """RopeConfig from a config.json's rope_scaling (transformers v4) or rope_parameters (v5).
+# The released Yarn-Mistral checkpoints (NousResearch/Yarn-Mistral-7b-64k, -128k) run the authors'
+# remote code, which their config.json names in auto_map. That code hard-codes constants that
+# differ from Llama's 32 / 1 / 0.1 and that the config does not carry: jquesnelle/yarn,
+# scaled_rope/modeling_mistral_yarn.py, `MistralYaRNScaledRotaryEmbedding.__init__` defaults
+# beta_fast=128, beta_slow=2 (its `_init_rope` passes neither) and `_yarn_get_mscale`:
+# sqrt(1/t) = 0.07 ln(s) + 1.
+YARN_MISTRAL_CODE = "modeling_mistral_yarn"
+YARN_MISTRAL_CONSTANTS = {"beta": 128.0, "alpha": 2.0, "attention_coefficient": 0.07}
 
+# max_position_embeddings when config.json omits it: LlamaConfig's and MistralConfig's defaults
+DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32}
+
+
+def _remote_code(cfg: dict) -> Optional[str]:
+    """The auto_map entry that points at the authors' Yarn-Mistral code, if any."""
+    for ref in (cfg.get("auto_map") or {}).values():
+        if YARN_MISTRAL_CODE in str(ref):
+            return str(ref)
+    return None
+
+
+def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], list[str]]:
+    """RopeConfig from a config.json's rope_scaling (transformers v4) or rope_parameters (v5),
+    with where each value came from (RopeConfig field -> config key, or "default") and the
+    ambiguities worth a reader's attention (defaults used, a factor that disagrees with
+    max_position_embeddings / original_max_position_embeddings, constants that live in remote
+    code). The loader and `python -m yarn_minimal.rope --config` both read configs with it.
+
+    default -> plain RoPE, L = max_position_embeddings.
     linear  -> PI (Eq. 10), s = factor.
     dynamic -> Dynamic NTK-aware (Sec. 3.1 + 3.3) with L = max_position_embeddings. HF computes
                b' = b (a l/L - (a - 1))^(D/(D-2)) with its factor a; for a = 1 that is the
                paper's s = max(1, l/L). For a != 1 there is no RopeConfig equivalent, so we stop
                and ask for an explicit rope= rather than silently change the model.
     yarn    -> YaRN (Eq. 17-22) with the public code's ramp: alpha = beta_slow, beta = beta_fast,
-               L = original_max_position_embeddings, s = factor (default max_position_embeddings/L),
-               sqrt(1/t) = attention_factor, or HF's 0.1 mscale ln(s) + 1 over
+               L = original_max_position_embeddings, s = factor (default max_position_embeddings/L,
+               as transformers), sqrt(1/t) = attention_factor, or HF's 0.1 mscale ln(s) + 1 over
                0.1 mscale_all_dim ln(s) + 1 when both are set, or else Eq. 22.
                The released Yarn-Llama-2 configs add "finetuned": true; it only matters to the
                authors' dynamic variant, so a static "yarn" accepts and ignores it.
+               Yarn-Mistral (auto_map -> modeling_mistral_yarn): the remote code's 128 / 2 / 0.07
+               (YARN_MISTRAL_CONSTANTS) wherever the config itself says nothing.
+    llama3  -> Llama 3.1's NTK-by-parts: Eq. 17-20 with the paper's ramp (Eq. 18, linear in
+               r = L/lambda), alpha = low_freq_factor, beta = high_freq_factor,
+               L = original_max_position_embeddings, s = factor, no temperature. transformers
+               keeps theta where lambda < L/high_freq_factor (r > beta: gamma = 1), uses
+               theta/factor where lambda > L/low_freq_factor (r < alpha: gamma = 0) and blends
+               with smooth = (L/lambda - low)/(high - low) = gamma(r) in between.
     """
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    base = float(scaling.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
-    max_pos = int(cfg.get("max_position_embeddings", 2048))  # LlamaConfig's default
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
     key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+    scaling = cfg.get(key) or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    provenance: dict[str, str] = {}
+    notes: list[str] = []
+
+    def read(field: str, names: list[str], default, why: str, fallback: str = "default"):
+        """The first of the config keys `names` that is set ("a.b" looks inside a); else default,
+        recorded as `fallback` (and noted when it is a plain default)."""
+        for name in names:
+            value = cfg
+            for part in name.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None:
+                provenance[field] = name
+                return value
+        provenance[field] = fallback
+        if fallback == "default":
+            notes.append(f"{' / '.join(names)} not set: using {default:g} ({why})")
+        return default
 
     def need(name):
         if scaling.get(name) is None:
             raise CheckpointError(f"{source}: {key} of type {kind!r} has no {name!r}")
+        provenance[_FIELD_OF.get(name, name)] = f"{key}.{name}"
         return scaling[name]
+
+    model_type = cfg.get("model_type", "llama")
+    base = float(read("base", [f"{key}.rope_theta", "rope_theta"], 10000.0, "LlamaConfig's default"))
+    max_default = DEFAULT_MAX_POSITIONS.get(model_type, 2048)
+    max_pos = int(read("max_position_embeddings", ["max_position_embeddings"], max_default,
+                       f"{model_type} config default"))
+    provenance["original_length"] = provenance["max_position_embeddings"]  # L, unless the method states another
+    provenance["method"] = f"{key}.{'rope_type' if 'rope_type' in scaling else 'type'}" if scaling else "default"
 
     try:
         if kind in ("default", "none", None):
-            return RopeConfig(base=base, original_length=max_pos)
+            return RopeConfig(base=base, original_length=max_pos), provenance, notes
         if kind == "linear":
-            return RopeConfig(method="pi", scale=float(need("factor")), original_length=max_pos, base=base)
+            provenance["scale"] = f"{key}.factor"
+            return RopeConfig(method="pi", scale=float(need("factor")), original_length=max_pos, base=base), provenance, notes
         if kind == "dynamic":
-            factor = float(scaling.get("factor", 1.0))
+            factor = float(read("scale", [f"{key}.factor"], 1.0, "the paper's Dynamic NTK"))
             if factor != 1.0:
                 raise CheckpointError(
                     f"{source}: {key} dynamic with factor {factor:g}: transformers then uses "
                     f"b' = b (factor l/L - (factor - 1))^(D/(D-2)), which differs from the paper's Dynamic NTK "
                     f"(s = max(1, l/L), i.e. factor 1) and has no RopeConfig equivalent. Pass rope= to load(), "
                     f"e.g. RopeConfig(method='ntk', dynamic=True, original_length={max_pos}), to choose explicitly")
-            return RopeConfig(method="ntk", dynamic=True, original_length=max_pos, base=base)
+            provenance["dynamic"] = provenance["method"]
+            return RopeConfig(method="ntk", dynamic=True, original_length=max_pos, base=base), provenance, notes
+        if kind == "llama3":
+            rope = RopeConfig(method="ntk-by-parts", ramp="paper", scale=float(need("factor")),
+                              original_length=int(need("original_max_position_embeddings")), base=base,
+                              alpha=float(need("low_freq_factor")), beta=float(need("high_freq_factor")))
+            provenance["ramp"] = provenance["method"]
+            _check_factor(rope, max_pos, key, notes)
+            return rope, provenance, notes
         if kind == "yarn":
-            original = int(scaling.get("original_max_position_embeddings") or max_pos)
-            scale = float(scaling.get("factor") or max_pos / original)
-            factor = scaling.get("attention_factor")
-            mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
-            if factor is None and mscale and mscale_all_dim:  # DeepSeek-style: ratio of two Eq. 22 forms
-                m = lambda c: 0.1 * c * math.log(scale) + 1.0 if scale > 1 else 1.0
-                factor = m(mscale) / m(mscale_all_dim)
-            return RopeConfig(method="yarn", scale=scale, original_length=original, base=base,
-                              alpha=float(scaling.get("beta_slow") or 1.0), beta=float(scaling.get("beta_fast") or 32.0),
-                              attention_factor=None if factor is None else float(factor),
-                              truncate=bool(scaling.get("truncate", True)))
+            return _yarn_from_hf(cfg, scaling, key, max_pos, base, model_type, read, provenance, notes), provenance, notes
     except ValueError as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{source}: {key}: {e}") from None
-    raise CheckpointError(f"{source}: {key} type {kind!r} is not supported; supported: default, linear, dynamic, yarn")
+    raise CheckpointError(f"{source}: {key} type {kind!r} is not supported; supported: default, linear, dynamic, "
+                          "yarn, llama3")
+
+
+# config key -> RopeConfig field, for the provenance of required keys
+_FIELD_OF = {"factor": "scale", "original_max_position_embeddings": "original_length",
+             "low_freq_factor": "alpha", "high_freq_factor": "beta"}
+
+
+def _check_factor(rope: RopeConfig, max_pos: int, key: str, notes: list[str]) -> None:
+    """Two keys state the extension ratio; say so when they disagree (transformers issue 38224)."""
+    if max_pos != rope.window:
+        notes.append(f"{key}.factor {rope.scale:g} disagrees with max_position_embeddings / "
+                     f"original_max_position_embeddings = {max_pos} / {rope.original_length} = "
+                     f"{max_pos / rope.original_length:g}; s = factor is used (as transformers does), "
+                     f"so the intended window L x s is {rope.window}, not {max_pos}")
+
+
+def _yarn_from_hf(cfg, scaling, key, max_pos, base, model_type, read, provenance, notes) -> RopeConfig:
+    original = int(read("original_length", [f"{key}.original_max_position_embeddings"], max_pos,
+                        "max_position_embeddings"))
+    scale = float(read("scale", [f"{key}.factor"], max_pos / original,
+                       "max_position_embeddings / original_max_position_embeddings"))
+    provenance["ramp"] = provenance["method"]  # "yarn" means the public code's ramp
+    remote = _remote_code(cfg) if model_type == "mistral" else None
+    fallback = f"remote code ({remote})" if remote else "default"
+    if remote:
+        constants, why = YARN_MISTRAL_CONSTANTS, "the Yarn-Mistral remote code"
+        notes.append(f"auto_map -> {remote}: beta_fast 128, beta_slow 2 and sqrt(1/t) = 0.07 ln(s) + 1 live in "
+                     "that remote code (jquesnelle/yarn scaled_rope/modeling_mistral_yarn.py), not in this config")
+    else:
+        constants, why = {"beta": 32.0, "alpha": 1.0, "attention_coefficient": 0.1}, "transformers' and the paper's default"
+        if model_type == "mistral":
+            notes.append("model_type mistral with yarn and no auto_map to the authors' modeling_mistral_yarn.py: "
+                         "transformers' constants (32 / 1 / 0.1) are used; NousResearch's Yarn-Mistral checkpoints "
+                         "were trained with 128 / 2 / 0.07")
+    alpha = float(read("alpha", [f"{key}.beta_slow"], constants["alpha"], why, fallback))
+    beta = float(read("beta", [f"{key}.beta_fast"], constants["beta"], why, fallback))
+    factor = scaling.get("attention_factor")
+    coefficient = constants["attention_coefficient"]
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if factor is not None:
+        provenance["attention_factor"] = f"{key}.attention_factor"
+    elif mscale and mscale_all_dim:  # DeepSeek-style: the ratio of two Eq. 22 forms
+        factor = yarn_attention_factor(scale, 0.1 * mscale) / yarn_attention_factor(scale, 0.1 * mscale_all_dim)
+        provenance["attention_factor"] = f"{key}.mscale / {key}.mscale_all_dim"
+    else:
+        provenance["attention_coefficient"] = fallback
+    rope = RopeConfig(method="yarn", scale=scale, original_length=original, base=base, alpha=alpha, beta=beta,
+                      attention_factor=None if factor is None else float(factor), attention_coefficient=coefficient,
+                      truncate=bool(scaling.get("truncate", True)))
+    if "original_max_position_embeddings" in scaling and "factor" in scaling:
+        _check_factor(rope, max_pos, key, notes)
+    return rope
 
 
 def meta_ffn_params(dim: int, hidden: int, source: Path) -> tuple[int, Optional[float]]:
@@ -325,10 +443,11 @@ def meta_ffn_params(dim: int, hidden: int, source: Path) -> tuple[int, Optional[
     raise CheckpointError(f"{source}: intermediate_size {hidden} cannot be written as Meta's FFN width for dim {dim}")
 
 
-def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> ModelArgs:
-    if cfg.get("model_type", "llama") != "llama":
+def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> tuple[ModelArgs, dict, list[str]]:
+    """(ModelArgs, RoPE provenance, notes) from a config.json; see rope_from_hf."""
+    if cfg.get("model_type", "llama") not in DEFAULT_MAX_POSITIONS:
         raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r}; only Llama-architecture "
-                              "checkpoints (model_type 'llama') are supported")
+                              f"checkpoints (model_type {' or '.join(map(repr, DEFAULT_MAX_POSITIONS))}) are supported")
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
         if name not in cfg:
             raise CheckpointError(f"{source}: no {name!r}")
@@ -341,8 +460,56 @@ def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> ModelAr
     params = dict(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
                   n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
                   multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
-                  norm_eps=cfg.get("rms_norm_eps", 1e-6))  # 1e-6: LlamaConfig's default
-    return _model_args(params, rope if rope is not None else rope_from_hf(cfg, source), source)
+                  norm_eps=cfg.get("rms_norm_eps", 1e-6),  # 1e-6: LlamaConfig's default
+                  sliding_window=cfg.get("sliding_window"))  # Mistral 7B v0.1: 4096; null: full attention
+    own, provenance, notes = rope_from_hf(cfg, source)
+    if rope is not None:
+        provenance, notes = {field: "rope= (given to load)" for field in provenance}, []
+    return _model_args(params, rope if rope is not None else own, source), provenance, notes
+
+
+def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, str], list[str]]:
+    """A checkpoint's ModelArgs (with its RopeConfig) as load() would build them, without reading
+    weights, plus where each RoPE value came from and what is ambiguous (see rope_from_hf).
+    `path`: a config.json, a params.json, or a model folder holding one of them.
+
+    `python -m yarn_minimal.rope --config PATH` prints this. It lives here, not in rope.py,
+    because only checkpoint.py knows file formats and rope.py imports nothing from the package:
+    rope.py's command line imports this function inside main(), when --config is given."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        path = next((folder / n for n in ("params.json", "config.json") if (folder / n).is_file()), folder / "config.json")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found (give a config.json, a params.json or a model folder holding one)")
+    cfg = _read_json(path)
+    if path.name != "params.json":
+        return args_from_hf(cfg, None, path)
+    rope, provenance = _project_rope(folder), {}
+    if rope is None:
+        rope = RopeConfig(base=float(cfg.get("rope_theta", 10000.0)))
+        provenance = {"method": "default", "base": "params.json rope_theta" if "rope_theta" in cfg else "default",
+                      "original_length": "default"}
+        notes = [f"{path.name} states no context length: L = {rope.original_length} (Llama 2's; pass "
+                 "--original-length otherwise)"]
+    else:
+        stored = _read_json(folder / "rope.json")
+        provenance = {field: "rope.json" if field in stored else "default" for field in rope.to_dict()}
+        notes = [f"rope.json has no {field!r}: using {value!r} (default)" for field, value in rope.to_dict().items()
+                 if field not in stored]
+    if cfg.get("vocab_size", -1) == -1:
+        cfg = dict(cfg, vocab_size=1)  # Meta's -1: the tokenizer's size, irrelevant to RoPE
+    return _model_args(cfg, rope, path), provenance, notes
+
+
+def _project_rope(folder: Path) -> Optional[RopeConfig]:
+    """rope.json, the RopeConfig this project saved beside params.json (None if absent)."""
+    if not (folder / "rope.json").is_file():
+        return None
+    try:
+        return RopeConfig.from_dict(_read_json(folder / "rope.json"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'rope.json'}: {e}") from None
 
 
 def hf_weight_files(folder: Path) -> list[Path]:
@@ -388,9 +555,10 @@ def _open_hf_files(files: list[Path], stack: contextlib.ExitStack) -> dict[str, 
 def load_hf(folder: Path, rope: Optional[RopeConfig], device, dtype, progress=False) -> tuple[Transformer, Tokenizer]:
     config_path = folder / "config.json"
     cfg = _read_json(config_path)
-    args = args_from_hf(cfg, rope, config_path)
+    args, _, _ = args_from_hf(cfg, rope, config_path)
     tokenizer = _open_tokenizer(folder)
     _check_tokenizer(tokenizer, args, config_path)
+    _check_sliding_window(args, rope, config_path)
     files = hf_weight_files(folder)
     model = _empty_model(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -442,6 +610,7 @@ def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device="cpu
     else:
         raise CheckpointError(f"{folder}: no params.json (Meta's layout: params.json + consolidated.*.pth) "
                               "and no config.json (Hugging Face's layout: config.json + *.safetensors)")
+    model.eos_ids = tokenizer.eos_ids  # generation stops at these unless told not to
     return model.eval(), tokenizer
 
 
@@ -485,28 +654,41 @@ def hf_rope_scaling(rope: RopeConfig, head_dim: int) -> tuple[float, Optional[di
         scaling = entry("yarn", factor=s, original_max_position_embeddings=L, beta_fast=rope.beta, beta_slow=rope.alpha)
         if not rope.truncate:
             scaling["truncate"] = False
-        if rope.attention_factor is not None:
-            scaling["attention_factor"] = rope.attention_factor  # transformers' key (replaces Eq. 22)
+        if rope.attention_factor is not None or rope.attention_coefficient != 0.1:
+            # transformers' key (replaces Eq. 22); a coefficient other than 0.1 has no key of its own
+            scaling["attention_factor"] = frequencies(rope, head_dim, s)[1]
         return rope.base, scaling, int(round(L * s))
+    if rope.method == "ntk-by-parts" and not rope.dynamic and rope.ramp == "paper":
+        # Llama 3.1's "llama3" is exactly this (see rope_from_hf)
+        return rope.base, entry("llama3", factor=s, original_max_position_embeddings=L, low_freq_factor=rope.alpha,
+                                high_freq_factor=rope.beta), int(round(L * s))
     raise CheckpointError(
         f"format='hf': {rope.describe()} (ramp={rope.ramp}) has no Hugging Face rope_scaling equivalent "
-        "(transformers knows static PI 'linear', Dynamic NTK 'dynamic' with s0 = 1, and static YaRN 'yarn' with the "
-        "code's ramp). Save with format='meta' (this project's layout keeps any RopeConfig in rope.json)")
+        "(transformers knows static PI 'linear', Dynamic NTK 'dynamic' with s0 = 1, static YaRN 'yarn' with the "
+        "code's ramp, and static NTK-by-parts with the paper's ramp as 'llama3'). Save with format='meta' (this project's layout keeps any RopeConfig in rope.json)")
 
 
-def hf_config(model: Transformer, dtype: torch.dtype) -> dict:
-    """config.json for transformers' LlamaForCausalLM (also read by vLLM and llama.cpp's converter)."""
+def hf_config(model: Transformer, dtype: torch.dtype, tokenizer: Optional[Tokenizer] = None) -> dict:
+    """config.json for transformers' LlamaForCausalLM (also read by vLLM and llama.cpp's converter);
+    MistralForCausalLM for a model with a sliding window, so that the window is not dropped.
+    BOS/EOS ids are the tokenizer's (Llama 2's 1 and 2 without one); eos_token_id lists every
+    id that ends generation when there are several."""
     args = model.args
     rope_theta, rope_scaling, max_pos = hf_rope_scaling(args.rope, args.head_dim)
+    bos, eos = (1, [2]) if tokenizer is None else (tokenizer.bos_id, list(tokenizer.eos_ids))
+    mistral = args.sliding_window is not None
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+        "model_type": "mistral" if mistral else "llama",
+        **({"sliding_window": args.sliding_window} if mistral else {}),
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps, "hidden_act": "silu", "max_position_embeddings": max_pos,
         "rope_theta": rope_theta, "rope_scaling": rope_scaling,
         "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
-        "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02, "use_cache": True,
+        "bos_token_id": bos, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "initializer_range": 0.02, "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -539,7 +721,7 @@ def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.Path
                               "instead of or beside what save() writes; save into an empty folder")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if format == "hf":
-        config = hf_config(model, next(iter(state.values())).dtype)  # refuses unsupported RoPE before writing
+        config = hf_config(model, next(iter(state.values())).dtype, tokenizer)  # refuses unsupported RoPE before writing
         folder.mkdir(parents=True, exist_ok=True)
         from safetensors.torch import save_file
 
@@ -555,8 +737,21 @@ def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.Path
         _write_json(folder / "params.json", model.args.to_params())
         _write_json(folder / "rope.json", model.rope.to_dict())
     if tokenizer is not None:
-        _atomic_write(folder / "tokenizer.model", lambda tmp: shutil.copyfile(tokenizer.path, tmp))
+        _save_tokenizer(tokenizer, folder)
     return folder
+
+
+def _save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
+    """The tokenizer's own files (tokenizer.model, or tokenizer.json + tokenizer_config.json),
+    written into a temporary folder and renamed into place; generation_config.json when there are
+    several EOS ids, which no tokenizer file can hold (open_tokenizer reads them back)."""
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer.") as tmp:
+        tokenizer.save(Path(tmp))
+        for f in sorted(Path(tmp).iterdir()):
+            os.replace(f, folder / f.name)
+    if len(tokenizer.eos_ids) > 1:
+        _write_json(folder / "generation_config.json",
+                    {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.eos_ids)})
 
 
 # ---------------------------------------------------------------------------------------

@@ -79,6 +79,23 @@ def rope_from_args(args: argparse.Namespace, base: RopeConfig) -> RopeConfig:
         raise SystemExit(f"error: {e}") from None
 
 
+def add_bos_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every sequence with the BOS token (--bos) or not (--no-bos); default: the "
+                        "checkpoint's own setting (tokenizer_config.json's add_bos_token, else what its tokenizer "
+                        "does: Llama 2 and 3 add BOS, SmolLM2 does not)")
+
+
+def resolve_bos(flag: Optional[bool], tokenizer) -> bool:
+    """--bos/--no-bos, or the checkpoint's own add_bos; a clear error when BOS is asked for and
+    the checkpoint has none."""
+    bos = tokenizer.add_bos if flag is None else flag
+    if bos and tokenizer.bos_id is None:
+        raise SystemExit(f"error: --bos: {tokenizer.path} states no BOS token (tokenizer_config.json bos_token, "
+                         "generation_config.json or config.json bos_token_id); use --no-bos")
+    return bos
+
+
 def add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; default cuda when available")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,

@@ -108,14 +108,22 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
 
 
 @torch.inference_mode()
-def window_nll(model: Transformer, tokens: torch.Tensor, bos_id: int, begin: int, end: int,
+def window_nll(model: Transformer, tokens: torch.Tensor, bos_id: Optional[int], begin: int, end: int,
                score_from: int) -> torch.Tensor:
     """Float32 NLL of tokens[score_from:end], one forward over [BOS] + tokens[begin:end] in the
-    model's dtype. Under Dynamic Scaling the model takes s from this window's length."""
-    bos = torch.tensor([bos_id], dtype=tokens.dtype, device=tokens.device)
-    h = model.hidden_states(torch.cat([bos, tokens[begin:end]])[None])[0]
-    # input position j holds [BOS] + tokens[begin:begin+j] and predicts tokens[begin + j]
-    h = h[score_from - begin:end - begin]
+    model's dtype. Under Dynamic Scaling the model takes s from this window's length.
+    bos_id None (--no-bos, for checkpoints trained without BOS): the forward is over
+    tokens[begin:end] alone, so nothing predicts tokens[begin] and scoring starts after it."""
+    if bos_id is None:
+        score_from = max(score_from, begin + 1)
+        h = model.hidden_states(tokens[begin:end][None])[0]
+        # input position j holds tokens[begin:begin+j+1] and predicts tokens[begin + j + 1]
+        h = h[score_from - begin - 1:end - begin - 1]
+    else:
+        bos = torch.tensor([bos_id], dtype=tokens.dtype, device=tokens.device)
+        h = model.hidden_states(torch.cat([bos, tokens[begin:end]])[None])[0]
+        # input position j holds [BOS] + tokens[begin:begin+j] and predicts tokens[begin + j]
+        h = h[score_from - begin:end - begin]
     targets = tokens[score_from:end]
     return torch.cat([F.cross_entropy(model.output(hc).float(), tc, reduction="none")
                       for hc, tc in zip(h.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK))])
@@ -152,9 +160,11 @@ class PerplexityScores:
         return np.array([math.exp(float(np.nanmean(n))) for n in self.token_nll])
 
 
-def score_documents(model: Transformer, documents: Sequence[Sequence[int]], bos_id: int, window: int,
+def score_documents(model: Transformer, documents: Sequence[Sequence[int]], bos_id: Optional[int], window: int,
                     stride: int = 256, truncate: bool = False, desc: str = "perplexity") -> PerplexityScores:
-    """Run the protocol of the module docstring over token lists (encoded without BOS/EOS)."""
+    """Run the protocol of the module docstring over token lists (encoded without BOS/EOS).
+    bos_id None: windows without BOS (see window_nll)."""
+    check_length(model, window, "window")
     if truncate:  # Table 2 / Figure 1: one pass over the first W - 1 tokens of each document
         documents = [d[:window - 1] for d in documents]
     plans = [sliding_windows(len(d), window, stride) for d in documents]
@@ -167,7 +177,10 @@ def score_documents(model: Transformer, documents: Sequence[Sequence[int]], bos_
             for begin, end, score_from in plan:
                 w = _catch_oom(lambda: window_nll(model, tokens, bos_id, begin, end, score_from),
                                f"a window of {end - begin + 1} tokens", device)
-                nll[score_from:end] = w.double().cpu().numpy()
+                if len(w) == 0:  # without BOS, a one-token window predicts nothing
+                    bar.update()
+                    continue
+                nll[end - len(w):end] = w.double().cpu().numpy()
                 scores.window_mean_nll.append(float(w.double().mean()))
                 bar.update()
             scores.token_nll.append(nll)
@@ -182,6 +195,14 @@ def _catch_oom(fn, what: str, device):
             raise
         raise EvalError(f"out of memory running {what} on {device}: ({str(e).splitlines()[0]}). "
                         "Use shorter --lengths, --dtype bfloat16, or a device with more memory") from None
+
+
+def check_length(model: Transformer, length: int, what: str) -> None:
+    """A checkpoint with a sliding window (Mistral) runs only sequences that fit in it."""
+    try:
+        model.check_length(length)
+    except ValueError as e:
+        raise EvalError(f"{what} {length}: {e}") from None
 
 
 def warn_beyond_window(rope: RopeConfig, length: int, what: str) -> bool:
@@ -304,7 +325,7 @@ def perplexity_tables(results: list[dict]) -> str:
 # Appendix A.2: the attention temperature sweep
 # ---------------------------------------------------------------------------------------
 
-def attention_factor_sweep(model: Transformer, documents: Sequence[Sequence[int]], bos_id: int, window: int,
+def attention_factor_sweep(model: Transformer, documents: Sequence[Sequence[int]], bos_id: Optional[int], window: int,
                            factors: Sequence[float], stride: int = 256, truncate: bool = False,
                            segment_length: int = 2048) -> dict:
     """Perplexity for every sqrt(1/t) in `factors` at the model's fixed s (method yarn), overall
@@ -383,77 +404,53 @@ PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 
-def filler(n_sentences: int) -> str:
-    """The filler repeated and cut after n whole sentences."""
-    return " ".join(PASSKEY_FILLER[i % len(PASSKEY_FILLER)] for i in range(n_sentences))
-
-
-def passkey_text(key: int, n_prefix: int, n_suffix: int) -> str:
-    return "\n".join([PASSKEY_INTRO, filler(n_prefix), PASSKEY_LINE.format(key=key), filler(n_suffix),
-                      PASSKEY_QUESTION])
-
-
 @dataclass
 class PasskeyPrompt:
-    tokens: list[int]   # BOS included; len(tokens) == the length asked
+    tokens: list[int]   # BOS included (when asked); len(tokens) == the length asked
     key: int
-    depth: float        # where the key line sits, as a fraction of the filler sentences
-    n_prefix: int       # filler sentences before / after the key line
+    depth: float        # where the key line sits, as a fraction of the filler
+    n_prefix: int       # filler tokens before / after the key line
     n_suffix: int
-    n_pad: int          # newline tokens added before the question to hit the length exactly
 
 
-def newline_token(tokenizer) -> int:
-    """The id of "\\n" as one token (Llama 2: the byte token <0x0A>, id 13)."""
-    sp = getattr(tokenizer, "sp", None)
-    if sp is not None and sp.piece_to_id("<0x0A>") != sp.unk_id():
-        return sp.piece_to_id("<0x0A>")
-    raise EvalError(f"tokenizer {getattr(tokenizer, 'path', tokenizer)}: has no single-token newline (<0x0A>), "
-                    "which passkey prompts use to reach the exact length")
+def _continuation(tokenizer, before: str, text: str) -> list[int]:
+    """The tokens of `text` as they read after `before` in running text: tokenizers encode the
+    start of a text differently (sentencepiece's dummy prefix, byte-level BPE's leading space).
+    Where the two merge across the boundary, `text` encoded alone."""
+    a = tokenizer.encode(before, bos=False)
+    b = tokenizer.encode(before + text, bos=False)
+    return b[len(a):] if b[:len(a)] == a else tokenizer.encode(text, bos=False)
 
 
-def passkey_prompt(tokenizer, length: int, key: int, depth: float) -> PasskeyPrompt:
-    """The passkey prompt with exactly `length` tokens (BOS included).
+def passkey_prompt(tokenizer, length: int, key: int, depth: float, bos: bool = True) -> PasskeyPrompt:
+    """The passkey prompt with exactly `length` tokens (BOS included when bos=True):
 
-    As many whole filler sentences as fit, split round(depth * n) before the key line and the
-    rest after it; the few tokens still missing (less than about one sentence) are newline
-    tokens before the question, i.e. blank lines."""
+        [BOS] intro, filler[:a], "\n" key line "\n", filler[:b], "\n" question
+
+    Each piece is encoded once, as it reads after a filler sentence, and the filler token
+    stream is cut to the token so that the total is exact, with a = round(depth (a + b)).
+    Nothing here depends on how a tokenizer spells a newline (sentencepiece's <0x0A> byte
+    token, byte-level BPE's "\u010a"), so any tokenizer works."""
     if not 0.0 <= depth <= 1.0:
         raise EvalError(f"passkey depth {depth}: must be in [0, 1]")
-
-    def count(n):
-        k = round(depth * n)
-        return len(tokenizer.encode(passkey_text(key, k, n - k), bos=True))
-
-    bare = count(0)
-    if length < bare:
+    sentences = " ".join(PASSKEY_FILLER)
+    head = ([tokenizer.bos_id] if bos else []) + tokenizer.encode(PASSKEY_INTRO, bos=False)
+    line = _continuation(tokenizer, sentences, "\n" + PASSKEY_LINE.format(key=key) + "\n")
+    question = _continuation(tokenizer, sentences, "\n" + PASSKEY_QUESTION)
+    room = length - len(head) - len(line) - len(question)
+    if room < 0:
+        bare = length - room
         raise EvalError(f"passkey length {length}: shorter than the prompt without any filler, which takes "
                         f"{bare} tokens with this tokenizer; use lengths >= {bare}")
-    span = 10 * len(PASSKEY_FILLER)
-    per_sentence = max((count(span) - bare) / span, 1e-3)
-    n, c = 0, bare
-    for _ in range(50):  # secant steps towards the largest n that fits; tokens grow ~linearly in n
-        step = int((length - c) / per_sentence)
-        if step == 0:
-            break
-        n = max(0, n + step)
-        c = count(n)
-    while c > length:
-        n -= 1
-        c = count(n)
-    while (c_next := count(n + 1)) <= length:
-        n, c = n + 1, c_next
-    k = round(depth * n)
-    head = tokenizer.encode(passkey_text(key, k, n - k).rsplit("\n", 1)[0], bos=True)
-    tokens = tokenizer.encode(passkey_text(key, k, n - k), bos=True)
-    at = next((i for i, (a, b) in enumerate(zip(head, tokens)) if a != b), min(len(head), len(tokens)))
-    pad = length - len(tokens)
-    tokens = tokens[:at] + [newline_token(tokenizer)] * pad + tokens[at:]
-    return PasskeyPrompt(tokens=tokens, key=key, depth=depth, n_prefix=k, n_suffix=n - k, n_pad=pad)
+    cycle = _continuation(tokenizer, sentences, " " + sentences)  # one period of the filler
+    filler = cycle * (room // len(cycle) + 1)
+    a = round(depth * room)
+    tokens = head + filler[:a] + line + filler[:room - a] + question
+    return PasskeyPrompt(tokens=tokens, key=key, depth=depth, n_prefix=a, n_suffix=room - a)
 
 
 def passkey_prompts(tokenizer, length: int, iterations: int, seed: int = 0,
-                    depth: Optional[float] = None) -> list[PasskeyPrompt]:
+                    depth: Optional[float] = None, bos: bool = True) -> list[PasskeyPrompt]:
     """`iterations` prompts of `length` tokens: a five-digit key (10000-99999) and, unless a
     fixed depth is given, a key position drawn uniformly over the context. The random stream
     depends only on (seed, length, depth), so adding lengths to a run changes no prompt."""
@@ -462,7 +459,7 @@ def passkey_prompts(tokenizer, length: int, iterations: int, seed: int = 0,
     for _ in range(iterations):
         key = rng.randint(10000, 99999)
         d = rng.random() if depth is None else depth
-        prompts.append(passkey_prompt(tokenizer, length, key, d))
+        prompts.append(passkey_prompt(tokenizer, length, key, d, bos))
     return prompts
 
 
@@ -473,14 +470,16 @@ def parse_answer(text: str) -> Optional[int]:
 
 
 def run_passkey(model: Transformer, tokenizer, lengths: Sequence[int], iterations: int = 10, seed: int = 0,
-                depths: Optional[Sequence[float]] = None, max_new_tokens: int = 10) -> list[dict]:
-    """One result per length: {"length", "iterations", "correct", "accuracy", "by_depth", "trials"}."""
+                depths: Optional[Sequence[float]] = None, max_new_tokens: int = 10, bos: bool = True) -> list[dict]:
+    """One result per length: {"length", "iterations", "correct", "accuracy", "by_depth", "trials"}.
+    bos: start every prompt with BOS (eval_passkey.py: the checkpoint's own setting)."""
     device = next(model.parameters()).device
     results = []
     for length in lengths:
+        check_length(model, length + max_new_tokens - 1, f"passkey length {length}")
         trials, by_depth = [], []
         for depth in (depths if depths else [None]):
-            prompts = passkey_prompts(tokenizer, length, iterations, seed, depth)
+            prompts = passkey_prompts(tokenizer, length, iterations, seed, depth, bos)
             n_ok = 0
             for p in tqdm(prompts, desc=f"passkey {length}" + ("" if depth is None else f" depth {depth:g}"),
                           unit="prompt", leave=False):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Collection, Iterator, Optional
 
 import torch
 from tqdm import tqdm
@@ -78,6 +78,7 @@ def check_request(model: Transformer, prompt_tokens, max_new_tokens: int, temper
         if len(prompt_tokens) > max_length:
             raise ValueError(f"max_length: the prompt has {len(prompt_tokens)} tokens, more than max_length={max_length}")
         total = min(total, max_length)
+    model.check_length(total)  # a Mistral sliding window: refused before any work
     window = model.rope.window
     if window is not None and total > window:
         # Still well defined (and showing the breakdown is a legitimate experiment), so a
@@ -125,7 +126,8 @@ def _compiled_decode_step() -> Callable:
 
 def stream(model: Transformer, prompt_tokens: list[int], max_new_tokens: int, temperature: float = 0.0,
            top_p: float = 1.0, seed: Optional[int] = None, *, cache: str = "pre-rope",
-           prefill_chunk: int = 4096, eos_id: Optional[int] = None, max_length: Optional[int] = None,
+           prefill_chunk: int = 4096, eos_id: Optional[int | Collection[int]] = None, ignore_eos: bool = False,
+           max_length: Optional[int] = None,
            compile: bool = False, stats: Optional[GenerationStats] = None,
            on_logits: Optional[Callable[[torch.Tensor], None]] = None, progress: bool = False) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids, one at a time, as they are produced.
@@ -133,7 +135,9 @@ def stream(model: Transformer, prompt_tokens: list[int], max_new_tokens: int, te
     cache          "pre-rope" (correct under Dynamic Scaling, Sec. 3.3) or "rotated" (the
                    stale-rotation cache of other implementations, for comparison)
     prefill_chunk  prompt tokens per prefill forward pass (bounds activation memory)
-    eos_id         stop after this token is produced (it is not yielded)
+    eos_id         stop when this token (or any of these tokens) is produced; it is not yielded.
+                   Default: the checkpoint's own EOS ids (model.eos_ids, set by load)
+    ignore_eos     never stop early: produce max_new_tokens tokens
     max_length     cap on prompt + new tokens
     compile        torch.compile the decode steps where s is constant (all, for static methods)
     stats          a GenerationStats to fill in (timings, final s)
@@ -142,12 +146,13 @@ def stream(model: Transformer, prompt_tokens: list[int], max_new_tokens: int, te
     """
     total = check_request(model, prompt_tokens, max_new_tokens, temperature, top_p, cache,
                           prefill_chunk, max_length)  # here, so that bad input fails at the call
-    return _run(model, list(prompt_tokens), total, temperature, top_p, seed, cache, prefill_chunk, eos_id,
-                compile, stats, on_logits, progress)
+    stop = model.eos_ids if eos_id is None else ([eos_id] if isinstance(eos_id, int) else eos_id)
+    return _run(model, list(prompt_tokens), total, temperature, top_p, seed, cache, prefill_chunk,
+                frozenset() if ignore_eos else frozenset(stop), compile, stats, on_logits, progress)
 
 
 @torch.inference_mode()
-def _run(model, prompt_tokens, total, temperature, top_p, seed, cache, prefill_chunk, eos_id, compile,
+def _run(model, prompt_tokens, total, temperature, top_p, seed, cache, prefill_chunk, stop_ids, compile,
          stats, on_logits, progress) -> Iterator[int]:
     stats = stats if stats is not None else GenerationStats()
     P = len(prompt_tokens)
@@ -186,7 +191,7 @@ def _run(model, prompt_tokens, total, temperature, top_p, seed, cache, prefill_c
             else:
                 stats.decode_seconds += time.perf_counter() - t_step
                 stats.decode_steps += 1
-        if token == eos_id:
+        if token in stop_ids:
             stats.stopped_at_eos = True
             return
         stats.new_tokens += 1

@@ -43,6 +43,9 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope: RopeConfig = field(default_factory=RopeConfig)  # rope.base is params.json's rope_theta
+    # Mistral's sliding-window attention span. This model attends to every earlier token, so a
+    # checkpoint with a window runs only sequences that fit in it (see Transformer.hidden_states)
+    sliding_window: Optional[int] = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -73,7 +76,7 @@ class ModelArgs:
     def from_params(cls, params: dict, rope: Optional[RopeConfig] = None) -> "ModelArgs":
         """Build from a params.json dict. A rope_theta there (Code Llama) sets the base."""
         known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                 "ffn_dim_multiplier", "norm_eps"}
+                 "ffn_dim_multiplier", "norm_eps", "sliding_window"}
         kwargs = {k: v for k, v in params.items() if k in known}
         if rope is None:
             rope = RopeConfig(base=float(params.get("rope_theta", 10000.0)))
@@ -86,6 +89,8 @@ class ModelArgs:
                       ffn_dim_multiplier=self.ffn_dim_multiplier, norm_eps=self.norm_eps)
         if self.rope.base != 10000.0:
             params["rope_theta"] = self.rope.base
+        if self.sliding_window is not None:
+            params["sliding_window"] = self.sliding_window  # the key Mistral's own params.json uses
         return params
 
 
@@ -284,6 +289,18 @@ class Transformer(nn.Module):
         """Switch the extension method; weights are untouched (methods need no new parameters)."""
         self.args = replace(self.args, rope=rope)
 
+    # The checkpoint's end-of-sequence ids (load() sets them from the tokenizer files, as
+    # transformers keeps them in generation_config); generation stops at any of them by default.
+    eos_ids: tuple[int, ...] = ()
+
+    def check_length(self, length: int) -> None:
+        """Refuse sequences longer than a Mistral checkpoint's sliding window: past it the
+        checkpoint expects banded attention, and silent full attention would be a different model."""
+        window = self.args.sliding_window
+        if window is not None and length > window:
+            raise ValueError(f"sequence of {length} tokens, longer than the checkpoint's sliding_window {window}; "
+                             "this model has no sliding-window attention, so it runs at most that many tokens")
+
     def init_weights(self, std: float = 0.02, seed: Optional[int] = None) -> None:
         """GPT-2 style initialization for training from scratch: N(0, std), with residual
         output projections scaled by 1/sqrt(2 n_layers)."""
@@ -319,6 +336,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if cache is not None and cache.length + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length} used, {T} more requested")
+        self.check_length((cache.length if cache is not None else 0) + T)
         rope = self._rope(T, cache, scale_length, tokens.device)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):

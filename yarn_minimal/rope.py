@@ -44,8 +44,18 @@ class RopeConfig:
     ramp            "code": linear in the pair index between floor/ceil correction dims (what
                     the released YaRN checkpoints, transformers, vLLM and llama.cpp use);
                     "paper": Eq. 18, linear in r.
-    attention_factor sqrt(1/t). None means Eq. 22 (0.1 ln(s) + 1) for "yarn", 1 otherwise.
+    attention_factor sqrt(1/t). None means Eq. 22 (c ln(s) + 1) for "yarn", 1 otherwise.
+    attention_coefficient
+                    c in Eq. 22: 0.1 as the paper fits it for Llama 2. The released
+                    Yarn-Mistral checkpoints were trained with 0.07 (see yarn_attention_factor).
     truncate        ramp="code" only: round the correction dims to integers (HF's `truncate`).
+
+    Llama 3.1's rope_type "llama3" is not a method of its own: it is NTK-by-parts (Eq. 17-20)
+    with the paper's ramp (Eq. 18, linear in r = L/lambda), alpha = low_freq_factor,
+    beta = high_freq_factor, L = original_max_position_embeddings, s = factor and no
+    temperature, i.e. RopeConfig(method="ntk-by-parts", ramp="paper", alpha=1, beta=4, scale=8,
+    original_length=8192, base=500000) for Llama 3.1 (tests/test_real_configs.py checks it
+    against transformers' own llama3 init).
     """
 
     method: str = "none"
@@ -57,6 +67,7 @@ class RopeConfig:
     beta: float = 32.0
     ramp: str = "code"
     attention_factor: Optional[float] = None
+    attention_coefficient: float = 0.1
     truncate: bool = True
 
     def __post_init__(self):
@@ -74,6 +85,8 @@ class RopeConfig:
             raise ValueError(f"RopeConfig.alpha/beta: need 0 < alpha < beta, got alpha={self.alpha}, beta={self.beta}")
         if self.attention_factor is not None and not (self.attention_factor > 0):
             raise ValueError(f"RopeConfig.attention_factor: must be > 0, got {self.attention_factor}")
+        if not (self.attention_coefficient >= 0):
+            raise ValueError(f"RopeConfig.attention_coefficient: must be >= 0 (c in Eq. 22), got {self.attention_coefficient}")
 
     @property
     def window(self) -> Optional[int]:
@@ -216,10 +229,14 @@ def effective_scale(cfg: RopeConfig, seq_len: int) -> float:
 # Section 3.4: YaRN
 # ---------------------------------------------------------------------------------------
 
-def yarn_attention_factor(scale: float) -> float:
-    """Eq. 22: sqrt(1/t) = 0.1 ln(s) + 1 (Eq. 25: s = 8 gives 1.208). 1 when s <= 1,
-    since there is nothing to correct when the context is not extended."""
-    return 0.1 * math.log(scale) + 1.0 if scale > 1 else 1.0
+def yarn_attention_factor(scale: float, coefficient: float = 0.1) -> float:
+    """Eq. 22: sqrt(1/t) = c ln(s) + 1 with the paper's c = 0.1 (Eq. 25: s = 8 gives 1.208).
+    1 when s <= 1, since there is nothing to correct when the context is not extended.
+
+    c is a fitted constant, not a law: the authors' Mistral code uses c = 0.07
+    (jquesnelle/yarn, scaled_rope/modeling_mistral_yarn.py, `_yarn_get_mscale`), and
+    DeepSeek's mscale multiplies c by a per-model factor. This is the only place Eq. 22 is written."""
+    return coefficient * math.log(scale) + 1.0 if scale > 1 else 1.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,7 +262,7 @@ def frequencies(cfg: RopeConfig, head_dim: int, scale: float) -> tuple[torch.Ten
     elif cfg.attention_factor is not None:
         factor = float(cfg.attention_factor)
     else:
-        factor = yarn_attention_factor(scale)
+        factor = yarn_attention_factor(scale, cfg.attention_coefficient)
     return inv_freq, factor
 
 
@@ -299,7 +316,14 @@ def main(argv=None) -> None:
     p.add_argument("--dynamic", action="store_true", help="Dynamic Scaling (Sec. 3.3): s = max(1, N/L) for --seq-len N")
     p.add_argument("--seq-len", type=int, default=None, help="current length l' for --dynamic")
     p.add_argument("--json", action="store_true", help='print {"inv_freq": [...], "attention_factor": x}')
+    p.add_argument("--config", metavar="PATH",
+                   help="read the RoPE setting of a checkpoint instead of the flags above: a config.json, a "
+                        "params.json or a model folder. Prints each value with the config key it came from and "
+                        "flags what is ambiguous (defaults used, a factor that disagrees with max_position_embeddings, "
+                        "constants that live in remote code)")
     args = p.parse_args(argv)
+    if args.config:
+        return print_checkpoint_rope(args.config, args.seq_len, p)
     try:
         scale = args.scale if args.scale is not None else (1.0 if args.dynamic else 16.0)
         cfg = RopeConfig(method=args.method, scale=scale,
@@ -318,10 +342,59 @@ def main(argv=None) -> None:
     print(f"# {cfg.describe()}  |D|={args.head_dim} b={args.base:g} L={args.original_length} "
           f"effective s={s:g}  ramp={args.ramp} alpha={args.alpha:g} beta={args.beta:g}  "
           f"attention factor sqrt(1/t)={factor:.4f}")
+    print_table(cfg, args.head_dim, s)
+
+
+def print_table(cfg: RopeConfig, head_dim: int, scale: float) -> None:
     print(f"{'d':>3} {'theta_d':>11} {'lambda_d':>11} {'r(d)':>10} {'gamma':>7} {'h(theta_d)':>11} {'h/theta':>8}")
-    for row in dimension_table(cfg, args.head_dim, s):
+    for row in dimension_table(cfg, head_dim, scale):
         print(f"{row['d']:>3} {row['theta']:>11.4e} {row['wavelength']:>11.1f} {row['r']:>10.3f} "
               f"{row['gamma']:>7.3f} {row['h']:>11.4e} {row['h_over_theta']:>8.4f}")
+
+
+def print_checkpoint_rope(path: str, seq_len: Optional[int], p: argparse.ArgumentParser) -> None:
+    """--config: a checkpoint's RoPE as this project reads it, key by key.
+
+    Reading files is checkpoint.py's job (the only module that knows formats), so the import is
+    here, inside the command line, and the library part of this module still imports nothing
+    from the package: checkpoint.py imports rope.py, never the other way round at import time."""
+    from .checkpoint import CheckpointError, read_config
+
+    try:
+        args, provenance, notes = read_config(path)
+    except CheckpointError as e:
+        p.error(str(e))
+    cfg = args.rope
+    s = effective_scale(cfg, seq_len or 0)
+    _, factor = frequencies(cfg, args.head_dim, s)
+    src = lambda field: provenance.get(field, "default")
+    print(f"# {path}: {cfg.describe()}")
+    rows = [("method", f"{cfg.method}{' (dynamic)' if cfg.dynamic else ''}", src("method")),
+            ("s (scale)", f"{cfg.scale:g}", src("scale")),
+            ("L (original_length)", f"{cfg.original_length}", src("original_length")),
+            ("b (base)", f"{cfg.base:g}", src("base")),
+            ("|D| (head_dim)", f"{args.head_dim}", "hidden_size / num_attention_heads, or head_dim")]
+    if cfg.method in ("ntk-by-parts", "yarn"):
+        rows += [("alpha", f"{cfg.alpha:g}", src("alpha")), ("beta", f"{cfg.beta:g}", src("beta")),
+                 ("ramp", cfg.ramp, src("ramp"))]
+    if cfg.method == "yarn":
+        how = (f"attention_factor {cfg.attention_factor:g}" if cfg.attention_factor is not None
+               else f"Eq. 22: {cfg.attention_coefficient:g} ln(s) + 1")
+        rows.append(("sqrt(1/t)", f"{factor:.4f} ({how})", src("attention_factor") if cfg.attention_factor is not None
+                     else src("attention_coefficient")))
+    else:
+        rows.append(("sqrt(1/t)", "1 (no temperature)", "method"))
+    window = "none: s follows the length (Dynamic Scaling)" if cfg.window is None else f"{cfg.window} (L x s)"
+    rows.append(("intended window", window, "derived"))
+    if args.sliding_window is not None:
+        rows.append(("sliding_window", f"{args.sliding_window} (longer sequences are refused)", "sliding_window"))
+    width = max(len(r[0]) for r in rows)
+    for name, value, key in rows:
+        print(f"{name:<{width}}  {value:<40}  from: {key}")
+    for note in notes:
+        print(f"! {note}")
+    print(f"# per-dimension table at s = {s:g}" + (f" (--seq-len {seq_len})" if cfg.dynamic else ""))
+    print_table(cfg, args.head_dim, s)
 
 
 if __name__ == "__main__":
