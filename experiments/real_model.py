@@ -38,6 +38,7 @@ import importlib.resources
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -290,6 +291,8 @@ def summary(a, wall: float) -> str:
              f"Machine: {machine()}, shared with five other engineers' jobs.  ",
              "Every number below was measured by the commands listed at the end (each result's JSON "
              "holds its exact eval_perplexity.py / eval_passkey.py configuration).\n"]
+    if (out / "notes.md").is_file():  # the hand-written reading of the numbers: scope, findings, departures
+        parts += [(out / "notes.md").read_text().rstrip(), ""]
     ppl_rows = read_rows(out / "ppl")
     if ppl_rows:
         labels = [lab for lab, _, _ in ppl_grid(a.L, a.windows)]
@@ -357,7 +360,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="smoke test: the demo model stands in for SmolLM2, tiny grid")
     p.add_argument("--force", action="store_true", help="rerun calls whose JSON already exists")
     a = p.parse_args(argv)
-    a.command = "python -m experiments.real_model " + " ".join(argv if argv is not None else sys.argv[1:])
+    a.command = "python -m experiments.real_model " + shlex.join(argv if argv is not None else sys.argv[1:])
     a.documents = [d.strip() for d in a.documents.split(",") if d.strip()]
     unknown = [d for d in a.documents if d not in DOCUMENTS]
     if unknown:
