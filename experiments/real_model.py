@@ -247,7 +247,7 @@ def cross_check(gguf: Path, document: str, window: int, scale: float) -> dict:
     cfg.rope_parameters = hf_rope_parameters(rope, rope.original_length)
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, config=cfg,
                                               dtype=torch.float32, attn_implementation="sdpa").eval()
-    ids = torch.tensor(([bos] if bos is not None else []) + tokens[:window - (1 if bos is not None else 0)])
+    ids = torch.tensor(([bos] if bos is not None else []) + tokens[:window - 1])  # the truncation of score_documents
     start = time.time()
     with torch.inference_mode():
         h = hf.model(ids[None]).last_hidden_state[0, :-1]
@@ -258,7 +258,7 @@ def cross_check(gguf: Path, document: str, window: int, scale: float) -> dict:
     theirs = math.exp(nll / len(targets))
     return {"document": Path(document).name, "window": window, "rope": rope.to_dict(),
             "transformers_rope_parameters": cfg.rope_parameters, "bos": bos is not None,
-            "tokens_scored": ours.tokens, "perplexity_ours": ours.perplexity, "perplexity_transformers": theirs,
+            "tokens_scored": ours.tokens, "tokens_scored_transformers": len(targets), "perplexity_ours": ours.perplexity, "perplexity_transformers": theirs,
             "relative_difference": abs(ours.perplexity / theirs - 1), "tolerance": 1e-4,
             "seconds_ours": ours_s, "seconds_transformers": hf_s}
 

@@ -1,8 +1,8 @@
 """experiments/real_model.py: the grid it plans and a --quick smoke run on the demo model.
 
-The smoke run goes through the project's own eval scripts (a handful of subprocesses, ~20 s on
-a shared 2-core machine); its check is an identity of the paper, not the code against itself:
-under Dynamic Scaling s = max(1, l'/L) (Sec. 3.3), so at a window of L tokens Dynamic-YaRN is
+The smoke run goes through the project's own eval scripts (four subprocesses, ~35 s of CPU,
+so it is marked slow: `python -m pytest -m slow tests/test_real_model_experiment.py`). Its
+check is an identity of the paper, not the code against itself: under Dynamic Scaling s = max(1, l'/L) (Sec. 3.3), so at a window of L tokens Dynamic-YaRN is
 plain RoPE, while static YaRN (s = 4, attention factor 0.1 ln 4 + 1) is not."""
 import json
 import shutil
@@ -30,6 +30,7 @@ def test_unknown_document_is_one_clear_line(capsys):
     assert "--documents: unknown nosuch" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quick_open_question_on_the_demo_model(tmp_path):
     heldout = tmp_path / "heldout"
     heldout.mkdir()
