@@ -23,7 +23,7 @@ interrupted run resumes; --force reruns):
            PI, NTK-aware, NTK-by-parts and YaRN at s = 2 and 4 (windows up to L x s) and the
            Dynamic variants (windows above L: at or below L, s = max(1, l'/L) = 1 is plain RoPE)
   passkey  passkey retrieval (Table 5's protocol) for RoPE, YaRN s = 4 and Dynamic-YaRN
-  oracle   YaRN s = 4 on one document cross-checked with transformers' own GGUF load
+  oracle   YaRN s = 4 (or --oracle-method pi) on one document against transformers' own GGUF load
   long     Dynamic-YaRN on one document truncated to 8 x L (65536 tokens)
   open     the demo model (L = 256) at 16x, 32x and 64x L: perplexity and passkey for YaRN
            s = 16/32/64 and Dynamic-YaRN, with plain RoPE as the floor
@@ -184,12 +184,12 @@ class RealModel:
                         [("Dynamic-YaRN", "method=yarn,scale=1,dynamic=1")], [w], w, 1)
 
     def oracle(self) -> None:
-        path = self.out / "oracle.json"
+        path = self.out / ("oracle.json" if self.a.oracle_method == "yarn" else f"oracle-{self.a.oracle_method}.json")
         if Path(self.a.ckpt).suffix != ".gguf":
             print(f"oracle: skipped, {self.a.ckpt} is not a GGUF file that transformers can load", flush=True)
         elif not self.done(path):
             ev.write_json(path, cross_check(Path(self.a.ckpt), self.doc_files()[0], self.a.oracle_window,
-                                            self.a.passkey_scale))
+                                            self.a.oracle_method, self.a.oracle_scale))
 
     def open(self) -> None:
         """The demo model at 16x-64x L: held-out documents of at least 64 x L tokens."""
@@ -219,8 +219,8 @@ def _flag(kv: str) -> list[str]:
 
 # ------------------------------------------------------------------ transformers as an oracle
 
-def cross_check(gguf: Path, document: str, window: int, scale: float) -> dict:
-    """Perplexity of one document truncated to `window`, YaRN s = `scale`, from our model and
+def cross_check(gguf: Path, document: str, window: int, method: str, scale: float) -> dict:
+    """Perplexity of one document truncated to `window`, `method` at s = `scale`, from our model and
     from transformers' own GGUF load (its own dequantization, key mapping and split-half RoPE),
     both in float32 on the same token ids."""
     import torch
@@ -234,7 +234,7 @@ def cross_check(gguf: Path, document: str, window: int, scale: float) -> dict:
     from hf_oracle import hf_rope_parameters
 
     model, tok = yarn_minimal.load(gguf)
-    rope = RopeConfig(method="yarn", scale=scale, original_length=model.rope.original_length, base=model.rope.base)
+    rope = RopeConfig(method=method, scale=scale, original_length=model.rope.original_length, base=model.rope.base)
     model.set_rope(rope)
     tokens = tok.encode(Path(document).read_text(), bos=False)
     bos = tok.bos_id if tok.add_bos else None
@@ -306,10 +306,10 @@ def summary(a, wall: float) -> str:
     if named:
         parts += ["## SmolLM2-135M: passkey retrieval without fine-tuning (Table 5 protocol)\n",
                   passkey_rows(named), ""]
-    if (out / "oracle.json").is_file():
-        o = json.loads((out / "oracle.json").read_text())
-        parts += ["## Cross-check with transformers\n",
-                  f"YaRN s = {o['rope']['scale']:g} on `{o['document']}` truncated to {o['window']} tokens: "
+    for i, path in enumerate(sorted(out.glob("oracle*.json"))):
+        o = json.loads(path.read_text())
+        parts += ["## Cross-check with transformers\n"] if i == 0 else []
+        parts += [f"{o['rope']['method']} s = {o['rope']['scale']:g} on `{o['document']}` truncated to {o['window']} tokens: "
                   f"perplexity {o['perplexity_ours']:.5f} here, {o['perplexity_transformers']:.5f} from transformers' "
                   f"own GGUF load; relative difference {o['relative_difference']:.1e} "
                   f"({'within' if o['relative_difference'] < o['tolerance'] else 'OUTSIDE'} the tolerance "
@@ -352,6 +352,8 @@ def main(argv=None) -> None:
     p.add_argument("--passkey-iterations", type=int, default=None, help="prompts per length (default 10; quick 2)")
     p.add_argument("--passkey-scale", type=float, default=4.0, help="s of the static YaRN passkey setting (default 4)")
     p.add_argument("--oracle-window", type=int, default=16384, help="window of the transformers cross-check (default 16384)")
+    p.add_argument("--oracle-method", choices=("yarn", "pi"), default="yarn", help="method of the cross-check (default yarn)")
+    p.add_argument("--oracle-scale", type=float, default=4.0, help="s of the cross-check (default 4)")
     p.add_argument("--open-scales", default="16,32,64", help="YaRN scales on the demo model (default 16,32,64)")
     p.add_argument("--open-passkey-lengths", default="256,1024,4096",
                    help="passkey lengths on the demo model (default 1x, 4x and 16x L; 10 prompts of 8k-16k tokens for "
