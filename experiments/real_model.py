@@ -389,9 +389,10 @@ def main(argv=None) -> None:
     Path(a.out).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
+    stamp = time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())
     if steps != ["summary"]:  # every invocation that computed something, for SUMMARY.md
         with open(Path(a.out) / "commands.txt", "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC  {a.command}\n")
+            f.write(f"{stamp} UTC  {a.command}\n")
     exp, start = RealModel(a), time.time()
     for step in steps:
         t = time.time()
@@ -400,7 +401,7 @@ def main(argv=None) -> None:
         print(f"== {step} done in {time.time() - t:.0f} s", flush=True)
     if steps != ["summary"]:
         with open(Path(a.out) / "commands.txt", "a") as f:
-            f.write(f"    ... done in {(time.time() - start) / 60:.1f} min\n")
+            f.write(f"    ... the run started {stamp} UTC done in {(time.time() - start) / 60:.1f} min\n")
     (Path(a.out) / "SUMMARY.md").write_text(summary(a, time.time() - start))
     print(f"wrote {Path(a.out) / 'SUMMARY.md'}")
 
