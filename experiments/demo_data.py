@@ -70,30 +70,36 @@ EVAL_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we g
 
 def fetch_sources(cache_dir: Path) -> Path:
     """Download and unpack python3.11-doc once; return its _sources folder."""
+    return fetch_package(cache_dir, DEB_PACKAGE, SOURCES_SUBDIR)
+
+
+def fetch_package(cache_dir: Path, package: str, subdir: Path) -> Path:
+    """Download and unpack a Debian package once (apt-get download, dpkg-deb -x); return the
+    folder `subdir` inside it. Also used by experiments/real_model.py."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    debs = sorted(cache_dir.glob(f"{DEB_PACKAGE}_*.deb"))
+    debs = sorted(cache_dir.glob(f"{package}_*.deb"))
     if not debs:
-        print(f"downloading {DEB_PACKAGE} with apt-get into {cache_dir}", file=sys.stderr)
+        print(f"downloading {package} with apt-get into {cache_dir}", file=sys.stderr)
         try:
-            subprocess.run(["apt-get", "download", DEB_PACKAGE], cwd=cache_dir, check=True)
+            subprocess.run(["apt-get", "download", package], cwd=cache_dir, check=True)
         except (OSError, subprocess.CalledProcessError) as e:
             raise SystemExit(
-                f"`apt-get download {DEB_PACKAGE}` failed ({e}). This needs a Debian/Ubuntu apt with "
+                f"`apt-get download {package}` failed ({e}). This needs a Debian/Ubuntu apt with "
                 f"a reachable package mirror. Alternatively extract the package elsewhere "
-                f"(dpkg-deb -x {DEB_PACKAGE}_*.deb DIR) and pass --source-dir DIR.") from e
-        debs = sorted(cache_dir.glob(f"{DEB_PACKAGE}_*.deb"))
+                f"(dpkg-deb -x {package}_*.deb DIR) and pass --source-dir DIR.") from e
+        debs = sorted(cache_dir.glob(f"{package}_*.deb"))
         if not debs:
-            raise SystemExit(f"apt-get download reported success but no {DEB_PACKAGE}_*.deb is in {cache_dir}")
+            raise SystemExit(f"apt-get download reported success but no {package}_*.deb is in {cache_dir}")
     extracted = cache_dir / debs[-1].name.removesuffix(".deb")
-    if not (extracted / SOURCES_SUBDIR).is_dir():
+    if not (extracted / subdir).is_dir():
         tmp = extracted.with_name(extracted.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], check=True)
-        if not (tmp / SOURCES_SUBDIR).is_dir():
-            raise SystemExit(f"{debs[-1]}: no {SOURCES_SUBDIR} inside; the package layout changed")
+        if not (tmp / subdir).is_dir():
+            raise SystemExit(f"{debs[-1]}: no {subdir} inside; the package layout changed")
         shutil.rmtree(extracted, ignore_errors=True)
         tmp.rename(extracted)
-    return extracted / SOURCES_SUBDIR
+    return extracted / subdir
 
 
 def read_documents(source_dir: Path) -> dict[str, str]:

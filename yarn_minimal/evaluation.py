@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import random
 import re
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
@@ -390,18 +389,3 @@ def attention_factor_sweep(model: Transformer, documents: Sequence[Sequence[int]
 def _nan_to_none(x: float):
     return None if math.isnan(x) else x
 
-
-# Moved to eval_report.py; still reachable here for one release (experiments/real_model.py).
-_MOVED_TO_EVAL_REPORT = {"parse_lengths", "parse_floats", "write_json", "plot_perplexity", "plot_sweep",
-                         "plot_passkey", "format_table", "perplexity_tables", "sweep_table", "passkey_table",
-                         "parse_config", "apply_config", "iter_configs", "CONFIG_KEYS", "rope_row"}
-
-
-def __getattr__(name: str):
-    if name not in _MOVED_TO_EVAL_REPORT:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import eval_report  # here, not at the top: eval_report imports this module
-
-    warnings.warn(f"yarn_minimal.evaluation.{name} has moved to yarn_minimal.eval_report.{name}",
-                  DeprecationWarning, stacklevel=2)
-    return getattr(eval_report, name)
