@@ -1,8 +1,9 @@
 """Sliding-window perplexity of long documents (YaRN paper Sec. 4.3.1, Tables 1, 2, 4,
 Figure 1) and the attention temperature sweep (Appendix A.2), for one or several RoPE settings.
 
-    # Table 1 style: several methods side by side, windows slide with S = 256
-    python eval_perplexity.py --ckpt llama-2-7b --files proofpile/ --lengths 2048,4096,6144,8192,10240 \\
+    # Table 1 style: several methods side by side, each document truncated to the window (as the
+    # authors' evaluation does; without --truncate the windows slide with stride S = 256)
+    python eval_perplexity.py --ckpt llama-2-7b --files proofpile/ --truncate --lengths 2048,4096,6144,8192,10240 \\
         --config method=pi,scale=2 --config method=ntk,scale=2 --config method=yarn,scale=2
     # Table 2 / Figure 1 style: documents truncated to each window, one pass each
     python eval_perplexity.py --ckpt yarn-llama-2-7b-64k --files proofpile/ --truncate --min-tokens 131072 \\

@@ -138,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     if args.prompt is not None:
         prompt_tokens = tokenizer.encode(args.prompt, bos=bos)
-    elif ckpt == cli.DEFAULT_CKPT:
+    elif ckpt.resolve() == cli.DEFAULT_CKPT:
         # the demo model (L = 256): a long document it never saw, 12 x L tokens of it, so that
         # `--yarn-scale 16` has a context far beyond L to work with
         n = 12 * model.rope.original_length

@@ -51,7 +51,8 @@ def add_rope_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--original-length", type=int, default=None,
                    help="L, the context the model was pre-trained at (Llama 2: 4096)")
     g.add_argument("--dynamic", action="store_true", default=None,
-                   help="Dynamic Scaling (Sec. 3.3): s = max(1, l'/L) at every forward pass")
+                   help="Dynamic Scaling (Sec. 3.3): s = max(s0, l'/L) at every forward pass, where s0 is "
+                        "--yarn-scale or the checkpoint's own s (1 for a model never fine-tuned: the paper's max(1, l'/L))")
     g.add_argument("--alpha", type=float, default=None, help="Eq. 18 lower ramp bound (default 1)")
     g.add_argument("--beta", type=float, default=None, help="Eq. 18 upper ramp bound (default 32)")
     g.add_argument("--ramp", choices=RAMPS, default=None, help="ramp form: code (default) or paper (Eq. 18)")

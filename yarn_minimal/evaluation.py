@@ -239,8 +239,10 @@ def _continuation(tokenizer: Tokenizer, before: str, text: str) -> list[int]:
     return b[len(a):] if b[:len(a)] == a else tokenizer.encode(text, bos=False)
 
 
-def passkey_prompt(tokenizer: Tokenizer, length: int, key: int, depth: float, bos: bool = True) -> PasskeyPrompt:
-    """The passkey prompt with exactly `length` tokens (BOS included when bos=True):
+def passkey_prompt(tokenizer: Tokenizer, length: int, key: int, depth: float,
+                   bos: Optional[bool] = None) -> PasskeyPrompt:
+    """The passkey prompt with exactly `length` tokens (BOS included when bos, by default the
+    tokenizer's own add_bos):
 
         [BOS] intro, filler[:a], "\n" key line "\n", filler[:b], "\n" question
 
@@ -251,7 +253,7 @@ def passkey_prompt(tokenizer: Tokenizer, length: int, key: int, depth: float, bo
     if not 0.0 <= depth <= 1.0:
         raise EvalError(f"passkey depth {depth}: must be in [0, 1]")
     sentences = " ".join(PASSKEY_FILLER)
-    head = ([tokenizer.bos_id] if bos else []) + tokenizer.encode(PASSKEY_INTRO, bos=False)
+    head = tokenizer.encode(PASSKEY_INTRO, bos=bos)
     line = _continuation(tokenizer, sentences, "\n" + PASSKEY_LINE.format(key=key) + "\n")
     question = _continuation(tokenizer, sentences, "\n" + PASSKEY_QUESTION)
     room = length - len(head) - len(line) - len(question)
@@ -267,7 +269,7 @@ def passkey_prompt(tokenizer: Tokenizer, length: int, key: int, depth: float, bo
 
 
 def passkey_prompts(tokenizer: Tokenizer, length: int, iterations: int, seed: int = 0,
-                    depth: Optional[float] = None, bos: bool = True) -> list[PasskeyPrompt]:
+                    depth: Optional[float] = None, bos: Optional[bool] = None) -> list[PasskeyPrompt]:
     """`iterations` prompts of `length` tokens: a five-digit key (10000-99999) and, unless a
     fixed depth is given, a key position drawn uniformly over the context. The random stream
     depends only on (seed, length, depth), so adding lengths to a run changes no prompt."""
@@ -287,7 +289,7 @@ def parse_answer(text: str) -> Optional[int]:
 
 
 def run_passkey(model: Transformer, tokenizer: Tokenizer, lengths: Sequence[int], iterations: int = 10, seed: int = 0,
-                depths: Optional[Sequence[float]] = None, max_new_tokens: int = 10, bos: bool = True) -> list[dict]:
+                depths: Optional[Sequence[float]] = None, max_new_tokens: int = 10, bos: Optional[bool] = None) -> list[dict]:
     """One result per length: {"length", "iterations", "correct", "accuracy", "by_depth", "trials"}.
     bos: start every prompt with BOS (eval_passkey.py: the checkpoint's own setting)."""
     device = next(model.parameters()).device

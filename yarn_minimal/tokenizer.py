@@ -70,7 +70,9 @@ class Tokenizer:
         """Write this tokenizer's files into a model folder (so that `load` finds them there)."""
         raise NotImplementedError
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> list[int]:
+        """ids of text; BOS first when bos (None: the checkpoint's own add_bos), EOS last when eos."""
+        bos = self.add_bos if bos is None else bos
         if bos and self.bos_id is None:
             raise ValueError(f"{self.path}: this tokenizer has no BOS token; encode with bos=False")
         if eos and self.eos_id is None:
