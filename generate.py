@@ -119,8 +119,8 @@ def speed_line(stats: GenerationStats, compiled: bool) -> str:
     if stats.prefill_seconds == 0:
         return "prefill: not run (--max-new-tokens 0: nothing to generate)"
     line = f"prefill: {stats.prefill_tokens_per_s:.1f} tokens/s ({stats.prefill_seconds:.2f} s) | "
-    if stats.decode_steps == 0:
-        return line + "decode: no steps"
+    if stats.decode_steps == 0:  # one new token (from the prefill), or one compiled step kept apart
+        return line + f"decode: no timed step{compile_note(stats) if compiled and stats.compiled_steps else ''}"
     return (line + f"decode: {stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, "
             f"{stats.decode_seconds:.2f} s{compile_note(stats) if compiled else ''})")
 
@@ -161,7 +161,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(text.flush())
     print(f"prompt: {stats.prompt_tokens} tokens | generated: {stats.new_tokens} tokens"
           f"{' (stopped at EOS)' if stats.stopped_at_eos else ''} | effective scale s at the end: "
-          f"{stats.final_scale:g}\n{speed_line(stats, args.compile)}\n"
+          f"{'none (no forward pass ran)' if stats.final_scale is None else format(stats.final_scale, 'g')}\n"
+          f"{speed_line(stats, args.compile)}\n"
           f"peak memory: {peak_memory(device)}", file=sys.stderr)
 
 

@@ -175,6 +175,7 @@ def test_labels_tell_the_truth(tmp_path, capsys, recwarn):
     assert "s in effect at each window" in stdout and "Dynamic-YaRN (s=max(1, l/L), L=256)" in stdout
     code, _, err = run(generate.main, ["--prompt", "hi", "--max-new-tokens", "0"], capsys)
     assert code in (0, None) and "nan" not in err and "not run" in err
+    assert "effective scale s at the end: none (no forward pass ran)" in err  # not the default 1
 
 
 def test_empty_document_gets_one_consistent_message(tmp_path, capsys):

@@ -95,7 +95,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     compile_seconds: float = 0.0  # with compile=True: the first compiled step, mostly compilation (not in decode_*)
     compiled_steps: int = 0       # decode steps run by the compiled function (those where s was constant)
-    final_scale: float = 1.0      # s in effect for the last forward pass (Sec. 3.3)
+    final_scale: Optional[float] = None  # s in effect for the last forward pass (Sec. 3.3); None: none ran
     stopped_at_eos: bool = False
 
     @property
