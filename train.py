@@ -205,7 +205,8 @@ def main(argv=None) -> None:
     optimizer = training.make_optimizer(model, args.lr)
     scheduler = training.make_scheduler(optimizer, args.warmup_steps, args.schedule, args.steps)
     cfg = training.TrainConfig(args.global_batch_size, args.seed, loader.seq_len, args.schedule, int(segments.shape[0]),
-                               model.rope, steps=None if args.schedule == "constant" else args.steps)
+                               model.rope, args.lr, args.warmup_steps,
+                               steps=None if args.schedule == "constant" else args.steps)
     start = training.load_checkpoint(resume_from, model, optimizer, scheduler, env, asdict(cfg))["step"] if resume_from else 0
     metrics = training.MetricsLog(out / "metrics.jsonl", start) if env.main else None
     if env.main:

@@ -209,6 +209,9 @@ def test_resume_matches_uninterrupted(setup):
                    + ["--global-batch-size", "2"])
     with pytest.raises(SystemExit, match="schedule was 'constant' in the checkpoint, now 'linear'"):
         train.main(flags(tmp, tmp / "resumed", "--steps", "6", "--resume"))
+    # the restored scheduler holds the old peak rate: a new --lr is refused, not silently ignored
+    with pytest.raises(SystemExit, match="lr was 0.001 in the checkpoint, now 0.0005"):
+        train.main(flags(tmp, tmp / "resumed", "--steps", "6", "--resume", "--schedule", "constant", "--lr", "5e-4"))
 
 
 def test_from_scratch_demo_path(setup, tokenizer_path):

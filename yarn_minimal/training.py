@@ -390,7 +390,9 @@ def check_dcp_metadata(path: Path) -> None:
 @dataclass(frozen=True)
 class TrainConfig:
     """What a run must keep to be resumed: the data order (batch, seed, sequence length, the
-    data's size), the rope it trains under, and the rate schedule. Written to every
+    data's size), the rope it trains under, and the rate schedule (its peak rate and warmup too:
+    the scheduler's restored state carries the old rate, so a new --lr would be silently
+    ignored). Written to every
     checkpoint's trainer.json as asdict(cfg), and compared field by field on --resume."""
 
     global_batch_size: int
@@ -399,6 +401,8 @@ class TrainConfig:
     schedule: str
     data_segments: int
     rope: RopeConfig
+    lr: float
+    warmup_steps: int
     steps: Optional[int] = None  # a decaying rate is a function of --steps; None when constant (it may grow)
 
 
