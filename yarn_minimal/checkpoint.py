@@ -60,7 +60,8 @@ def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device: tor
         model, tokenizer = load_gguf(folder, rope, device, dtype, progress)
     else:
         if not folder.is_dir():
-            raise CheckpointError(f"{folder}: not a folder")
+            found = "a file" if folder.exists() else "nothing"
+            raise CheckpointError(f"{folder}: not a folder (a checkpoint is a model folder or a .gguf file; found {found})")
         verify_checksums(folder)
         if (folder / "params.json").is_file():
             model, tokenizer = load_meta(folder, rope, device, dtype, progress)
