@@ -83,13 +83,23 @@ def decode_traffic(args: ModelArgs, context: int, dtype: torch.dtype = torch.bfl
                 weights=weight_bytes(model), kv=kv_bytes(args, context + 1, dtype))
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """The model-shape flags of both meta-device benches (defaults: Llama 2 7B)."""
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--n-layers", type=int, default=32)
     p.add_argument("--n-heads", type=int, default=32)
     p.add_argument("--n-kv-heads", type=int, default=None)
     p.add_argument("--vocab-size", type=int, default=32000)
+
+
+def shape_args(a: argparse.Namespace, rope: RopeConfig) -> ModelArgs:
+    return ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+                     vocab_size=a.vocab_size, rope=rope)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_shape_args(p)
     p.add_argument("--context", type=int, default=131072 - 1, help="cached positions (default 131071)")
     p.add_argument("--original-length", type=int, default=4096, help="L (default 4096)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -102,8 +112,7 @@ def main(argv=None) -> None:
              "Dynamic-YaRN": RopeConfig(method="yarn", dynamic=True, original_length=L)}
     rows = {}
     for name, rope in ropes.items():
-        args = ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
-                         vocab_size=a.vocab_size, rope=rope)
+        args = shape_args(a, rope)
         rows[name] = decode_traffic(args, a.context, dtype)
     static, dynamic = rows.values()
     if a.json:

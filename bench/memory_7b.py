@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yarn_minimal.generation as generation  # noqa: E402
 import yarn_minimal.model as model_module  # noqa: E402
-from decode_traffic import GiB, kv_bytes, meta_model, weight_bytes  # noqa: E402
+from decode_traffic import GiB, add_shape_args, kv_bytes, meta_model, shape_args, weight_bytes  # noqa: E402
 from yarn_minimal.model import ModelArgs  # noqa: E402
 from yarn_minimal.rope import RopeConfig  # noqa: E402
 
@@ -98,11 +98,7 @@ def peak_memory(args: ModelArgs, prompt_len: int, new_tokens: int, prefill_chunk
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dim", type=int, default=4096)
-    p.add_argument("--n-layers", type=int, default=32)
-    p.add_argument("--n-heads", type=int, default=32)
-    p.add_argument("--n-kv-heads", type=int, default=None)
-    p.add_argument("--vocab-size", type=int, default=32000)
+    add_shape_args(p)
     p.add_argument("--prompt-len", type=int, default=131072 - 16, help="default 131056")
     p.add_argument("--new-tokens", type=int, default=16, help="default 16 (prompt + new = 131072)")
     p.add_argument("--prefill-chunk", type=int, default=4096)
@@ -115,8 +111,7 @@ def main(argv=None) -> None:
              "Dynamic-YaRN": RopeConfig(method="yarn", dynamic=True, original_length=L)}
     rows = {}
     for name, rope in ropes.items():
-        args = ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
-                         vocab_size=a.vocab_size, rope=rope)
+        args = shape_args(a, rope)
         rows[name] = peak_memory(args, a.prompt_len, a.new_tokens, a.prefill_chunk)
     if a.json:
         print(json.dumps(rows))
