@@ -304,7 +304,7 @@ def head_dim_from_metadata(meta: Metadata) -> int:
 
 def args_from_metadata(meta: Metadata, rope: Optional[RopeConfig], vocab_size: int) -> ModelArgs:
     a = meta.arch
-    head_dim_from_metadata(meta)
+    head_dim_from_metadata(meta)  # RoPE must cover the whole head
     dim, n_heads = meta.number(f"{a}.embedding_length"), meta.number(f"{a}.attention.head_count")
     if meta.number(f"{a}.expert_count", 0) > 0:
         raise CheckpointError(f"{meta.path}: {a}.expert_count is {meta.get(f'{a}.expert_count')}: a mixture of "
