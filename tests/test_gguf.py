@@ -352,10 +352,10 @@ def test_rope_metadata_roundtrip(demo, tmp_path, rope):
     assert provenance["scale"] == "llama.rope.scaling.factor"
 
 
-def copy_gguf(src: Path, dst: Path, drop=(), arch=None, retype=None, add=None) -> Path:
-    """A copy of a GGUF file with metadata keys dropped, float32 keys added, the architecture
-    renamed, or one tensor re-typed (zero bytes of the new type's size), written with gguf's
-    own writer."""
+def copy_gguf(src: Path, dst: Path, drop=(), arch=None, retype=None, add=None, tensors=None) -> Path:
+    """A copy of a GGUF file with metadata keys dropped, keys added (float -> float32, int ->
+    uint32, str -> string), the architecture renamed, one tensor re-typed (zero bytes of the new
+    type's size), or float32 tensors added (name -> numpy array), written with gguf's own writer."""
     from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 
     r = GGUFReader(str(src))
@@ -365,7 +365,7 @@ def copy_gguf(src: Path, dst: Path, drop=(), arch=None, retype=None, add=None) -
             continue
         w.add_key_value(key, f.contents(), f.types[0], f.types[1] if len(f.types) > 1 else None)
     for key, value in (add or {}).items():
-        w.add_float32(key, value)
+        {float: w.add_float32, int: w.add_uint32, str: w.add_string}[type(value)](key, value)
     for t in r.tensors:
         shape = tuple(int(d) for d in reversed(t.shape))
         if retype and t.name == retype[0]:
@@ -373,6 +373,8 @@ def copy_gguf(src: Path, dst: Path, drop=(), arch=None, retype=None, add=None) -
             w.add_tensor(t.name, np.zeros((shape[0], shape[1] // block * size), np.uint8), raw_dtype=retype[1])
         else:
             w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    for name, array in (tensors or {}).items():
+        w.add_tensor(name, np.asarray(array, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -519,3 +521,194 @@ def test_rope_config_cli_reads_gguf(capsys):
     out = capsys.readouterr().out
     assert "100000" in out and "llama.rope.freq_base" in out
     assert "8192" in out and "llama.context_length" in out
+
+
+# ---------------------------------------------------------------------------------------
+# Llama 3.x: rope_freqs.weight (llama.cpp's form of rope_type "llama3"), in and out
+# ---------------------------------------------------------------------------------------
+
+LLAMA31 = dict(factor=8.0, head_dim=128, context=131072)  # Llama 3.1 8B: theta 500000, L 8192, low 1, high 4
+LLAMA32 = dict(factor=32.0, head_dim=64, context=131072)  # Llama 3.2 1B: the same but s = 32, |D| = 64
+
+
+def transformers_llama3(factor, head_dim, L=8192, theta=500000.0, low=1.0, high=4.0):
+    """(llama3 inv_freq, f_d = default inv_freq / llama3 inv_freq), both from transformers' own
+    RoPE init functions: the factors llama.cpp's converter stores as rope_freqs.weight."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    hf = LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, head_dim=head_dim, max_position_embeddings=131072,
+                     rope_parameters={"rope_theta": theta, "rope_type": "llama3", "factor": factor,
+                                      "low_freq_factor": low, "high_freq_factor": high,
+                                      "original_max_position_embeddings": L})
+    llama3, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    default, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(hf)
+    return llama3.double(), (default / llama3).float()
+
+
+@pytest.fixture(scope="session")
+def plain_gguf(tokenizer_path, tmp_path_factory):
+    """head_dim -> a tiny random model (2 heads, 1 layer) with plain RoPE, b = 500000, L = 8192,
+    exported as GGUF: the base that each test below adds its rope_freqs.weight to."""
+    from yarn_minimal.model import ModelArgs, Transformer
+    from yarn_minimal.tokenizer import SentencePieceTokenizer
+
+    tok, folder, made = SentencePieceTokenizer(tokenizer_path), tmp_path_factory.mktemp("llama3"), {}
+
+    def make(head_dim):
+        if head_dim not in made:
+            torch.manual_seed(0)
+            model = Transformer(ModelArgs(dim=2 * head_dim, n_layers=1, n_heads=2, vocab_size=tok.vocab_size,
+                                          multiple_of=32, rope=RopeConfig(base=500000.0, original_length=8192)))
+            model.init_weights(std=0.1, seed=0)
+            made[head_dim] = yarn_minimal.save(model, tok, folder / f"plain-{head_dim}.gguf", format="gguf")
+        return made[head_dim]
+    return make
+
+
+def with_factors(plain_gguf, tmp_path, head_dim, factors, context=131072, add=None):
+    """A Llama 3-style file as llama.cpp's converter writes it: rope_freqs.weight, no scaling keys."""
+    return copy_gguf(plain_gguf(head_dim), tmp_path / "llama3.gguf", drop=("llama.context_length",),
+                     add={"llama.context_length": context, **(add or {})}, tensors={"rope_freqs.weight": factors})
+
+
+@pytest.mark.parametrize("llama", [LLAMA31, LLAMA32], ids=["llama3.1-8b", "llama3.2-1b"])
+def test_llama3_rope_freqs_load_as_transformers_llama3(plain_gguf, tmp_path, llama):
+    from yarn_minimal.formats.gguf import read_gguf_config, rope_config
+    from yarn_minimal.formats.hf import rope_from_hf
+    from yarn_minimal.rope import frequencies
+
+    inv_freq, factors = transformers_llama3(llama["factor"], llama["head_dim"])
+    path = with_factors(plain_gguf, tmp_path, llama["head_dim"], factors.numpy(), llama["context"])
+    with pytest.warns(UserWarning, match="context_length = 131072, but s L"):
+        model, _ = yarn_minimal.load(path)
+    rope = model.rope
+    assert (rope.method, rope.ramp, rope.scale, rope.original_length, rope.alpha, rope.beta, rope.base) == \
+        ("ntk-by-parts", "paper", llama["factor"], 8192, 1.0, 4.0, 500000.0)
+    ours, attention = frequencies(rope, llama["head_dim"], rope.scale)
+    torch.testing.assert_close(ours, inv_freq, rtol=1e-6, atol=0)  # transformers computes in float32
+    assert attention == 1.0
+    # the same RopeConfig as the model's HF config.json gives
+    hf_config = {"model_type": "llama", "rope_theta": 500000.0, "max_position_embeddings": 131072,
+                 "rope_scaling": {"rope_type": "llama3", "factor": llama["factor"], "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    assert rope == rope_from_hf(hf_config, path)[0]
+    # read_gguf_config (no weights) agrees, and says where each value came from
+    assert read_gguf_config(path)[0].rope == rope
+    _, provenance, notes = rope_config(path)
+    assert all("rope_freqs.weight" in provenance[k] for k in ("method", "scale", "original_length", "beta", "ramp"))
+    assert provenance["alpha"].startswith("an assumption")
+    # Llama 3.1 and 3.2 both state 131072 tokens, which is neither 8 x 8192 nor 32 x 8192
+    assert notes == [f"llama.context_length = 131072, but s L = {llama['factor']:g} x 8192 = {llama['factor'] * 8192:g}"]
+
+
+def test_rope_cli_reports_rope_freqs(plain_gguf, tmp_path, capsys):
+    from yarn_minimal import rope as rope_module
+
+    path = with_factors(plain_gguf, tmp_path, 128, transformers_llama3(8.0, 128)[1].numpy())
+    rope_module.main(["--config", str(path)])
+    out = capsys.readouterr().out
+    assert "NTK-by-parts (s=8, L=8192)" in out and "from: rope_freqs.weight: s = max f_d" in out
+    assert "alpha" in out and "an assumption (Llama 3's low_freq_factor)" in out
+
+
+def test_rope_freqs_of_ones_is_plain_rope(plain_gguf, tmp_path):
+    model, _ = yarn_minimal.load(with_factors(plain_gguf, tmp_path, 64, np.ones(32), context=8192))
+    assert model.rope == RopeConfig(base=500000.0, original_length=8192)
+
+
+def test_rope_freqs_not_llama3_shaped_is_refused(plain_gguf, tmp_path):
+    _, factors = transformers_llama3(8.0, 128)
+    bent = factors.clone()
+    bent[31] *= 1.01  # one pair inside the ramp (29..34) off Eq. 18's line
+    path = with_factors(plain_gguf, tmp_path, 128, bent.numpy())
+    with pytest.raises(CheckpointError, match=r"llama3\.gguf: tensor rope_freqs\.weight: not a llama3 table: .*"
+                                              r"at pair d=31, the file has"):
+        yarn_minimal.load(path)
+    step = torch.where(factors > 1, 8.0, 1.0)  # ones and s with no ramp between: L and beta are not fixed
+    path = with_factors(plain_gguf, tmp_path, 128, step.numpy())
+    with pytest.raises(CheckpointError, match=r"rope_freqs\.weight: not a llama3 table: 0 of its 64 factors"):
+        yarn_minimal.load(path)
+    with pytest.raises(CheckpointError, match=r"has 32 factors; expected \|D\|/2 = 64"):
+        yarn_minimal.load(with_factors(plain_gguf, tmp_path, 128, factors[:32].numpy()))
+
+
+def test_rope_freqs_with_a_scaling_type_is_refused(plain_gguf, tmp_path):
+    from yarn_minimal.formats.gguf import read_gguf_config
+
+    path = with_factors(plain_gguf, tmp_path, 128, transformers_llama3(8.0, 128)[1].numpy(),
+                        add={"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0})
+    with pytest.raises(CheckpointError, match=r"tensor rope_freqs\.weight .* and llama\.rope\.scaling\.\* "
+                                              r"\(YaRN \(s=4, L=131072\)\) are both set"):
+        read_gguf_config(path)
+
+
+LLAMA3_DEMO = RopeConfig(method="ntk-by-parts", ramp="paper", alpha=1.0, beta=4.0, scale=8.0, original_length=256)
+
+
+@pytest.fixture(scope="session")
+def llama3_demo(demo, tmp_path_factory):
+    """The demo model with Llama 3's RoPE at its own L = 256, its logits over the 600 tokens, and
+    its F32 GGUF file."""
+    model, tok, ids, _ = demo
+    model.set_rope(LLAMA3_DEMO)
+    try:
+        with torch.no_grad():
+            logits = model(ids)
+        path = yarn_minimal.save(model, tok, tmp_path_factory.mktemp("llama3") / "demo-llama3.gguf", format="gguf")
+    finally:
+        model.set_rope(YARN16)
+    return path, logits
+
+
+def test_llama3_style_export_roundtrip(demo, llama3_demo):
+    from gguf import GGUFReader
+
+    from yarn_minimal.rope import frequencies
+
+    path, want = llama3_demo
+    r = GGUFReader(str(path))
+    assert not [k for k in r.fields if k.startswith("llama.rope.scaling")]  # as llama.cpp's converter writes Llama 3.1
+    assert r.fields["llama.context_length"].contents() == 2048  # s L
+    table = next(t for t in r.tensors if t.name == "rope_freqs.weight")
+    assert table.tensor_type.name == "F32" and table.shape.tolist() == [32]
+    # the table is transformers' llama3 table for the same L, b and |D|
+    torch.testing.assert_close(torch.from_numpy(np.array(table.data)),
+                               transformers_llama3(8.0, 64, L=256, theta=10000.0)[1], rtol=1e-6, atol=0)
+    model, _ = yarn_minimal.load(path)
+    assert model.rope == LLAMA3_DEMO
+    torch.testing.assert_close(frequencies(model.rope, 64, 8.0)[0], frequencies(LLAMA3_DEMO, 64, 8.0)[0], rtol=1e-12, atol=0)
+    with torch.no_grad():
+        got = model(demo[2])
+    assert (got - want).abs().max().item() < 1e-5  # logits of size ~18
+
+
+def test_llama3_style_export_refused_when_it_would_not_read_back(demo, tmp_path):
+    model, tok, _, _ = demo
+    model.set_rope(RopeConfig(method="ntk-by-parts", ramp="paper", beta=1.2, scale=8.0, original_length=256))
+    try:  # a ramp narrower than one pair: L and beta could not be read from the factors
+        with pytest.raises(CheckpointError, match="would not read back"):
+            yarn_minimal.save(model, tok, tmp_path / "x.gguf", format="gguf")
+    finally:
+        model.set_rope(YARN16)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_rope_freqs_as_we_read_them(demo, llama3_demo):
+    """llama.cpp on our Llama 3-style file, 600 tokens past L = 256: its logits match ours, so it
+    divides theta_d by rope_freqs.weight as this project reads the table. The same model with plain
+    RoPE is far off past L: the check can fail."""
+    model, _, ids, _ = demo
+    path, want = llama3_demo
+    got = llama_cpp_logits(path, ids[0].tolist())
+    assert (got - want[0]).abs().max().item() < 5e-2  # as test_llama_cpp_runs_every_method_we_write
+    assert (got.argmax(-1) == want[0].argmax(-1)).float().mean().item() > 0.98
+    model.set_rope(RopeConfig(original_length=256))
+    try:
+        with torch.no_grad():
+            plain = model(ids)[0]
+    finally:
+        model.set_rope(YARN16)
+    assert (got - plain)[256:].abs().max().item() > 1.0

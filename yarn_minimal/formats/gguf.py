@@ -13,6 +13,10 @@ A GGUF file is one file: metadata (key -> value) followed by tensors, each store
     llama.rope.freq_base / dimension_count      b / |D| (must be the whole head)
     llama.rope.scaling.*                        RopeConfig (rope_from_metadata)
     tokenizer.ggml.*                            the vocabulary (tokenizer_from_metadata)
+    rope_freqs.weight (a tensor, F32, |D|/2)    Llama 3.x's "llama3" RoPE: per-pair factors f_d,
+                                                read as NTK-by-parts with the paper's ramp
+                                                (rope_from_freq_factors) and written back so
+                                                (freq_factors)
 
     tensor                                      Meta's key
     token_embd                                  tok_embeddings
@@ -32,6 +36,15 @@ RoPE. llama.cpp has no Dynamic Scaling, so a GGUF file states a static method: "
 (PI, Eq. 10) or "yarn" (Eq. 17 to Eq. 22, the code's ramp, floored/ceiled as ggml_rope_yarn_corr_dims
 does). Its YaRN multiplies cos/sin by attn_factor * (0.1 ln s + 1), i.e. Eq. 22 times
 rope.scaling.attn_factor (1 by default).
+
+Llama 3.1/3.2/3.3 carry no rope.scaling.* keys. llama.cpp's converter (convert_hf_to_gguf.py,
+LlamaModel.generate_extra_tensors, for rope_type "llama3") writes instead one F32 tensor
+rope_freqs.weight of |D|/2 factors f_d: 1 for wavelengths below L/high_freq_factor, `factor`
+above L/low_freq_factor, 1/f_d = (1 - smooth)/factor + smooth in between; the base class writes no
+scaling type for "llama3". llama.cpp loads it once for all layers (src/llama-model.cpp, LLM_ARCH_LLAMA:
+LLM_TENSOR_ROPE_FREQS, {n_rot/2}, not required) and divides each pair's angle by it
+(ggml/src/ggml-cpu/ops.cpp, ggml_rope_cache_init: rope_yarn(theta / ff, ...)), so it rotates pair d
+by h_d = theta_d / f_d. That is Eq. 20 with gamma_d = (1/f_d - 1/s)/(1 - 1/s) and s = max f_d.
 """
 from __future__ import annotations
 
@@ -48,7 +61,8 @@ from tqdm import tqdm
 
 from ..files import CheckpointError, atomic_write
 from ..model import ModelArgs, Transformer
-from ..rope import RopeConfig, attention_factor, ntk_aware_base, yarn_attention_factor
+from ..rope import (RopeConfig, attention_factor, frequencies, ntk_aware_base, rope_frequencies, wavelength,
+                    yarn_attention_factor)
 from ..tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 from .common import check_keys, check_shape, empty_model, model_args
 from .meta import meta_ffn_params
@@ -169,8 +183,39 @@ def _check_arch(meta: Metadata) -> None:
 # ---------------------------------------------------------------------------------------
 
 def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
-    """(RopeConfig, provenance: field -> metadata key or "default", warnings), read the way
-    llama.cpp reads the same keys (llama-model.cpp load_hparams, llama-context.cpp):
+    """(RopeConfig, provenance: field -> metadata key, tensor or "default", warnings): the
+    rope.* keys (rope_from_keys), or Llama 3's rope_freqs.weight tensor (rope_from_freq_factors)
+    when the file has one. A table of ones is plain RoPE; factors together with a scaling type
+    (llama.cpp would apply both, one after the other) are refused."""
+    rope, prov, notes = rope_from_keys(meta)
+    tensor = next((t for t in meta.reader.tensors if t.name == ROPE_FREQS), None)
+    if tensor is None:
+        return rope, prov, notes
+    factors = _to_torch(tensor, torch.float64, "cpu")  # |D|/2 numbers: cheap even for read_gguf_config
+    if bool((factors == 1).all()):
+        return rope, prov, notes
+    a = meta.arch
+    if rope.method != "none":
+        raise CheckpointError(f"{meta.path}: tensor {ROPE_FREQS} (Llama 3's per-pair RoPE factors) and "
+                              f"{a}.rope.scaling.* ({rope.describe()}) are both set; llama.cpp would apply one after "
+                              "the other, which no RopeConfig expresses")
+    rope = rope_from_freq_factors(factors, rope.base, head_dim_from_metadata(meta), f"{meta.path}: tensor {ROPE_FREQS}")
+    L, s = rope.original_length, rope.scale
+    prov.update(method=f"{ROPE_FREQS} (per-pair factors f_d: Llama 3's llama3, as llama.cpp stores it)",
+                scale=f"{ROPE_FREQS}: s = max f_d", ramp=f"{ROPE_FREQS}: f_d follows Eq. 18, linear in r",
+                original_length=f"{ROPE_FREQS}: L/alpha = the wavelength where f_d reaches s (fit)",
+                beta=f"{ROPE_FREQS}: L/beta = the wavelength where f_d reaches 1 (fit)",
+                alpha=f"an assumption (Llama 3's low_freq_factor): {ROPE_FREQS} fixes only L/alpha and L/beta, "
+                      "and every alpha with those two gives the same frequencies")
+    context = meta.number(f"{a}.context_length")
+    if context != round(s * L):
+        notes.append(f"{a}.context_length = {context}, but s L = {s:g} x {L} = {s * L:g}")
+    return rope, prov, notes
+
+
+def rope_from_keys(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
+    """The rope.* keys as a RopeConfig, read the way llama.cpp reads them (llama-model.cpp
+    load_hparams, llama-context.cpp):
 
     freq_base                 b, default 10000
     scaling.type              "none" | "linear" | "yarn"; absent means "linear" with factor 1
@@ -241,7 +286,8 @@ def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
     raise CheckpointError(f"{meta.path}: {a}.rope.scaling.type is {kind!r}; supported: none, linear, yarn")
 
 
-def args_from_metadata(meta: Metadata, rope: Optional[RopeConfig], vocab_size: int) -> ModelArgs:
+def head_dim_from_metadata(meta: Metadata) -> int:
+    """|D| = embedding_length / head_count; RoPE must rotate the whole head."""
     a = meta.arch
     dim, n_heads = meta.number(f"{a}.embedding_length"), meta.number(f"{a}.attention.head_count")
     if not n_heads or dim % n_heads:
@@ -253,6 +299,13 @@ def args_from_metadata(meta: Metadata, rope: Optional[RopeConfig], vocab_size: i
         if found != head_dim:
             raise CheckpointError(f"{meta.path}: {a}.{key} is {found}; this model needs the whole head, "
                                   f"embedding_length / head_count = {head_dim}")
+    return head_dim
+
+
+def args_from_metadata(meta: Metadata, rope: Optional[RopeConfig], vocab_size: int) -> ModelArgs:
+    a = meta.arch
+    head_dim_from_metadata(meta)  # RoPE must cover the whole head
+    dim, n_heads = meta.number(f"{a}.embedding_length"), meta.number(f"{a}.attention.head_count")
     if meta.number(f"{a}.expert_count", 0) > 0:
         raise CheckpointError(f"{meta.path}: {a}.expert_count is {meta.get(f'{a}.expert_count')}: a mixture of "
                               "experts (Mixtral) is not a Llama 2 model")
@@ -267,6 +320,71 @@ def args_from_metadata(meta: Metadata, rope: Optional[RopeConfig], vocab_size: i
         for note in notes:
             warnings.warn(f"{meta.path}: {note}")
     return model_args(params, rope, meta.path)
+
+
+# ---------------------------------------------------------------------------------------
+# Llama 3's rope_freqs.weight: per-pair factors <-> RopeConfig
+# ---------------------------------------------------------------------------------------
+
+ROPE_FREQS = "rope_freqs.weight"
+# relative, on h_d = theta_d / f_d: the factors are float32, and llama.cpp's converter forms theta_d in
+# float32 too; Llama 3.1's and 3.2's tables (from transformers' llama3 init or the converter's loop) are
+# within 2.5e-7 of their configs' own frequencies
+FACTOR_TOLERANCE = 1e-6
+
+
+def freq_factors(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """f_d = theta_d / h(theta_d) for every pair, float32: the rope_freqs.weight with which
+    llama.cpp, dividing theta_d by f_d, rotates pair d by this RopeConfig's h(theta_d)."""
+    theta = rope_frequencies(head_dim, rope.base)
+    h, _ = frequencies(rope, head_dim, rope.scale)
+    return (theta / h).float()
+
+
+def rope_from_freq_factors(factors: torch.Tensor, base: float, head_dim: int, where: str) -> RopeConfig:
+    """The NTK-by-parts RopeConfig with the paper's ramp (Eq. 17 to Eq. 20) whose frequencies are
+    theta_d / f_d at every pair; a table of any other shape is refused, naming its worst pair.
+
+    s = max f_d. Eq. 20 with h = theta/f gives gamma_d = (1/f_d - 1/s)/(1 - 1/s). Eq. 18 is linear
+    in r = L/lambda = L theta/(2 pi), so on the pairs strictly inside the ramp gamma is a line in
+    theta_d, 0 at the wavelength L/alpha and 1 at L/beta. A line fixes those two wavelengths and no
+    more: alpha = 1 (Llama 3's low_freq_factor) is assumed, which makes L = the wavelength where
+    gamma = 0 and beta = L / the wavelength where gamma = 1. The config is then checked against
+    every pair, inside the ramp and outside it."""
+    theta, f = rope_frequencies(head_dim, base), factors.double().flatten()
+    if f.shape != theta.shape:
+        raise CheckpointError(f"{where} has {f.numel()} factors; expected |D|/2 = {head_dim // 2}, one per pair")
+    if not bool((torch.isfinite(f) & (f > 0)).all()):
+        raise CheckpointError(f"{where}: every factor must be finite and > 0; found {f.min().item():g} .. {f.max().item():g}")
+    top = f.max().item()
+    gamma = (1 / f - 1 / top) / (1 - 1 / top) if top > 1 else torch.ones_like(f)
+    inside = (gamma > 0) & (gamma < 1)
+    if int(inside.sum()) < 2:
+        raise CheckpointError(f"{where}: not a llama3 table: {int(inside.sum())} of its {f.numel()} factors lie "
+                              f"strictly between 1 and the largest, {top:.7g}; Eq. 18's ramp needs at least 2")
+    slope, intercept = (float(c) for c in np.polyfit(theta[inside].numpy(), gamma[inside].numpy(), 1))
+    if not (slope > 0 and intercept < 0):  # gamma = slope theta + intercept must be 0 at some theta > 0
+        raise CheckpointError(f"{where}: not a llama3 table: its {int(inside.sum())} factors between 1 and {top:.7g} "
+                              f"(pairs {inside.nonzero().flatten().tolist()}) are not Eq. 18's ramp, a line in "
+                              "r = L/lambda that starts at a positive r")
+    theta_start, theta_end = -intercept / slope, (1 - intercept) / slope  # gamma = 0 and gamma = 1
+    L, beta = wavelength(theta_start), theta_end / theta_start  # beta = L / wavelength(theta_end)
+    scale = float(str(np.float32(top)))  # the factor as the config wrote it (8, 32, 3.3), not its float32 rounding
+    for b in (round(beta, 4), beta):  # a fit to float32 data: a short decimal (4, not 3.9999992) if it fits as well
+        try:
+            cfg = RopeConfig(method="ntk-by-parts", ramp="paper", scale=scale, original_length=round(L), base=base,
+                             alpha=1.0, beta=b)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: not a llama3 table: the fit gives L = {L:.6g}, beta = {beta:.6g} ({e})") from None
+        h, _ = frequencies(cfg, head_dim, scale)
+        mismatch = (h - theta / f).abs() / (theta / f)
+        if mismatch.max().item() <= FACTOR_TOLERANCE:
+            return cfg
+    d = int(mismatch.argmax())
+    raise CheckpointError(f"{where}: not a llama3 table: the nearest NTK-by-parts with the paper's ramp "
+                          f"({cfg.describe()}, alpha=1, beta={beta:.6g}) needs f_{d} = {(theta[d] / h[d]).item():.7g} at "
+                          f"pair d={d}, the file has {f[d].item():.7g} (relative mismatch {mismatch[d].item():.1e}, "
+                          f"tolerance {FACTOR_TOLERANCE:g})")
 
 
 def rope_config(path: str | os.PathLike) -> tuple[RopeConfig, dict, list[str]]:
@@ -318,19 +436,18 @@ def _to_torch(t, dtype, device) -> torch.Tensor:
 
 
 def tensors_by_key(reader, path: Path) -> dict:
-    """Meta's key -> the reader's tensor; unknown names are errors (e.g. Llama 3's rope_freqs)."""
+    """Meta's key -> the reader's tensor; unknown names are errors. rope_freqs.weight is not a
+    weight: rope_from_metadata reads it into the RopeConfig."""
     by_key, unknown = {}, []
     for t in reader.tensors:
         key = meta_key(t.name)
-        if key is None:
-            unknown.append(t.name)
-        else:
+        if key is not None:
             by_key[key] = t
+        elif t.name != ROPE_FREQS:
+            unknown.append(t.name)
     if unknown:
-        hint = (" (rope_freqs holds Llama 3.1's per-frequency RoPE factors, which this loader does not read)"
-                if "rope_freqs.weight" in unknown else "")
         raise CheckpointError(f"{path}: tensors this Llama model has no place for: {unknown[:5]}"
-                              f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''}{hint}")
+                              f"{f' and {len(unknown) - 5} more' if len(unknown) > 5 else ''}")
     return by_key
 
 
@@ -474,8 +591,9 @@ def tokenizer_from_metadata(meta: Metadata) -> HFTokenizer:
 # Writing
 # ---------------------------------------------------------------------------------------
 
-def gguf_rope(rope: RopeConfig, head_dim: int) -> tuple[float, dict, int]:
-    """(freq_base, {metadata key suffix: value}, context_length) that make llama.cpp apply `rope`.
+def gguf_rope(rope: RopeConfig, head_dim: int) -> tuple[float, dict, int, Optional[torch.Tensor]]:
+    """(freq_base, {metadata key suffix: value}, context_length, rope_freqs or None) that make
+    llama.cpp apply `rope`.
 
     PI      -> scaling.type "linear", factor s (Eq. 10).
     NTK     -> plain RoPE with freq_base b' (Eq. 16), as Code Llama's rope_theta.
@@ -483,6 +601,8 @@ def gguf_rope(rope: RopeConfig, head_dim: int) -> tuple[float, dict, int]:
                cos/sin by attn_factor * (0.1 ln s + 1), so an explicit sqrt(1/t) is written as
                attn_factor = sqrt(1/t) / (0.1 ln s + 1).
     NTK-by-parts -> the same YaRN entry with sqrt(1/t) = 1 (Eq. 17 to Eq. 20 without Sec. 3.4).
+    NTK-by-parts with the paper's ramp (what an HF "llama3" config loads as) -> no scaling keys and
+    the tensor rope_freqs.weight, as llama.cpp's converter writes Llama 3.1.
     context_length is the extended window L' = s L (what llama.cpp and Ollama use as the
     model's context). What llama.cpp cannot run is refused, never written approximately."""
     L, s = rope.original_length, rope.scale
@@ -491,16 +611,24 @@ def gguf_rope(rope: RopeConfig, head_dim: int) -> tuple[float, dict, int]:
         raise CheckpointError(f"{where}: llama.cpp has no Dynamic Scaling (Sec. 3.3); its RoPE is static. "
                               "Save a static setting (e.g. the s you fine-tuned with), or use format='meta'")
     if rope.method == "none" or (s == 1 and rope.method != "ntk" and rope.attention_factor is None):
-        return rope.base, {}, L
+        return rope.base, {}, L, None
     if rope.method == "pi":
         return rope.base, {"rope.scaling.type": "linear", "rope.scaling.factor": float(s),
-                           "rope.scaling.original_context_length": L}, int(round(L * s))
+                           "rope.scaling.original_context_length": L}, int(round(L * s)), None
     if rope.method == "ntk":
-        return ntk_aware_base(rope.base, s, head_dim), {}, int(round(L * s))
+        return ntk_aware_base(rope.base, s, head_dim), {}, int(round(L * s)), None
+    if rope.method == "ntk-by-parts" and rope.ramp == "paper":  # Llama 3's form: per-pair factors
+        factors = freq_factors(rope, head_dim)
+        try:  # only what this project reads back is written
+            rope_from_freq_factors(factors, rope.base, head_dim, ROPE_FREQS)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where} with ramp='paper' as {ROPE_FREQS}: it would not read back ({e})") from None
+        return rope.base, {}, int(round(L * s)), factors
     # "yarn" and "ntk-by-parts": llama.cpp's ggml_rope_yarn_corr_dims is the code's ramp, floored/ceiled
     if rope.ramp != "code" or not rope.truncate:
         raise CheckpointError(f"{where} with ramp={rope.ramp!r}, truncate={rope.truncate}: llama.cpp's YaRN ramp is "
-                              "the public code's, with floor/ceil correction dims (ramp='code', truncate=True)")
+                              "the public code's, with floor/ceil correction dims (ramp='code', truncate=True); "
+                              "only NTK-by-parts without a temperature can take the paper's ramp (as rope_freqs.weight)")
     if (rope.alpha, rope.beta) != (1.0, 32.0):
         raise CheckpointError(f"{where}: alpha={rope.alpha:g}, beta={rope.beta:g}; llama.cpp reads "
                               "rope.scaling.yarn_beta_fast/slow only for a few other architectures and uses 32/1 "
@@ -510,7 +638,7 @@ def gguf_rope(rope: RopeConfig, head_dim: int) -> tuple[float, dict, int]:
     attn = target / yarn_attention_factor(s)  # llama.cpp's own Eq. 22 (0.1 ln s + 1) is divided out
     if abs(attn - 1.0) > 1e-7:
         scaling["rope.scaling.attn_factor"] = attn
-    return rope.base, scaling, int(round(L * s))
+    return rope.base, scaling, int(round(L * s)), None
 
 
 def _sentencepiece_vocab(tok: SentencePieceTokenizer) -> dict:
@@ -627,7 +755,7 @@ def save_gguf(model: Transformer, tokenizer: Optional[Tokenizer], path: Path) ->
         raise CheckpointError(f"format='gguf': weights in {dtype}; llama.cpp's float files are F32, F16 and BF16")
     if tokenizer is None:
         raise CheckpointError("format='gguf': a GGUF file carries its tokenizer; pass the tokenizer to save()")
-    base, scaling, context = gguf_rope(args.rope, args.head_dim)  # refuses before anything is written
+    base, scaling, context, factors = gguf_rope(args.rope, args.head_dim)  # refuses before anything is written
     vocab = tokenizer_metadata(tokenizer)
     n_tokens = len(vocab["tokenizer.ggml.tokens"][0])
     if n_tokens != args.vocab_size:
@@ -657,6 +785,8 @@ def save_gguf(model: Transformer, tokenizer: Optional[Tokenizer], path: Path) ->
                 w.add_float32(f"{a}.{key}", value)
         for key, (value, vtype, sub_type) in vocab.items():
             w.add_key_value(key, value, vtype, sub_type)
+        if factors is not None:
+            w.add_tensor(ROPE_FREQS, factors.numpy())  # F32, one for all layers, as llama.cpp's converter writes it
         for key, t in state.items():
             if key == "output.weight" and tied:
                 continue  # llama.cpp reuses token_embd when there is no output tensor
