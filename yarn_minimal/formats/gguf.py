@@ -470,6 +470,13 @@ def tokenizer_from_metadata(meta: Metadata) -> HFTokenizer:
     return out
 
 
+def read_gguf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
+    """The tokenizer of a .gguf file from its metadata alone (no tensor is read): for preparing
+    data and training from scratch with a model's vocabulary (checkpoint.load_tokenizer)."""
+    path = Path(path)
+    return tokenizer_from_metadata(Metadata(open_gguf(path), path))
+
+
 # ---------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------
