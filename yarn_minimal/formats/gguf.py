@@ -533,7 +533,7 @@ def _sentencepiece_vocab(tok: SentencePieceTokenizer) -> dict:
              "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
              "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)],
              "tokenizer.ggml.token_type": [kind(i) for i in range(n)],
-             "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
+             "tokenizer.ggml.add_bos_token": tok.add_bos, "tokenizer.ggml.add_eos_token": False,
              # sentencepiece's add_dummy_prefix, seen from the outside: "a" encodes as "▁a"
              "tokenizer.ggml.add_space_prefix": sp.encode_as_pieces("a")[0].startswith("▁")}
     if sp.unk_id() >= 0:
