@@ -46,8 +46,7 @@ from .tokenizer import HFTokenizer, Tokenizer, TokenizerNotFound, open_tokenizer
 
 # Names tests, scripts and training import from here; each is defined in the module named above.
 __all__ = ["CHECKSUMS", "CheckpointError", "SHARD_DIM", "hf_rope_scaling", "load", "load_tokenizer", "main",
-           "permute_to_hf",
-           "read_config", "rope_from_hf", "save", "verify_checksums", "write_checksums"]
+           "permute_to_hf", "read_config", "rope_from_hf", "save", "verify_checksums", "write_checksums"]
 
 
 def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device: torch.device | str = "cpu",

@@ -320,7 +320,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m yarn_minimal.data",
         description="Tokenize local documents into fixed-length training segments (Sec. 4.1: PG19 in 64k "
-                    "segments, each document bookended with BOS and EOS). Documents are concatenated in "
+                    "segments, each document bookended with BOS and EOS; here BOS where the model's tokenizer adds one, "
+                    "EOS always). Documents are concatenated in "
                     "input order and the stream is cut every --seq-len tokens, so a segment may hold the end "
                     "of one document and the start of the next; the last partial segment is dropped. "
                     "Output: DIR/tokens.bin (memory-mapped uint16/uint32 ids) + DIR/meta.json.")

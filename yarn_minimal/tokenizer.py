@@ -8,7 +8,8 @@ Both give ids without special tokens; BOS/EOS are added only where the caller as
 checkpoint states (sentencepiece's own header, tokenizer_config.json, generation_config.json or
 GGUF metadata). The tokenizer never guesses them: an id it was not given is None.
 
-`open_tokenizer(folder)` finds a model folder's tokenizer and reads those statements:
+`open_tokenizer(folder)` finds a model folder's tokenizer (`open_tokenizer(folder, path)` reads the
+file given) and reads those statements:
 
     bos_id    tokenizer_config.json's bos_token (a string or {"content": ...}, turned into an id by
               the tokenizer), else generation_config.json's bos_token_id, else config.json's.
