@@ -19,6 +19,7 @@ import yarn_minimal
 from conftest import smollm2_gguf
 from yarn_minimal import data
 from yarn_minimal.checkpoint import load_tokenizer
+from yarn_minimal.cli import DEFAULT_CKPT
 from yarn_minimal.model import ModelArgs, Transformer
 from yarn_minimal.tokenizer import HFTokenizer
 
@@ -143,7 +144,8 @@ def test_from_scratch_with_a_tokenizer_json_saves_it_with_the_model(gguf_data, s
 
 def test_data_with_another_vocabulary_is_refused(gguf_data, smollm2_folder, tokenizer_path, tmp_path):
     """The size differs (a 384-piece sentencepiece model), or only the vocabulary does (two
-    tokens of the same tokenizer.json swapped): one line, before --out exists."""
+    tokens of the same tokenizer.json swapped): one line, before --out exists. The same for a
+    checkpoint to fine-tune (the demo model's 4096-piece tokenizer)."""
     swapped = tmp_path / "swapped"
     swapped.mkdir()
     spec = json.loads((smollm2_folder / "tokenizer.json").read_text())
@@ -157,6 +159,9 @@ def test_data_with_another_vocabulary_is_refused(gguf_data, smollm2_folder, toke
                             rf"model's \(.*, {ids} ids\); prepare the data with the model's tokenizer \(--tokenizer .*\)",
                             str(e.value.code))
         assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit, match=r"whose vocabulary is not the model's \(.*yarn-demo.*tokenizer.model, 4096 ids\)"):
+        train.main(["--ckpt", str(DEFAULT_CKPT), "--data", str(gguf_data[0]), "--seq-len", "33",
+                    "--out", str(tmp_path / "run"), "--steps", "1", "--global-batch-size", "2"])
 
 
 def test_saved_tokenizer_keeps_its_bos_eos_and_add_bos(tokenizer_path, tmp_path):
