@@ -23,7 +23,7 @@ from tqdm import tqdm
 import yarn_minimal
 from yarn_minimal import cli, sizing, training
 from yarn_minimal.checkpoint import hf_rope_scaling
-from yarn_minimal.data import SegmentLoader, open_segments
+from yarn_minimal.data import SegmentLoader, check_vocabulary, open_segments
 from yarn_minimal.model import ModelArgs, Transformer
 from yarn_minimal.rope import RopeConfig
 from yarn_minimal.tokenizer import Tokenizer
@@ -71,7 +71,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", choices=("checkpoint", "random"), default="checkpoint",
                    help="random: train from scratch with the size flags below and --tokenizer")
     g.add_argument("--from-scratch", dest="init", action="store_const", const="random", help="same as --init random")
-    g.add_argument("--tokenizer", default=None, help="sentencepiece model, for --init random")
+    g.add_argument("--tokenizer", default=None,
+                   help="for --init random: the tokenizer the data was prepared with (a model folder, a "
+                        "tokenizer.model, a tokenizer.json or a .gguf file); OUT/final carries it")
     g.add_argument("--model-size", choices=sorted(sizing.LLAMA2_SIZES), default=None,
                    help="Llama 2 shape for --init random / --estimate-memory")
     for name in SHAPE_FLAGS:
@@ -163,11 +165,13 @@ def start_model(args: argparse.Namespace, dtype: torch.dtype, data_meta: dict) -
     """The model training starts from (a checkpoint, or --init random on the meta device) under
     the rope it will train with, checked against the data and --export-hf before --out is touched."""
     if args.init == "random" and args.tokenizer is None:
-        raise SystemExit("error: --init random needs --tokenizer (a sentencepiece model)")
+        raise SystemExit("error: --init random needs --tokenizer (a model folder, a tokenizer.model, a "
+                         "tokenizer.json or a .gguf file)")
     try:
         model, tokenizer = (training.model_from_scratch(args.tokenizer, model_shape(args)) if args.init == "random"
                             else yarn_minimal.load(start_folder(args), dtype=dtype))
-    except ValueError as e:  # CheckpointError included
+        check_vocabulary(data_meta, tokenizer, args.data)
+    except (ValueError, OSError) as e:  # CheckpointError included; a missing tokenizer
         raise SystemExit(f"error: {e}") from None
     model.set_rope(choose_rope(args, model.rope))
     if args.export_hf:  # find out now, not after 400 steps, that the setting has no HF form

@@ -64,15 +64,24 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2():
+def hf_smollm2_tokenizer():
+    """transformers' own tokenizer read from the same GGUF (about 4 s): the oracle for ids."""
+    path = smollm2_gguf()
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(hf_smollm2_tokenizer):
     """transformers' own reading of the same GGUF (its dequantization, key mapping and split-half
     RoPE), float32: the independent oracle. Loaded once per session; it is most of the real-model
     tests' cost (25-45 s on the 2-core VM)."""
     path = smollm2_gguf()
     for module in ("gguf", "accelerate"):
         pytest.importorskip(module)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model.eval(), tok
+    return model.eval(), hf_smollm2_tokenizer

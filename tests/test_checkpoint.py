@@ -266,7 +266,7 @@ def test_meta_to_hf_loads_in_transformers(name, tmp_path, tokenizer_path):
     model = random_model(tok.vocab_size, rope=SAVE_HF_ROPES[name])
     yarn_minimal.save(model, tok, tmp_path / "hf", format="hf")
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["checksums.json", "config.json", "model.safetensors",
-                                                                 "tokenizer.model"]
+                                                                 "tokenizer.model", "tokenizer_config.json"]
     tokens = tokens_for(tok.vocab_size)
     with torch.no_grad():
         ours = model(tokens)

@@ -8,6 +8,8 @@ Public API:
     load(path, rope=None, device="cpu", dtype=torch.float32, progress=False) -> (model, tokenizer)
         reads Meta's raw layout (any number of shards), Hugging Face folders, our own, and .gguf files
     save(model, tokenizer, path, format="meta" | "hf" | "gguf")
+    load_tokenizer(path) -> tokenizer   a model folder's, a tokenizer.model / tokenizer.json file's (with
+                                    the BOS/EOS its folder states) or a .gguf file's, without weights
     generate(model, prompt_tokens, max_new_tokens, temperature=0.0, top_p=1.0, seed=None) -> list[int]
                                     stops at the checkpoint's EOS ids (model.eos_ids) unless ignore_eos=True
     stream(...)                     the same, yielding tokens as they are made (generation.py)
@@ -26,12 +28,12 @@ def _runpy_is_starting_one_of_our_modules() -> bool:
 
 
 if not _runpy_is_starting_one_of_our_modules():
-    from .checkpoint import CheckpointError, load, save
+    from .checkpoint import CheckpointError, load, load_tokenizer, save
     from .generation import GenerationConfig, GenerationStats, generate, stream
     from .model import KVCache, ModelArgs, Transformer
     from .rope import RopeConfig
     from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, open_tokenizer
 
 __all__ = ["RopeConfig", "ModelArgs", "Transformer", "KVCache", "Tokenizer", "SentencePieceTokenizer",
-           "HFTokenizer", "open_tokenizer", "load", "save", "CheckpointError", "generate", "stream",
+           "HFTokenizer", "open_tokenizer", "load", "load_tokenizer", "save", "CheckpointError", "generate", "stream",
            "GenerationConfig", "GenerationStats"]

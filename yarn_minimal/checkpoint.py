@@ -37,16 +37,16 @@ import torch
 
 from .cli import DTYPES, run_main
 from .files import CHECKSUMS, CheckpointError, verify_checksums, write_checksums, write_json
-from .formats.gguf import load_gguf, read_gguf_config, save_gguf
+from .formats.gguf import load_gguf, read_gguf_config, read_gguf_tokenizer, save_gguf
 from .formats.hf import hf_rope_scaling, load_hf, permute_to_hf, read_hf_config, rope_from_hf, save_hf
 from .formats.meta import SHARD_DIM, load_meta, read_meta_config, save_meta
 from .model import ModelArgs, Transformer
 from .rope import RopeConfig
-from .tokenizer import HFTokenizer, Tokenizer
+from .tokenizer import HFTokenizer, Tokenizer, TokenizerNotFound, open_tokenizer
 
 # Names tests, scripts and training import from here; each is defined in the module named above.
-__all__ = ["CHECKSUMS", "CheckpointError", "SHARD_DIM", "hf_rope_scaling", "load", "main", "permute_to_hf",
-           "read_config", "rope_from_hf", "save", "verify_checksums", "write_checksums"]
+__all__ = ["CHECKSUMS", "CheckpointError", "SHARD_DIM", "hf_rope_scaling", "load", "load_tokenizer", "main",
+           "permute_to_hf", "read_config", "rope_from_hf", "save", "verify_checksums", "write_checksums"]
 
 
 def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device: torch.device | str = "cpu",
@@ -72,6 +72,33 @@ def load(path: str | os.PathLike, rope: Optional[RopeConfig] = None, device: tor
                                   "and no config.json (Hugging Face's layout: config.json + *.safetensors)")
     model.eos_ids = tokenizer.eos_ids  # generation stops at these unless told not to
     return model.eval(), tokenizer
+
+
+TOKENIZER_FILES = "a model folder, a sentencepiece .model, a Hugging Face tokenizer.json or a .gguf file"
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer a user names, without reading a weight (data preparation, train.py --init
+    random). `path` is one of:
+
+        a model folder          its tokenizer, as load() reads it (tokenizer.open_tokenizer)
+        a .model / .json file   a sentencepiece model or a tokenizer.json, with BOS, EOS and
+                                add_bos from the tokenizer_config.json / generation_config.json
+                                beside it, as for the folder
+        a .gguf file            the vocabulary in its metadata (formats/gguf.py)
+
+    Every failure is a ValueError or FileNotFoundError whose one line names the path."""
+    path = Path(path)
+    if path.is_dir():
+        return open_tokenizer(path)
+    if not path.is_file():
+        raise TokenizerNotFound(f"{path}: no such file or folder; a tokenizer is {TOKENIZER_FILES}")
+    suffix = path.suffix.lower()
+    if suffix == ".gguf":
+        return read_gguf_tokenizer(path)
+    if suffix in (".model", ".json"):
+        return open_tokenizer(path.parent, path)
+    raise ValueError(f"{path}: not a tokenizer file (suffix {path.suffix or 'none'!r}); a tokenizer is {TOKENIZER_FILES}")
 
 
 def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, str], list[str]]:

@@ -8,6 +8,11 @@ A prepared dataset is a folder with two files:
     meta.json    {"format": "yarn-minimal-tokens/1", "seq_len", "n_segments", "dtype",
                   "vocab_size", "bos_id", "eos_id", ...free-form provenance...}
 
+vocab_size bounds the ids (every id < vocab_size). `python -m yarn_minimal.data` also records the
+tokenizer it used: "tokenizer" (its path), "tokenizer_kind" (sentencepiece, tokenizer.json or
+gguf), "add_bos" (whether each document starts with bos_id) and "vocab_digest" (which train.py
+compares with the model's tokenizer: check_vocabulary).
+
 The file is memory-mapped when read, so a 64k x 10^5 segment dataset costs no RAM.
 """
 from __future__ import annotations
@@ -22,8 +27,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .checkpoint import load_tokenizer
 from .cli import run_main
-from .tokenizer import SentencePieceTokenizer
+from .tokenizer import Tokenizer
 
 from .files import atomic_write, move_into_place, temporary, write_json
 
@@ -74,7 +80,9 @@ def open_segments(data_dir: str | os.PathLike) -> tuple[np.memmap, dict]:
 
 # ---------------------------------------------------------------------------------------------
 # Preparing a dataset: documents -> BOS doc EOS BOS doc EOS ... -> fixed segments (Sec. 4.1:
-# "PG19 chunked into 64k segments bookended with the BOS and EOS token").
+# "PG19 chunked into 64k segments bookended with the BOS and EOS token"). BOS where the
+# tokenizer's own encoding starts with it (Llama 2, Llama 3); a tokenizer that adds none
+# (SmolLM2) gives doc EOS doc EOS ..., EOS alone marking where one document ends.
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")                      # one document per file
 DOCUMENT_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")     # one document per line / row
@@ -196,16 +204,24 @@ class SegmentWriter:
 
 
 def prepare(inputs: list[str], tokenizer_path: str | os.PathLike, seq_len: int, out_dir: str | os.PathLike,
-            text_field: str = "text", progress: bool = True) -> dict:
-    """Tokenize every document, bookend it with BOS and EOS, concatenate the documents in input
-    order and cut the stream into segments of seq_len tokens. Deterministic: the same inputs
-    give the same bytes. Returns meta.json's content."""
+            text_field: str = "text", progress: bool = True, bos: Optional[bool] = None) -> dict:
+    """Tokenize every document, bookend it with BOS (bos=None: when the tokenizer's own add_bos
+    says so) and EOS, concatenate the documents in input order and cut the stream into segments
+    of seq_len tokens. tokenizer_path: anything checkpoint.load_tokenizer opens (a model folder,
+    a tokenizer.model, a tokenizer.json or a .gguf file). Deterministic: the same inputs give the
+    same bytes. Returns meta.json's content."""
     if seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2 (one input and one target token), got {seq_len}")
-    tok = SentencePieceTokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
+    bos = tok.add_bos if bos is None else bos
+    if bos and tok.bos_id is None:
+        raise ValueError(f"{tok.path}: the tokenizer states no BOS token; prepare with --no-bos")
+    if tok.eos_id is None:
+        raise ValueError(f"{tok.path}: the tokenizer states no EOS token, which ends every document "
+                         "(tokenizer_config.json eos_token, generation_config.json or config.json eos_token_id)")
     files = input_files(inputs)
     created = not Path(out_dir).exists()  # removed again if this run fails: no empty --out folders
-    writer = SegmentWriter(out_dir, seq_len, tok.vocab_size)
+    writer = SegmentWriter(out_dir, seq_len, tok.max_id() + 1)
     n_docs = 0
     try:
         bar = tqdm(files, desc="tokenizing", unit="file", disable=not progress)
@@ -214,7 +230,7 @@ def prepare(inputs: list[str], tokenizer_path: str | os.PathLike, seq_len: int, 
                 if not isinstance(text, str):
                     raise ValueError(f"{path}: document {n_docs} field {text_field!r} is {type(text).__name__}, "
                                      "expected text")
-                writer.append(tok.encode(text, bos=True, eos=True))
+                writer.append(tok.encode(text, bos=bos, eos=True))
                 n_docs += 1
             bar.set_postfix(docs=n_docs, segments=writer.n_segments)
     except BaseException:  # leave no half-written tokens.bin.tmp behind
@@ -222,12 +238,28 @@ def prepare(inputs: list[str], tokenizer_path: str | os.PathLike, seq_len: int, 
         raise
     if writer.n_segments == 0:
         writer.discard(created)
-        raise ValueError(f"{n_docs} documents hold {writer.n_tokens} tokens with BOS/EOS, fewer than one segment "
-                         f"of --seq-len {seq_len}")
-    meta = dict(tokenizer=str(Path(tokenizer_path).resolve()), bos_id=tok.bos_id, eos_id=tok.eos_id,
+        raise ValueError(f"{n_docs} documents hold {writer.n_tokens} tokens with {'BOS/' if bos else ''}EOS, fewer "
+                         f"than one segment of --seq-len {seq_len}")
+    meta = dict(tokenizer=str(Path(tokenizer_path).resolve()), tokenizer_kind=tok.kind, bos_id=tok.bos_id,
+                eos_id=tok.eos_id, add_bos=bos, vocab_digest=tok.vocab_digest(),
                 n_documents=n_docs, inputs=[str(p) for p in files], text_field=text_field)
     writer.close(meta)
     return json.loads((Path(out_dir) / "meta.json").read_text())
+
+
+def check_vocabulary(meta: dict, tokenizer: Tokenizer, data_dir: str | os.PathLike) -> None:
+    """Data tokenized with another vocabulary than the model's would train every id on the
+    wrong token: refused when the recorded digest (or, for data prepared before digests were
+    recorded, the vocabulary size) differs from the model's tokenizer. Arrays written by
+    write_segments without a tokenizer are checked only against the embedding (train.py)."""
+    if "tokenizer" not in meta:
+        return
+    n = tokenizer.max_id() + 1
+    digest = meta.get("vocab_digest")
+    if (digest is not None and digest != tokenizer.vocab_digest()) or meta["vocab_size"] != n:
+        raise ValueError(f"{Path(data_dir) / 'meta.json'}: tokenized with {meta['tokenizer']} ({meta['vocab_size']} "
+                         f"ids), whose vocabulary is not the model's ({tokenizer.path}, {n} ids); prepare the data "
+                         f"with the model's tokenizer (--tokenizer {tokenizer.path})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,24 +320,32 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m yarn_minimal.data",
         description="Tokenize local documents into fixed-length training segments (Sec. 4.1: PG19 in 64k "
-                    "segments, each document bookended with BOS and EOS). Documents are concatenated in "
+                    "segments, each document bookended with BOS and EOS; here BOS where the model's tokenizer adds one, "
+                    "EOS always). Documents are concatenated in "
                     "input order and the stream is cut every --seq-len tokens, so a segment may hold the end "
                     "of one document and the start of the next; the last partial segment is dropped. "
                     "Output: DIR/tokens.bin (memory-mapped uint16/uint32 ids) + DIR/meta.json.")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help=".txt (one document per file, as PG19 ships), .jsonl (one document per line), .parquet "
                         "(one per row) files, or folders of them (read recursively in sorted order)")
-    p.add_argument("--tokenizer", required=True, help="sentencepiece tokenizer.model")
+    p.add_argument("--tokenizer", required=True,
+                   help="the model's tokenizer: its folder (tokenizer.model or tokenizer.json, with BOS/EOS from "
+                        "tokenizer_config.json / generation_config.json), one of those files, or a .gguf file "
+                        "(its vocabulary; no weights are read)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start every document with BOS (--bos) or not (--no-bos); default: what the tokenizer's "
+                        "own encoding does (Llama 2 and 3 add BOS, SmolLM2 does not). Every document ends with EOS")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per segment (the paper: 65536)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text (default text)")
     args = p.parse_args(argv)
     try:
-        meta = prepare(args.inputs, args.tokenizer, args.seq_len, args.out, args.text_field)
+        meta = prepare(args.inputs, args.tokenizer, args.seq_len, args.out, args.text_field, bos=args.bos)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{args.out}: {meta['n_segments']} segments x {meta['seq_len']} tokens from {meta['n_documents']} documents "
-          f"({meta['n_tokens_read']} tokens read, {meta['n_tokens_dropped']} in the dropped tail)")
+          f"({meta['n_tokens_read']} tokens read, {meta['n_tokens_dropped']} in the dropped tail; {meta['tokenizer_kind']} "
+          f"tokenizer, {'BOS doc EOS' if meta['add_bos'] else 'doc EOS'} per document)")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Both give ids without special tokens; BOS/EOS are added only where the caller as
 checkpoint states (sentencepiece's own header, tokenizer_config.json, generation_config.json or
 GGUF metadata). The tokenizer never guesses them: an id it was not given is None.
 
-`open_tokenizer(folder)` finds a model folder's tokenizer and reads those statements:
+`open_tokenizer(folder)` finds a model folder's tokenizer (`open_tokenizer(folder, path)` reads the
+file given) and reads those statements:
 
     bos_id    tokenizer_config.json's bos_token (a string or {"content": ...}, turned into an id by
               the tokenizer), else generation_config.json's bos_token_id, else config.json's.
@@ -25,6 +26,7 @@ GGUF metadata). The tokenizer never guesses them: an id it was not given is None
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -34,8 +36,9 @@ from typing import Optional, Sequence
 
 class Tokenizer:
     """encode/decode with explicit BOS/EOS. Subclasses set path, vocab_size, bos_id, eos_id and
-    implement _encode, decode and save."""
+    implement _encode, decode, piece and save."""
 
+    kind: str                  # what it was read from: "sentencepiece", "tokenizer.json" or "gguf"
     path: Path                 # the file it was read from (shown in error messages)
     vocab_size: int
     bos_id: Optional[int]
@@ -66,6 +69,18 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def piece(self, i: int) -> Optional[str]:
+        """The token string of id i (None for an id with no token)."""
+        raise NotImplementedError
+
+    def vocab_digest(self) -> str:
+        """SHA-256 of every id's token string, 0..max_id(): equal digests mean every id stands for
+        the same token, whichever file the vocabulary was read from (a sentencepiece model and the
+        same vocabulary in a GGUF file; a GGUF file and the tokenizer.json transformers writes from
+        it). A prepared dataset records it; train.py compares it with the model's tokenizer."""
+        pieces = [self.piece(i) for i in range(self.max_id() + 1)]
+        return hashlib.sha256(json.dumps(pieces, ensure_ascii=False).encode()).hexdigest()
+
     def save(self, folder: Path) -> None:
         """Write this tokenizer's files into a model folder (so that `load` finds them there)."""
         raise NotImplementedError
@@ -85,6 +100,8 @@ class Tokenizer:
 
 class SentencePieceTokenizer(Tokenizer):
     """Meta's tokenizer.model; BOS and EOS come from the model's own header (1 and 2 for Llama 2)."""
+
+    kind = "sentencepiece"
 
     def __init__(self, model_path: str | os.PathLike):
         from sentencepiece import SentencePieceProcessor
@@ -107,8 +124,15 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(list(ids))
 
+    def piece(self, i: int) -> Optional[str]:
+        return self.sp.id_to_piece(i)
+
     def save(self, folder: Path) -> None:
+        """tokenizer.model, and tokenizer_config.json with BOS/EOS as pieces and add_bos_token: a
+        checkpoint may state other ids or add_bos than the model's header (open_tokenizer), and
+        the header alone would lose them."""
         shutil.copyfile(self.path, Path(folder) / "tokenizer.model")
+        _write_tokenizer_config(self, folder)
 
 
 class HFTokenizer(Tokenizer):
@@ -121,6 +145,10 @@ class HFTokenizer(Tokenizer):
         self.tok, self.path = tok, Path(path)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.set_special_tokens(bos_id, eos_id, eos_ids, add_bos)
+
+    @property
+    def kind(self) -> str:
+        return "gguf" if self.path.suffix.lower() == ".gguf" else "tokenizer.json"
 
     def _own_add_bos(self) -> bool:
         # what the tokenizer.json post-processor does, i.e. transformers' tokenizer by default
@@ -148,16 +176,21 @@ class HFTokenizer(Tokenizer):
     def max_id(self) -> int:
         return max(self.tok.get_vocab(with_added_tokens=True).values())
 
-    def token(self, i: Optional[int]) -> Optional[str]:
-        return None if i is None else self.tok.id_to_token(i)
+    def piece(self, i: int) -> Optional[str]:
+        return self.tok.id_to_token(i)
 
     def save(self, folder: Path) -> None:
-        """tokenizer.json, and tokenizer_config.json with BOS/EOS as strings and add_bos_token,
-        the way transformers writes them (so that open_tokenizer reads the same ids back)."""
         self.tok.save(str(Path(folder) / "tokenizer.json"))
-        config = {"bos_token": self.token(self.bos_id), "eos_token": self.token(self.eos_id),
-                  "add_bos_token": self.add_bos}
-        (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _write_tokenizer_config(self, folder)
+
+
+def _write_tokenizer_config(tokenizer: Tokenizer, folder: Path) -> None:
+    """tokenizer_config.json with BOS/EOS as token strings and add_bos_token, the way
+    transformers writes them, so that open_tokenizer reads the same ids and add_bos back."""
+    token = lambda i: None if i is None else tokenizer.piece(i)
+    config = {"bos_token": token(tokenizer.bos_id), "eos_token": token(tokenizer.eos_id),
+              "add_bos_token": tokenizer.add_bos}
+    (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------
@@ -206,11 +239,13 @@ def _token_id(tokenizer: Tokenizer, token, source: Path, key: str) -> Optional[i
     return i
 
 
-def open_tokenizer(folder: str | os.PathLike) -> Tokenizer:
+def open_tokenizer(folder: str | os.PathLike, path: Optional[str | os.PathLike] = None) -> Tokenizer:
     """The tokenizer of a model folder, with BOS, EOS and add_bos as the folder states them
-    (see the module docstring). Raises TokenizerNotFound listing the files looked for."""
+    (see the module docstring). path: the tokenizer file to read (a sentencepiece .model or a
+    tokenizer.json); by default the first of tokenizer_candidates(folder), and TokenizerNotFound
+    lists the files looked for when there is none."""
     folder = Path(folder)
-    path = next((p for p in tokenizer_candidates(folder) if p.is_file()), None)
+    path = next((p for p in tokenizer_candidates(folder) if p.is_file()), None) if path is None else Path(path)
     if path is None:
         raise TokenizerNotFound(f"{folder}: no tokenizer; looked for tokenizer.model and tokenizer.json in the folder "
                                 "and tokenizer.model in its parent (Meta's download keeps it there); a model needs "

@@ -46,7 +46,7 @@ from . import checkpoint
 from .files import CheckpointError, atomic_write, move_into_place, temporary, verify_checksums, write_checksums
 from .model import ModelArgs, Transformer
 from .rope import RopeConfig
-from .tokenizer import SentencePieceTokenizer, Tokenizer
+from .tokenizer import Tokenizer
 
 # Sec. 4.1. What the paper leaves open is chosen in the comments beside each value.
 LR = 2e-5
@@ -227,13 +227,15 @@ def grad_norm_and_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
 # A model from scratch (train.py --init random): built on the meta device, made real one unit
 # at a time, so that no process holds the whole float32 model before it is sharded
 
-def model_from_scratch(tokenizer_path: str, shape: dict) -> tuple[Transformer, SentencePieceTokenizer]:
-    """A Llama of the given ModelArgs fields (vocab_size: the tokenizer's unless given) on the
-    meta device, and its tokenizer. place_model makes it real with materialize_random's values."""
-    tokenizer = SentencePieceTokenizer(tokenizer_path)
-    args = ModelArgs(**{"vocab_size": tokenizer.vocab_size, **shape})
-    if args.vocab_size != tokenizer.vocab_size:  # yarn_minimal.load would refuse the result
-        raise ValueError(f"--vocab-size {args.vocab_size}, but {tokenizer_path} has {tokenizer.vocab_size} pieces")
+def model_from_scratch(tokenizer_path: str, shape: dict) -> tuple[Transformer, Tokenizer]:
+    """A Llama of the given ModelArgs fields (vocab_size: one embedding row per tokenizer id
+    unless given) on the meta device, and its tokenizer: anything checkpoint.load_tokenizer
+    opens (a model folder, a tokenizer.model, a tokenizer.json or a .gguf file), saved with the
+    run's checkpoints. place_model makes the model real with materialize_random's values."""
+    tokenizer = checkpoint.load_tokenizer(tokenizer_path)
+    args = ModelArgs(**{"vocab_size": tokenizer.max_id() + 1, **shape})
+    if args.vocab_size <= tokenizer.max_id():  # yarn_minimal.load would refuse the result
+        raise ValueError(f"--vocab-size {args.vocab_size}, but {tokenizer_path} has ids up to {tokenizer.max_id()}")
     with torch.device("meta"):
         return Transformer(args), tokenizer
 

@@ -587,6 +587,13 @@ def tokenizer_from_metadata(meta: Metadata) -> HFTokenizer:
     return out
 
 
+def read_gguf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
+    """The tokenizer of a .gguf file from its metadata alone (no tensor is read): for preparing
+    data and training from scratch with a model's vocabulary (checkpoint.load_tokenizer)."""
+    path = Path(path)
+    return tokenizer_from_metadata(Metadata(open_gguf(path), path))
+
+
 # ---------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------
@@ -654,7 +661,7 @@ def _sentencepiece_vocab(tok: SentencePieceTokenizer) -> dict:
              "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
              "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)],
              "tokenizer.ggml.token_type": [kind(i) for i in range(n)],
-             "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False,
+             "tokenizer.ggml.add_bos_token": tok.add_bos, "tokenizer.ggml.add_eos_token": False,
              # sentencepiece's add_dummy_prefix, seen from the outside: "a" encodes as "▁a"
              "tokenizer.ggml.add_space_prefix": sp.encode_as_pieces("a")[0].startswith("▁")}
     if sp.unk_id() >= 0:
