@@ -139,7 +139,8 @@ def test_tables_are_float32_and_precise_at_long_context():
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(method="linear"), "method"), (dict(scale=0.5), "scale"), (dict(original_length=0), "original_length"),
-    (dict(ramp="cosine"), "ramp"), (dict(alpha=32, beta=1), "alpha"),
+    (dict(ramp="cosine"), "ramp"), (dict(alpha=32, beta=1), "alpha"), (dict(scale=4.0), "method .none."),
+    (dict(dynamic=True), "method .none."),
 ])
 def test_bad_config_is_a_clear_error(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -63,13 +63,14 @@ def add_rope_args(p: argparse.ArgumentParser) -> None:
 def updated_rope(base: RopeConfig, changes: dict) -> RopeConfig:
     """`base` with the given RopeConfig fields changed, the way every script reads its flags
     (and eval_perplexity.py its --config): a scale or dynamic=True without a method on a
-    plain-RoPE base means YaRN / Dynamic-YaRN, and method none means s = 1. Raises ValueError
+    plain-RoPE base means YaRN / Dynamic-YaRN, and method none means s = 1, static. Raises ValueError
     naming the field for a bad value."""
     changes = dict(changes)
     if "method" not in changes and base.method == "none" and ("scale" in changes or changes.get("dynamic")):
         changes["method"] = "yarn"
-    if changes.get("method") == "none":
+    if changes.get("method") == "none":  # plain RoPE: no s, nothing dynamic (the checkpoint's own are dropped)
         changes.setdefault("scale", 1.0)
+        changes.setdefault("dynamic", False)
     return replace(base, **changes)
 
 

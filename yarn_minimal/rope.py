@@ -79,6 +79,9 @@ class RopeConfig:
             raise ValueError(f"RopeConfig.ramp: unknown ramp {self.ramp!r}; allowed: {', '.join(RAMPS)}")
         if not (self.scale >= 1.0):  # also rejects NaN
             raise ValueError(f"RopeConfig.scale: must be >= 1 (s = L'/L, Eq. 11), got {self.scale}")
+        if self.method == "none" and (self.scale != 1.0 or self.dynamic):  # otherwise `window` would claim s L
+            raise ValueError(f"RopeConfig: method 'none' (plain RoPE) has no scale and no Dynamic Scaling; got "
+                             f"scale={self.scale:g}, dynamic={self.dynamic}")
         if not (self.original_length > 0):
             raise ValueError(f"RopeConfig.original_length: must be > 0, got {self.original_length}")
         if not (self.base > 1.0):
