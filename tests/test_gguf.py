@@ -433,16 +433,11 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind, tol", [("F32", 5e-2), ("F16", 5e-2), ("BF16", 0.25)])  # measured 0.014 / 0.010 / 0.085
-def test_llama_cpp_runs_our_yarn(demo, demo_gguf, kind, tol):
-    """llama.cpp reads our rope-scaling metadata and applies the same YaRN: its logits over 600
-    tokens (L = 256, s = 16) match ours within f16 tolerance (llama.cpp keeps an f16 KV cache).
-    The same file run by our model with plain RoPE is far off past L: the check can fail."""
-    model, _, ids, want = demo
-    got = llama_cpp_logits(demo_gguf[kind], ids[0].tolist())
-    err = (got - want[0]).abs()
-    assert err.max().item() < tol  # logits of size ~18; llama.cpp: f16 KV cache, bf16 matmuls for BF16
+def assert_llama_cpp_agrees(model, path: Path, ids: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    """llama.cpp's logits on `path` match ours (`want`) within tol, with the same top token almost
+    everywhere, while the same model with plain RoPE is far off past L = 256: the check can fail."""
+    got = llama_cpp_logits(path, ids[0].tolist())
+    assert (got - want[0]).abs().max().item() < tol
     assert (got.argmax(-1) == want[0].argmax(-1)).float().mean().item() > 0.98
     model.set_rope(RopeConfig(original_length=256))
     try:
@@ -451,6 +446,17 @@ def test_llama_cpp_runs_our_yarn(demo, demo_gguf, kind, tol):
     finally:
         model.set_rope(YARN16)
     assert (got - plain)[256:].abs().max().item() > 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, tol", [("F32", 5e-2), ("F16", 5e-2), ("BF16", 0.25)])  # measured 0.014 / 0.010 / 0.085
+def test_llama_cpp_runs_our_yarn(demo, demo_gguf, kind, tol):
+    """llama.cpp reads our rope-scaling metadata and applies the same YaRN: its logits over 600
+    tokens (L = 256, s = 16) match ours within f16 tolerance (llama.cpp keeps an f16 KV cache).
+    The same file run by our model with plain RoPE is far off past L: the check can fail."""
+    model, _, ids, want = demo
+    # logits of size ~18; llama.cpp: f16 KV cache, bf16 matmuls for BF16
+    assert_llama_cpp_agrees(model, demo_gguf[kind], ids, want, tol)
 
 
 @pytest.mark.slow
@@ -702,13 +708,4 @@ def test_llama_cpp_applies_rope_freqs_as_we_read_them(demo, llama3_demo):
     RoPE is far off past L: the check can fail."""
     model, _, ids, _ = demo
     path, want = llama3_demo
-    got = llama_cpp_logits(path, ids[0].tolist())
-    assert (got - want[0]).abs().max().item() < 5e-2  # as test_llama_cpp_runs_every_method_we_write
-    assert (got.argmax(-1) == want[0].argmax(-1)).float().mean().item() > 0.98
-    model.set_rope(RopeConfig(original_length=256))
-    try:
-        with torch.no_grad():
-            plain = model(ids)[0]
-    finally:
-        model.set_rope(YARN16)
-    assert (got - plain)[256:].abs().max().item() > 1.0
+    assert_llama_cpp_agrees(model, path, ids, want, 5e-2)  # as test_llama_cpp_runs_every_method_we_write
