@@ -527,6 +527,8 @@ def test_rope_config_cli_reads_gguf(capsys):
     out = capsys.readouterr().out
     assert "100000" in out and "llama.rope.freq_base" in out
     assert "8192" in out and "llama.context_length" in out
+    # SmolLM2: dim 576 / 9 heads = 64, named by the GGUF keys (not config.json's names)
+    assert "64" in out and "from: llama.embedding_length / llama.attention.head_count" in out
 
 
 # ---------------------------------------------------------------------------------------

@@ -387,7 +387,7 @@ def print_checkpoint_rope(path: str, seq_len: Optional[int], p: argparse.Argumen
             ("s (scale)", f"{cfg.scale:g}", src("scale")),
             ("L (original_length)", f"{cfg.original_length}", src("original_length")),
             ("b (base)", f"{cfg.base:g}", src("base")),
-            ("|D| (head_dim)", f"{args.head_dim}", "hidden_size / num_attention_heads, or head_dim")]
+            ("|D| (head_dim)", f"{args.head_dim}", provenance.get("head_dim", "dim / n_heads"))]
     if cfg.method in ("ntk-by-parts", "yarn"):
         rows += [("alpha", f"{cfg.alpha:g}", src("alpha")), ("beta", f"{cfg.beta:g}", src("beta")),
                  ("ramp", cfg.ramp, src("ramp"))]

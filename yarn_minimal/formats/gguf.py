@@ -404,6 +404,7 @@ def read_gguf_config(path: str | os.PathLike) -> tuple[ModelArgs, dict, list[str
     embedding = next((t for t in meta.reader.tensors if t.name == "token_embd.weight"), None)
     if embedding is None:
         raise CheckpointError(f"{path}: no token_embd.weight tensor")
+    provenance["head_dim"] = f"{meta.arch}.embedding_length / {meta.arch}.attention.head_count"
     return args_from_metadata(meta, rope, int(embedding.shape[1])), provenance, notes
 
 

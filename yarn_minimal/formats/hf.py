@@ -288,7 +288,10 @@ def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> tuple[M
 
 def read_hf_config(path: Path) -> tuple[ModelArgs, dict, list[str]]:
     """checkpoint.read_config for a config.json: ModelArgs, where each RoPE value came from, notes."""
-    return args_from_hf(read_json(path), None, path)
+    cfg = read_json(path)
+    args, provenance, notes = args_from_hf(cfg, None, path)
+    provenance["head_dim"] = "head_dim" if "head_dim" in cfg else "hidden_size / num_attention_heads"
+    return args, provenance, notes
 
 
 # ---------------------------------------------------------------------------------------

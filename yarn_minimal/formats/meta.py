@@ -90,6 +90,7 @@ def read_meta_config(path: Path) -> tuple[ModelArgs, dict[str, str], list[str]]:
                  if field not in stored]
     if cfg.get("vocab_size", -1) == -1:
         cfg = dict(cfg, vocab_size=1)  # Meta's -1: the tokenizer's size, irrelevant to RoPE
+    provenance["head_dim"] = "params.json dim / n_heads"
     return model_args(cfg, rope, path), provenance, notes
 
 
