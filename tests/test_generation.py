@@ -41,6 +41,7 @@ def one_thread():
 
 
 def rope_for(method: str, dynamic: bool) -> RopeConfig:
+    dynamic = dynamic and method != "none"  # plain RoPE has no Dynamic Scaling: "dynamic" is plain RoPE again
     return RopeConfig(method=method, scale=1.0 if dynamic else STATIC_SCALE[method], original_length=L,
                       dynamic=dynamic)
 

@@ -96,12 +96,10 @@ def test_attention_kernel_paths(Tq, Tk):
 
 
 @pytest.mark.parametrize("Tq, Tk, cut", [(1, 29, [10, 20]), (4, 29, [8, 16]), (4, 29, [24]), (7, 10, [2])])
-@pytest.mark.parametrize("tile_scores", [1 << 24, 40])
-def test_attention_over_blocks_merges_softmax_by_log_sum_exp(Tq, Tk, cut, tile_scores, monkeypatch):
+def test_attention_over_blocks_merges_softmax_by_log_sum_exp(Tq, Tk, cut):
     # Keys in blocks (the block that ends with the queries first, then the earlier ones, as the
     # pre-RoPE cache hands them over), merged through their log-sum-exp, against one softmax
-    # over all keys written out by hand. A small tile_scores splits the queries into tiles too.
-    monkeypatch.setattr(m, "SCORES_PER_TILE", tile_scores)
+    # over all keys written out by hand.
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(2, Tq, 4, 8, generator=g), torch.randn(2, Tk, 2, 8, generator=g), torch.randn(2, Tk, 2, 8, generator=g)
     q = q * 3  # peaked softmaxes, so that a wrong weight between blocks shows
@@ -109,6 +107,23 @@ def test_attention_over_blocks_merges_softmax_by_log_sum_exp(Tq, Tk, cut, tile_s
     spans = [(edges[-2], Tk)] + list(zip(edges[:-2], edges[1:-1]))
     blocks = ((k[:, a:b], v[:, a:b]) for a, b in spans)
     torch.testing.assert_close(attention(q, blocks), naive_causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("Tq, Tk", [(1, 29), (4, 29), (7, 7), (7, 10)])
+@pytest.mark.parametrize("tile_scores", [1 << 24, 40])
+def test_both_log_sum_exp_kernels_against_scores_written_out(Tq, Tk, tile_scores, monkeypatch):
+    # One causal block, aligned bottom-right: ATen's CPU flash kernel (attention_with_lse on the
+    # CPU) and the tiles that GPUs without flash-attn use, against explicit scores. A small
+    # tile_scores splits the queries into tiles.
+    monkeypatch.setattr(m, "SCORES_PER_TILE", tile_scores)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = 3 * torch.randn(2, Tq, 4, 8, generator=g), torch.randn(2, Tk, 2, 8, generator=g), torch.randn(2, Tk, 2, 8, generator=g)
+    scores = torch.einsum("bqhd,bkhd->bqhk", q, k.repeat_interleave(2, dim=2)) / 8 ** 0.5
+    scores = scores.masked_fill(torch.arange(Tk) > torch.arange(Tk - Tq, Tk)[:, None, None], float("-inf"))
+    for kernel in (m.attention_with_lse, m.attention_with_lse_tiles):
+        out, lse = kernel(q, k, v, causal=True)
+        torch.testing.assert_close(out, naive_causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["none", "linear", "yarn"])

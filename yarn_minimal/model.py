@@ -278,12 +278,32 @@ def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return out.transpose(1, 2)
 
 
-SCORES_PER_TILE = 1 << 24  # float32 scores at a time in attention_with_lse (64 MiB)
-
-
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eq. 2 written out, for blocks without flash-attn (SDPA does not return the log-sum-exp):
+    """Eq. 2 over one block, with the log-sum-exp of its scores (B, Tq, H), for blocks without
+    flash-attn (SDPA does not return the log-sum-exp). A causal block whose queries are only its
+    last Tq positions is two blocks: the keys before the queries, which every query sees, and the
+    queries' own positions, a square causal block; no Tq x Tk mask is ever built."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    causal = causal and Tq > 1  # one query sees every key
+    if causal and Tq != Tk:
+        split = Tk - Tq  # the queries' own positions start here
+        out, lse = attention_with_lse(q, k[:, split:], v[:, split:], causal=True)
+        return merge_softmax(out, lse, *attention_with_lse(q, k[:, :split], v[:, :split], causal=False))
+    if q.is_cpu:  # ATen's CPU flash kernel, the one SDPA runs here, also returns the log-sum-exp
+        group = q.shape[2] // k.shape[2]
+        q, k, v = (t.transpose(1, 2) for t in (q, k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)
+        return out.transpose(1, 2).float(), lse.transpose(1, 2).float()
+    return attention_with_lse_tiles(q, k, v, causal)
+
+
+SCORES_PER_TILE = 1 << 24  # float32 scores at a time in attention_with_lse_tiles (64 MiB)
+
+
+def attention_with_lse_tiles(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_with_lse written out, for devices without flash-attn other than the CPU:
     queries in tiles so that no more than SCORES_PER_TILE scores exist at once."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
