@@ -292,7 +292,7 @@ def order(rows: list[dict], labels: list[str]) -> list[dict]:
 def summary(a, wall: float) -> str:
     out = Path(a.out)
     parts = ["# YaRN without fine-tuning on a real model (SmolLM2-135M), and 16x-64x on the demo model\n",
-             f"Machine: {machine()}, shared with five other engineers' jobs.  ",
+             f"Machine: {machine()}, shared with other jobs (notes below say how loaded).  ",
              "Every number below was measured by the commands listed at the end (each result's JSON "
              "holds its exact eval_perplexity.py / eval_passkey.py configuration).\n"]
     if (out / "notes.md").is_file():  # the hand-written reading of the numbers: scope, findings, departures
