@@ -264,16 +264,18 @@ def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
             return flash_attn_func(q, k, v, causal=causal)
         out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)  # lse (B, H, Tq)
         return out.float(), lse.transpose(1, 2)
-    if with_lse:
-        return attention_with_lse(q, k, v, causal)
+    Tq, Tk = q.shape[1], k.shape[1]
+    # a prefill chunk after a cached prefix on the CPU, where SDPA would build its Tq x Tk mask
+    if with_lse or (q.is_cpu and causal and 1 < Tq < Tk):
+        out, lse = attention_with_lse(q, k, v, causal)
+        return (out, lse) if with_lse else out.type_as(q)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    Tq, Tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if Tq == 1 or not causal:  # nothing to mask (one new token attends to everything cached)
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     elif Tq == Tk:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    else:  # a prefill chunk after a cached prefix: causal mask aligned to the bottom right
+    else:  # a prefill chunk after a cached prefix (GPU): causal mask aligned to the bottom right
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tq, Tk), enable_gqa=gqa)
     return out.transpose(1, 2)
 
