@@ -190,6 +190,37 @@ def test_hf_folder_with_tokenizer_json_round_trips(bpe_model, tmp_path):
         assert again.encode(TEXT) == tok.encode(TEXT)
 
 
+def test_gguf_keeps_end_ids_past_eos(folder, tmp_path):
+    """generation_config.json's second end id survives GGUF as llama.cpp's end-of-turn key (read
+    back with gguf's own reader, and by load); further ones go to end of message, a token named
+    "eom" first; one more than that is said, not dropped silently."""
+    from gguf import GGUFReader
+
+    from yarn_minimal.formats.gguf import tokenizer_metadata
+
+    write_json(folder / "generation_config.json", {"eos_token_id": [2, 3]})
+    model, tok = yarn_minimal.load(tiny_hf_folder(folder, vocab_size=400))  # GGUF: one row per token
+    yarn_minimal.save(model, tok, tmp_path / "model.gguf", format="gguf")
+    field = GGUFReader(tmp_path / "model.gguf").fields["tokenizer.ggml.eot_token_id"]
+    assert int(field.parts[field.data[0]][0]) == 3 and tok.piece(3) == "<|eot|>"
+    _, again = yarn_minimal.load(tmp_path / "model.gguf")
+    assert (again.eos_id, again.eos_ids) == (2, (2, 3))
+
+    def ends(eos_ids):
+        tok.set_special_tokens(1, 2, eos_ids, False)
+        meta = tokenizer_metadata(tok)
+        return {k.split(".")[-1]: v[0] for k, v in meta.items() if k.endswith(("eot_token_id", "eom_token_id"))}
+
+    tok.tok.add_special_tokens(["<|eom_id|>"])
+    eom = tok.tok.token_to_id("<|eom_id|>")
+    assert ends([2]) == {}
+    assert ends([2, 0]) == {"eot_token_id": 0}
+    assert ends([2, 0, 3]) == {"eot_token_id": 0, "eom_token_id": 3}
+    assert ends([2, eom, 3]) == ends([2, 3, eom]) == {"eot_token_id": 3, "eom_token_id": eom}
+    with pytest.warns(UserWarning, match=r"end ids \[1\] have no GGUF key"):
+        assert ends([2, 0, 3, 1]) == {"eot_token_id": 0, "eom_token_id": 3}
+
+
 def test_tokenizer_ids_beyond_the_embedding_are_an_error(folder):
     path = tiny_hf_folder(folder, vocab_size=300)
     with pytest.raises(CheckpointError, match=r"tokenizer.json: tokenizer has ids up to 399 \(400 pieces\), but "

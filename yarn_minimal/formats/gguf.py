@@ -732,7 +732,25 @@ def tokenizer_metadata(tok: Tokenizer) -> dict:
         ident = getattr(tok, f"{name}_id")
         if ident is not None:
             vocab[f"tokenizer.ggml.{name}_token_id"] = _typed("", int(ident))
+    if getattr(tok, "gguf_vocab", None) is None:
+        vocab.update(_end_ids(tok))
     return vocab
+
+
+def _end_ids(tok: Tokenizer) -> dict:
+    """tokenizer.ggml.eot/eom_token_id for the end ids beyond EOS (generation_config.json's
+    list: Llama 3.1 Instruct ends at <|eot_id|>, <|eom_id|> and <|end_of_text|>). GGUF has one key
+    for each of end of turn and end of message, and llama.cpp stops at both; a token named "eom"
+    takes the end-of-message key, the others go in order. A third extra id has no key left."""
+    extra = [i for i in tok.eos_ids if i != tok.eos_id]
+    eom = [i for i in extra if "eom" in (tok.piece(i) or "")][:1]
+    rest = [i for i in extra if i not in eom]
+    keys = dict(zip(("eot", "eom") if not eom else ("eot",), rest)) | dict(zip(("eom",), eom))
+    left = [i for i in extra if i not in keys.values()]
+    if left:
+        warnings.warn(f"format='gguf': {tok.path}: end ids {left} have no GGUF key (only EOS, end of turn and "
+                      "end of message exist); llama.cpp stops at them only if it knows their text")
+    return {f"tokenizer.ggml.{name}_token_id": _typed("", int(i)) for name, i in keys.items()}
 
 
 FILE_TYPES = {torch.float32: ("F32", 0), torch.float16: ("F16", 1), torch.bfloat16: ("BF16", 32)}  # llama_ftype
