@@ -31,7 +31,7 @@ from .checkpoint import load_tokenizer
 from .cli import run_main
 from .tokenizer import Tokenizer
 
-from .files import atomic_write, move_into_place, temporary, write_json
+from .files import move_into_place, temporary, write_json
 
 FORMAT = "yarn-minimal-tokens/1"
 
@@ -42,20 +42,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def write_segments(out_dir: str | os.PathLike, segments: np.ndarray, meta: dict) -> Path:
     """Write an (n_segments, seq_len) array of token ids plus meta.json, atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if segments.ndim != 2:
         raise ValueError(f"segments must be 2-D (n_segments, seq_len), got shape {segments.shape}")
     vocab_size = int(meta["vocab_size"])
-    dtype = token_dtype(vocab_size)
     if segments.size and int(segments.max()) >= vocab_size:
         raise ValueError(f"token id {int(segments.max())} >= vocab_size {vocab_size}")
-    full_meta = dict(meta)
-    full_meta.update(format=FORMAT, seq_len=int(segments.shape[1]),
-                     n_segments=int(segments.shape[0]), dtype=dtype.name)
-    atomic_write(out_dir / "tokens.bin", lambda tmp: segments.astype(dtype.newbyteorder("<")).tofile(tmp))
-    write_json(out_dir / "meta.json", full_meta)
-    return out_dir
+    writer = SegmentWriter(out_dir, int(segments.shape[1]), vocab_size)
+    writer.append(segments.reshape(-1))
+    return writer.close(meta)
 
 
 def open_segments(data_dir: str | os.PathLike) -> tuple[np.memmap, dict]:
