@@ -299,7 +299,7 @@ def summary(a, wall: float) -> str:
         parts += [(out / "notes.md").read_text().rstrip(), ""]
     ppl_rows = read_rows(out / "ppl")
     if ppl_rows:
-        labels = [lab for lab, _, _ in ppl_grid(a.L, a.windows)]
+        labels = [lab for lab, _, _ in ppl_grid(a.L, sorted({r["window"] for r in ppl_rows}))]  # the grid's order
         ppl_rows = order(ppl_rows, labels)
         report.plot_perplexity(ppl_rows, str(out / "ppl.png"))
         parts += ["## SmolLM2-135M: perplexity without fine-tuning (Figure 1 protocol)\n",

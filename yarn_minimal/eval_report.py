@@ -224,17 +224,35 @@ def _save(fig, path: str) -> None:
 
 
 def plot_perplexity(results: Sequence[dict], path: str) -> None:
-    """Figure 1's style: perplexity against context window, one line per config, log y."""
+    """Figure 1's style: perplexity against context window (log-log), one line per config in
+    its own colour, Dynamic Scaling's dashed. When a config blows up (past twice the range of each
+    window's best), a second panel zooms in on the best ones."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(r["label"] for r in results):
-        rows = sorted((r for r in results if r["label"] == label), key=lambda r: r["window"])
-        ax.plot([r["window"] for r in rows], [r["perplexity"] for r in rows], marker="o", markersize=3, label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("context window (tokens)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    colors = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20").colors
+    windows = sorted({r["window"] for r in results})
+    best = [min(r["perplexity"] for r in results if r["window"] == w) for w in windows]
+    lo, hi = min(best) * 0.97, max(best) * 1.25  # room for every window's best few configs
+    zoom = max(r["perplexity"] for r in results) > 2 * hi
+    fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(13 if zoom else 8.5, 4.5), squeeze=False)
+    for ax in axes[0]:
+        for i, label in enumerate(labels):
+            rows = sorted((r for r in results if r["label"] == label), key=lambda r: r["window"])
+            ax.plot([r["window"] for r in rows], [r["perplexity"] for r in rows], marker="o", markersize=3,
+                    color=colors[i % len(colors)], linestyle="--" if label.startswith("Dynamic") else "-",
+                    label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(windows, [str(w) for w in windows])
+        ax.set_xticks([], minor=True)
+        ax.set_yscale("log")
+        ax.set_xlabel("context window (tokens)")
+        ax.set_ylabel("perplexity (lower is better)")
+        ax.grid(True, which="both", alpha=0.3)
+    if zoom:
+        axes[0, 1].set_yscale("linear")
+        axes[0, 1].set_ylim(lo, hi)
+        axes[0, 1].set_title(f"the same, perplexity {lo:.3g}-{hi:.3g}", fontsize=9)
+    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     _save(fig, path)
 
 
