@@ -49,7 +49,8 @@ def parse_args(argv=None):
                    help="Appendix A.2: perplexity for each sqrt(1/t) at the fixed --yarn-scale (needs --method yarn "
                         "and one --lengths value); 1 is always added as the reference")
     g.add_argument("--segment-length", type=int, default=2048,
-                   help="token positions per segment in the sweep's per-segment table (Figure 3; default 2048)")
+                   help="token positions per segment: the results' segment_perplexity and the sweep's "
+                        "per-segment table (Figure 3); default 2048")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="write the results as JSON to this file")
     g.add_argument("--plot", help="write a PNG: perplexity vs window (Figure 1), or the sweep (Figures 2-4)")
@@ -102,6 +103,8 @@ def protocol_from_args(args) -> tuple[list[int], list[float] | None]:
     if factors and (len(windows) != 1 or len(args.config) > 1):
         raise ev.EvalError(f"--attention-factor-sweep: give one --lengths value and at most one --config "
                            f"(got {len(windows)} lengths, {len(args.config)} configs)")
+    if args.segment_length < 1:
+        raise ev.EvalError(f"--segment-length {args.segment_length}: must be >= 1")
     if args.stride > min(windows) - 1 and not args.truncate:
         warnings.warn(f"--stride {args.stride} > W - 1 = {min(windows) - 1}: the tokens between one window's end "
                       "and the next window's begin are not scored")
@@ -129,6 +132,8 @@ def score_window(args, model, docs: list[list[int]], skipped: int, bos_id, windo
                 mode="truncate" if args.truncate else "sliding", stride=None if args.truncate else args.stride,
                 perplexity=scores.perplexity, perplexity_window_mean=scores.perplexity_window_mean,
                 nll=scores.nll, tokens=scores.tokens, windows=len(scores.window_mean_nll),
+                segment_length=args.segment_length,
+                segment_perplexity=scores.segment_perplexities(args.segment_length),
                 documents=len(docs), skipped_documents=skipped, short_documents=short,
                 scale_in_effect=report.scale_in_effect(model.rope, window, docs), rope=asdict(model.rope))
 

@@ -111,6 +111,21 @@ def test_truncate_matches_transformers_one_forward_per_document():
     assert scores.perplexity == pytest.approx(math.exp(nll_sum / n), rel=1e-5)
 
 
+def test_segment_perplexities_match_transformers_token_losses():
+    """Perplexity per segment of token positions, pooled over documents, against transformers'
+    own token losses; the segments' tokens and NLLs add up to the whole."""
+    model = tiny_model(RopeConfig(method="yarn", scale=4.0, original_length=L))
+    hf = hf_model(model, max_position_embeddings=L)
+    docs, W, seg = random_docs([50, 20, 33], seed=3), 33, 8
+    scores = ev.score_documents(model, docs, BOS, W, truncate=True)
+    nlls = [hf_token_nll(hf, [BOS] + d[:W - 1]) for d in docs]  # 32, 20 and 32 token losses
+    want = [math.exp(np.concatenate([n[a:a + seg] for n in nlls]).mean()) for a in range(0, 32, seg)]
+    assert scores.segment_perplexities(seg) == pytest.approx(want, rel=1e-5)
+    assert scores.segment_perplexities(64) == pytest.approx([scores.perplexity], rel=1e-12)
+    assert ev.PerplexityScores([np.array([np.nan, 1.0, np.nan, np.nan])]).segment_perplexities(2) == \
+        [pytest.approx(math.e), None]
+
+
 def test_attention_factor_sweep_matches_transformers_per_segment():
     model = tiny_model(RopeConfig(method="yarn", scale=4.0, original_length=L))
     docs = random_docs([40, 27], seed=5)
@@ -384,6 +399,7 @@ def test_eval_perplexity_script(ckpt, tmp_path):
         assert {"method", "scale", "dynamic", "window", "perplexity", "tokens"} <= set(r)
         assert r["perplexity"] > 1 and r["documents"] == 2 and r["skipped_documents"] == 1
     assert rows[2]["method"] == "yarn" and rows[2]["scale"] == 2.0
+    assert all(r["segment_length"] == 2048 and len(r["segment_perplexity"]) == 1 for r in rows)
     assert data["config"]["stride"] == 24 and "yarn-2" in proc.stdout
     assert is_png(plot)
 

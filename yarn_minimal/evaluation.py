@@ -162,6 +162,18 @@ class PerplexityScores:
     def document_perplexities(self) -> np.ndarray:
         return np.array([math.exp(float(np.nanmean(n))) for n in self.token_nll])
 
+    def segment_perplexities(self, segment_length: int) -> list[Optional[float]]:
+        """Token-weighted perplexity of the token positions [k L_seg, (k+1) L_seg) of every
+        document, for each k (None where nothing was scored): where along a long window the
+        loss rises (Eq. 26's segments)."""
+        n_max = max((len(n) for n in self.token_nll), default=0)
+        out = []
+        for a in range(0, n_max, segment_length):
+            parts = [n[a:a + segment_length] for n in self.token_nll]
+            count = sum(int(np.isfinite(p).sum()) for p in parts)
+            out.append(math.exp(sum(float(np.nansum(p)) for p in parts) / count) if count else None)
+        return out
+
 
 def score_documents(model: Transformer, documents: Sequence[Sequence[int]], bos_id: Optional[int], window: int,
                     stride: int = 256, truncate: bool = False, desc: str = "perplexity") -> PerplexityScores:
