@@ -400,6 +400,8 @@ def test_eval_perplexity_script(ckpt, tmp_path):
         assert r["perplexity"] > 1 and r["documents"] == 2 and r["skipped_documents"] == 1
     assert rows[2]["method"] == "yarn" and rows[2]["scale"] == 2.0
     assert all(r["segment_length"] == 2048 and len(r["segment_perplexity"]) == 1 for r in rows)
+    report.plot_segments(rows, str(tmp_path / "segments.png"), original_length=64)
+    assert is_png(tmp_path / "segments.png")
     assert data["config"]["stride"] == 24 and "yarn-2" in proc.stdout
     assert is_png(plot)
 

@@ -256,6 +256,26 @@ def plot_perplexity(results: Sequence[dict], path: str) -> None:
     _save(fig, path)
 
 
+def plot_segments(results: Sequence[dict], path: str, original_length: int) -> None:
+    """Where along a long window the loss rises: each result's segment_perplexity (positions
+    [k L_seg, (k+1) L_seg)) against the segment's first position, a line per (config, window),
+    with the original context L marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for r in results:
+        step = r["segment_length"]
+        points = [(k * step, p) for k, p in enumerate(r["segment_perplexity"]) if p is not None]
+        ax.plot(*zip(*points), marker="o", markersize=3, linestyle="--" if r["label"].startswith("Dynamic") else "-",
+                label=f"{r['label']}, window {r['window']} (s = {r['scale_in_effect']:g})")
+    ax.axvline(original_length, color="gray", linestyle=":", label=f"L = {original_length}")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"token position (start of each {results[0]['segment_length']}-token segment)")
+    ax.set_ylabel("perplexity of the segment")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    _save(fig, path)
+
+
 def plot_sweep(sweep: dict, path: str) -> None:
     """Appendix A.2: Figure 2 (perplexity vs sqrt(1/t), +-1 std over documents), Figure 3
     (Eq. 26 change per position segment) and Figure 4 (documents best at each factor)."""
