@@ -743,9 +743,11 @@ def _end_ids(tok: Tokenizer) -> dict:
     for each of end of turn and end of message, and llama.cpp stops at both; a token named "eom"
     takes the end-of-message key, the others go in order. A third extra id has no key left."""
     extra = [i for i in tok.eos_ids if i != tok.eos_id]
-    eom = [i for i in extra if "eom" in (tok.piece(i) or "")][:1]
-    rest = [i for i in extra if i not in eom]
-    keys = dict(zip(("eot", "eom") if not eom else ("eot",), rest)) | dict(zip(("eom",), eom))
+    eom = next((i for i in extra if "eom" in (tok.piece(i) or "")), None)
+    rest = [i for i in extra if i != eom]
+    keys = dict(zip(["eot"] if eom is not None else ["eot", "eom"], rest))
+    if eom is not None:
+        keys["eom"] = eom
     left = [i for i in extra if i not in keys.values()]
     if left:
         warnings.warn(f"format='gguf': {tok.path}: end ids {left} have no GGUF key (only EOS, end of turn and "
