@@ -103,8 +103,7 @@ def protocol_from_args(args) -> tuple[list[int], list[float] | None]:
     if factors and (len(windows) != 1 or len(args.config) > 1):
         raise ev.EvalError(f"--attention-factor-sweep: give one --lengths value and at most one --config "
                            f"(got {len(windows)} lengths, {len(args.config)} configs)")
-    if args.segment_length < 1:
-        raise ev.EvalError(f"--segment-length {args.segment_length}: must be >= 1")
+    ev.check_segment_length(args.segment_length)  # before any model runs, not after
     if args.stride > min(windows) - 1 and not args.truncate:
         warnings.warn(f"--stride {args.stride} > W - 1 = {min(windows) - 1}: the tokens between one window's end "
                       "and the next window's begin are not scored")

@@ -322,8 +322,9 @@ def summary(a, wall: float) -> str:
     long_rows = read_rows(out / "long")
     if long_rows:
         parts += ["## SmolLM2-135M at 8 x L\n", table(long_rows), ""]
-        # where the loss rises along the window: the longest windows of the grid beside 8 x L
-        along = [r for r in ppl_rows if r["window"] == max(a.windows) and r["label"] in ("RoPE", "Dynamic-YaRN")]
+        # where the loss rises along the window: the grid's longest window beside 8 x L
+        longest = max((r["window"] for r in ppl_rows), default=None)
+        along = [r for r in ppl_rows if r["window"] == longest and r["label"] in ("RoPE", "Dynamic-YaRN")]
         along = [r for r in along + long_rows if r.get("segment_perplexity")]
         if along:
             report.plot_segments(along, str(out / "long.png"), a.L)

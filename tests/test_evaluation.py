@@ -454,6 +454,9 @@ def test_scripts_report_bad_input(ckpt, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"no document left to score: 1 skipped \(fewer than --min-tokens 100 tokens\)"):
         cli.run_main(ppl.main, ["--ckpt", str(ckpt), "--files", str(tmp_path / "short.txt"), "--lengths", "32",
                                 "--stride", "16", "--min-tokens", "100", "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"error: --segment-length 0: must be >= 1"):  # before any checkpoint is read
+        cli.run_main(ppl.main, ["--ckpt", str(tmp_path / "no-model"), "--files", str(tmp_path / "short.txt"), "--lengths", "32",
+                                "--segment-length", "0", "--device", "cpu"])
     pk = load_script("eval_passkey.py")
     with pytest.raises(SystemExit, match=r"error: passkey length 20: shorter than the prompt"):
         cli.run_main(pk.main, ["--ckpt", str(ckpt), "--lengths", "20", "--device", "cpu"])

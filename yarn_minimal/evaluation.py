@@ -165,7 +165,8 @@ class PerplexityScores:
     def segment_perplexities(self, segment_length: int) -> list[Optional[float]]:
         """Token-weighted perplexity of the token positions [k L_seg, (k+1) L_seg) of every
         document, for each k (None where nothing was scored): where along a long window the
-        loss rises (Eq. 26's segments)."""
+        loss rises (the position segments of Appendix A.2's Figure 3)."""
+        check_segment_length(segment_length)
         n_max = max((len(n) for n in self.token_nll), default=0)
         out = []
         for a in range(0, n_max, segment_length):
@@ -173,6 +174,11 @@ class PerplexityScores:
             count = sum(int(np.isfinite(p).sum()) for p in parts)
             out.append(math.exp(sum(float(np.nansum(p)) for p in parts) / count) if count else None)
         return out
+
+
+def check_segment_length(segment_length: int) -> None:
+    if segment_length < 1:
+        raise EvalError(f"--segment-length {segment_length}: must be >= 1")
 
 
 def score_documents(model: Transformer, documents: Sequence[Sequence[int]], bos_id: Optional[int], window: int,
@@ -359,8 +365,7 @@ def attention_factor_sweep(model: Transformer, documents: Sequence[Sequence[int]
     if rope.method != "yarn":
         raise EvalError(f"--attention-factor-sweep: needs --method yarn (NTK-by-parts + temperature, Sec. 3.4), "
                         f"the model is set to {rope.method!r}")
-    if segment_length < 1:
-        raise EvalError(f"--segment-length {segment_length}: must be >= 1")
+    check_segment_length(segment_length)
     factors = sorted(set(float(f) for f in factors) | {1.0})
     per_factor = {}
     try:
