@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
+from . import decode_kernel
 from .rope import RopeConfig, attention_factor, check_head_dim, effective_scale, rope_tables
 
 FLASH_ATTN_MIN = (2, 1)  # before 2.1, flash-attn aligns the causal mask top-left when Tq != Tk
@@ -233,8 +234,12 @@ def attention(q: torch.Tensor, blocks: Iterable[KeysValues]) -> torch.Tensor:
     own positions and ends with them (causal, aligned bottom-right); any further block lies
     entirely before them. Each block is attended on its own and the blocks' softmaxes are
     merged through their log-sum-exp (as flash-decoding does), so that only one block needs to
-    exist at a time: the pre-RoPE cache rotates its keys a block at a time (LayerCache.update).
+    exist at a time: the pre-RoPE cache rotates its keys a block at a time (PreRopeKeys).
     Never builds a Tq x Tk score or mask tensor on the fast paths."""
+    if isinstance(blocks, PreRopeKeys) and decode_kernel.applies(q, blocks.keys, blocks.values):
+        # a decoding step on the CPU: the same rotation and softmax as below, in one C kernel
+        # that rotates each key as it reads it (decode_kernel.py says why)
+        return decode_kernel.decode_attention(q, blocks.keys, blocks.values, blocks.table)
     blocks = iter(blocks)
     k, v = next(blocks)
     more = next(blocks, None)
@@ -336,7 +341,8 @@ class LayerCache:
     changes with the sequence length and so does the rotation of every cached key, so the cache
     keeps keys BEFORE RoPE and rotates all of them at every forward pass, a block of
     ROTATE_BLOCK positions at a time, each block just before `attention` reads it. So the cache
-    costs its keys and values and one rotated block (Llama 2 7B at 128k: 64 GiB + 64 MiB).
+    costs its keys and values and one rotated block (Llama 2 7B at 128k: 64 GiB + 64 MiB). A
+    float32 decoding step on the CPU rotates them inside attention instead (decode_kernel.py).
 
     With a static method s never changes, so keys are stored already rotated. pre_rope=False
     does that even under Dynamic Scaling, as Hugging Face, vLLM and the authors' code do, so
@@ -360,15 +366,26 @@ class LayerCache:
             self.keys[:B, start:end] = apply_rope(k, rotation.new)
             return [(self.keys[:B, :end], self.values[:B, :end])]
         self.keys[:B, start:end] = k  # Sec. 3.3: cache keys before RoPE
-        return self.rotated_blocks(B, start, end, rotation.table)
+        return PreRopeKeys(self.keys[:B, :end], self.values[:B, :end], start, rotation.table)
 
-    def rotated_blocks(self, B: int, start: int, end: int, table: torch.Tensor) -> Iterator[KeysValues]:
-        """Every key so far rotated with `table` (this pass's s), block by block: first the
-        block holding the new tokens, then the earlier ones (the order `attention` expects)."""
-        last = start - start % ROTATE_BLOCK
+
+@dataclass
+class PreRopeKeys:
+    """Every key so far BEFORE RoPE, the values, and the table that rotates them at this pass's s
+    (Sec. 3.3). Iterating gives what `attention` reads: the keys rotated block by block, first
+    the block holding the new tokens (from `start`), then the earlier ones."""
+
+    keys: torch.Tensor    # (B, end, Hkv, |D|)
+    values: torch.Tensor
+    start: int
+    table: torch.Tensor   # rotation_table rows 0..end-1 at this pass's s
+
+    def __iter__(self) -> Iterator[KeysValues]:
+        end = self.keys.shape[1]
+        last = self.start - self.start % ROTATE_BLOCK
         spans = [(last, end)] + [(a, min(a + ROTATE_BLOCK, last)) for a in range(0, last, ROTATE_BLOCK)]
         for a, b in spans:
-            yield apply_rope(self.keys[:B, a:b], table[a:b]), self.values[:B, a:b]
+            yield apply_rope(self.keys[:, a:b], self.table[a:b]), self.values[:, a:b]
 
 
 class Attention(nn.Module):
