@@ -1,0 +1,127 @@
+"""decode_kernel.py and kernels/decode_attention.c: the CPU decoding step of Dynamic Scaling.
+
+Oracles: attention written out in float64 from the definitions (Eq. 5's rotation as explicit
+cos/sin arithmetic on each interleaved pair, Eq. 2's softmax), and, through the model, the
+full no-cache forward and the per-step brute force of test_generation.py. The kernel is also
+run where it must not be (the PyTorch path then gives the same tokens)."""
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import yarn_minimal.decode_kernel as decode_kernel
+from test_generation import L, PROMPT, full_forward_last, per_step_scale_oracle, record, rope_for
+from test_model import tiny_model
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on this machine")
+
+
+def attention_by_definition(q, keys, values, table):
+    """softmax(q . R_t k_t / sqrt(|D|)) v in float64, every step spelled out."""
+    q, keys, values = q.double(), keys.double(), values.double()
+    cos, sin = table.real.double()[:, None], table.imag.double()[:, None]  # (T, 1, |D|/2)
+    k0, k1 = keys[..., 0::2], keys[..., 1::2]  # the pair (k_2d, k_2d+1) of each frequency d
+    rotated = torch.stack((k0 * cos - k1 * sin, k0 * sin + k1 * cos), -1).flatten(-2)  # Eq. 5
+    group = q.shape[2] // keys.shape[2]
+    rotated, values = rotated.repeat_interleave(group, 2), values.repeat_interleave(group, 2)
+    scores = torch.einsum("bhd,bthd->bht", q[:, 0], rotated) / q.shape[-1] ** 0.5
+    return torch.einsum("bht,bthd->bhd", scores.softmax(-1), values)[:, None]
+
+
+def random_case(B, T, H, Hkv, D, max_len=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, B + 1, max_len or T + 5, Hkv, D, generator=g) * 2  # a preallocated cache, partly used
+    keys, values = cache[0, :B, :T], cache[1, :B, :T]
+    q = torch.randn(B, 1, H, D, generator=g)
+    angles = torch.rand(T, D // 2, generator=g) * 100
+    table = torch.polar(0.5 + torch.rand(T, D // 2, generator=g), angles)  # |table| != 1: sqrt(1/t) included
+    return q, keys, values, table
+
+
+@needs_compiler
+@pytest.mark.parametrize("D", [16, 32, 48, 64, 128])  # 32/64/128 are compiled apart from the others
+@pytest.mark.parametrize("B,H,Hkv", [(1, 4, 4), (2, 8, 2)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_equals_attention_by_definition(D, B, H, Hkv, threads):
+    T = 2 * decode_kernel.MIN_POSITIONS_PER_THREAD + 77  # two chunks with two threads, one with one
+    q, keys, values, table = random_case(B, T, H, Hkv, D)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert decode_kernel.applies(q, keys, values)
+        out = decode_kernel.decode_attention(q, keys, values, table)
+    finally:
+        torch.set_num_threads(before)
+    ref = attention_by_definition(q, keys, values, table)
+    assert out.shape == (B, 1, H, D) and out.dtype == torch.float32
+    assert (out.double() - ref).abs().max().item() < 1e-5
+
+
+@needs_compiler
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_kernel_with_few_positions(T):
+    q, keys, values, table = random_case(2, T, 4, 2, 32)
+    out = decode_kernel.decode_attention(q, keys, values, table)
+    assert (out.double() - attention_by_definition(q, keys, values, table)).abs().max().item() < 1e-5
+
+
+@needs_compiler
+def test_kernel_softmax_does_not_overflow():
+    # scores in the hundreds: exp(score) overflows float32, exp(score - largest) does not
+    q, keys, values, table = random_case(1, 3000, 4, 4, 64)
+    q = q * 40
+    out = decode_kernel.decode_attention(q, keys, values, table)
+    assert torch.isfinite(out).all()
+    assert (out.double() - attention_by_definition(q, keys, values, table)).abs().max().item() < 1e-4
+
+
+def test_where_the_kernel_does_not_apply(monkeypatch):
+    q, keys, values, _ = random_case(1, 10, 4, 2, 16)
+    two_queries = torch.cat([q, q], 1)
+    assert not decode_kernel.applies(two_queries, keys, values)  # a prefill chunk
+    assert not decode_kernel.applies(q.bfloat16(), keys.bfloat16(), values.bfloat16())
+    assert not decode_kernel.applies(q, keys.transpose(1, 2).contiguous().transpose(1, 2), values)  # other strides
+    assert not decode_kernel.applies(q.to("meta"), keys.to("meta"), values.to("meta"))
+    assert not decode_kernel.applies(q.requires_grad_(), keys, values)  # autograd cannot see inside it
+    monkeypatch.setenv("YARN_MINIMAL_CPU_KERNEL", "0")
+    assert not decode_kernel.applies(q.detach(), keys, values)
+
+
+def test_no_compiler_warns_once_and_decoding_still_works(monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    decode_kernel.library.cache_clear()
+    try:
+        model = tiny_model(rope_for("yarn", dynamic=True), n_layers=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tokens, logits = record(model, PROMPT, 2 * L)
+        messages = [str(w.message) for w in caught if "decode kernel" in str(w.message)]
+        assert len(messages) == 1 and "no C compiler (/nonexistent/cc)" in messages[0]
+        seq = list(PROMPT)
+        for step_logits, token in zip(logits, tokens):  # the PyTorch path: still exact (one layer)
+            assert (step_logits - full_forward_last(model, seq)).abs().max().item() <= 1e-4
+            seq.append(token)
+    finally:
+        decode_kernel.library.cache_clear()
+
+
+@needs_compiler
+@pytest.mark.parametrize("method", ["yarn", "ntk-by-parts"])
+def test_model_decodes_through_the_kernel_as_through_pytorch(method, monkeypatch):
+    # The model's decoding steps really go through the kernel (counted), and give the brute
+    # force's logits (two layers: test_generation.per_step_scale_oracle), as the PyTorch path does.
+    calls = []
+    kernel = decode_kernel.decode_attention
+    monkeypatch.setattr(decode_kernel, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    model = tiny_model(rope_for(method, dynamic=True), n_layers=2)
+    fast_tokens, fast_logits = record(model, PROMPT, 3 * L)
+    assert len(calls) == 2 * (3 * L - 1)  # every decoding step (not the prefill), both layers
+    monkeypatch.setenv("YARN_MINIMAL_CPU_KERNEL", "0")
+    slow_tokens, slow_logits = record(model, PROMPT, 3 * L)
+    assert len(calls) == 2 * (3 * L - 1)
+    oracle = per_step_scale_oracle(model, PROMPT, fast_tokens)
+    assert fast_tokens == slow_tokens
+    for fast, slow, ref in zip(fast_logits, slow_logits, oracle):
+        assert (fast - ref).abs().max().item() <= 1e-4
+        assert (slow - ref).abs().max().item() <= 1e-4
