@@ -1,7 +1,8 @@
 """bench/decode_traffic.py and bench/memory_7b.py on tiny models, against the bytes counted by
 hand from the shapes: every weight and every cached key and value read once per decode step;
-weights + K + V live through generation."""
+weights + K + V live through generation. bench/bench_decode_kernel.py runs and prints its table."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import bench_decode_kernel  # noqa: E402
 import decode_traffic  # noqa: E402
 import memory_7b  # noqa: E402
 from yarn_minimal.model import ModelArgs  # noqa: E402
@@ -79,3 +81,12 @@ def test_memory_peak_against_weights_and_cache():
         table = (prompt + new) * 32 * 8
         assert weights + kv < r["peak"] <= weights + kv + activations + kv // 4 + 9 * table, rope
     assert memory_7b.model_module.flash_attn_func is not memory_7b.flash_attn_stand_in  # restored
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on this machine")
+def test_bench_decode_kernel_prints_its_table(capsys):
+    bench_decode_kernel.main(["--positions", "300", "2100", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                              "--layers", "2", "--rounds", "2"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[0] for row in rows] == ["| 300", "| 2100"]
+    assert all(row.count("x |") == 2 for row in rows)

@@ -1,0 +1,92 @@
+"""One decoding step's attention on the CPU, per layer: static YaRN against Dynamic-YaRN.
+
+    python bench/bench_decode_kernel.py                          # 8 heads of 32, 1k-32k positions
+    python bench/bench_decode_kernel.py --heads 32 --kv-heads 8 --head-dim 128 --positions 4096 16384
+
+Three ways to attend one new token's queries to T cached positions, float32, timed in turn
+(round-robin, so that a noisy machine slows all three alike):
+- static:           the keys are cached rotated; SDPA reads them (what static YaRN runs);
+- dynamic, PyTorch: the keys are cached before RoPE; rotate them all (rotate_pairs, Eq. 5),
+                    then SDPA (Dynamic-YaRN without the kernel: YARN_MINIMAL_CPU_KERNEL=0);
+- dynamic, kernel:  decode_kernel.decode_attention, which rotates each key as it reads it.
+`--layers` copies of the cache are attended one after another, so that the caches of a whole
+model, not one layer's, compete for the CPU's caches as they do in a real step.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from yarn_minimal import decode_kernel  # noqa: E402
+from yarn_minimal.model import rotate_pairs  # noqa: E402
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
+
+
+def measure(positions: int, heads: int, kv_heads: int, head_dim: int, layers: int, rounds: int) -> dict:
+    """Seconds per layer of each way (best and median over rounds), and their largest difference."""
+    caches = [(torch.randn(1, positions, kv_heads, head_dim), torch.randn(1, positions, kv_heads, head_dim))
+              for _ in range(layers)]
+    q = torch.randn(1, 1, heads, head_dim)
+    table = torch.polar(torch.ones(positions, head_dim // 2), torch.rand(positions, head_dim // 2) * 6.28)
+    ways = {
+        "static": lambda k, v: sdpa(q, k, v),
+        "dynamic, PyTorch": lambda k, v: sdpa(q, rotate_pairs(k, table), v),
+        "dynamic, kernel": lambda k, v: decode_kernel.decode_attention(q, k, v, table),
+    }
+    k, v = caches[0]
+    outs = [way(k, v) for way in ways.values()]  # also the warm-up (and the kernel's build)
+    times = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, way in ways.items():
+            start = time.perf_counter()
+            for k, v in caches:
+                way(k, v)
+            times[name].append((time.perf_counter() - start) / layers)
+    result = {name: (min(t), statistics.median(t)) for name, t in times.items()}
+    result["max |dynamic, kernel - dynamic, PyTorch|"] = (outs[2] - outs[1]).abs().max().item()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--positions", type=int, nargs="+", default=[1024, 4096, 16384, 32768], help="cached positions T")
+    p.add_argument("--heads", type=int, default=8, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    p.add_argument("--head-dim", type=int, default=32, help="|D|")
+    p.add_argument("--layers", type=int, default=4, help="caches attended per round, one per layer")
+    p.add_argument("--rounds", type=int, default=30, help="timed rounds")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, also the kernel's")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if decode_kernel.library() is None:
+        sys.exit("error: the CPU decode kernel could not be built here (see the warning above)")
+    print(f"# {args.heads} query heads, {args.kv_heads or args.heads} kv heads of {args.head_dim}, float32, "
+          f"{args.layers} layers' caches, {args.threads} thread(s); ms per layer, best / median of {args.rounds}")
+    print("| positions | static (SDPA) | dynamic, PyTorch | dynamic, kernel | static / dynamic, PyTorch | "
+          "static / dynamic, kernel |")
+    print("|---|---|---|---|---|---|")
+    for positions in args.positions:
+        r = measure(positions, args.heads, args.kv_heads or args.heads, args.head_dim, args.layers, args.rounds)
+        s, py, kern = r["static"], r["dynamic, PyTorch"], r["dynamic, kernel"]
+        print(f"| {positions} | {s[0] * 1e3:.3f} / {s[1] * 1e3:.3f} | {py[0] * 1e3:.3f} / {py[1] * 1e3:.3f} | "
+              f"{kern[0] * 1e3:.3f} / {kern[1] * 1e3:.3f} | {s[1] / py[1]:.2f}x | {s[1] / kern[1]:.2f}x |")
+        if r["max |dynamic, kernel - dynamic, PyTorch|"] > 1e-4:
+            sys.exit(f"error: at {positions} positions the kernel and the PyTorch path differ by "
+                     f"{r['max |dynamic, kernel - dynamic, PyTorch|']:.2e}")
+
+
+if __name__ == "__main__":
+    main()
