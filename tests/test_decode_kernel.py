@@ -49,7 +49,7 @@ def test_kernel_equals_attention_by_definition(D, B, H, Hkv, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert decode_kernel.applies(q, keys, values)
+        assert decode_kernel.applies(q, keys, values, table)
         out = decode_kernel.decode_attention(q, keys, values, table)
     finally:
         torch.set_num_threads(before)
@@ -77,19 +77,46 @@ def test_kernel_softmax_does_not_overflow():
 
 
 def test_where_the_kernel_does_not_apply(monkeypatch):
-    q, keys, values, _ = random_case(1, 10, 4, 2, 16)
-    two_queries = torch.cat([q, q], 1)
-    assert not decode_kernel.applies(two_queries, keys, values)  # a prefill chunk
-    assert not decode_kernel.applies(q.bfloat16(), keys.bfloat16(), values.bfloat16())
-    assert not decode_kernel.applies(q, keys.transpose(1, 2).contiguous().transpose(1, 2), values)  # other strides
-    assert not decode_kernel.applies(q.to("meta"), keys.to("meta"), values.to("meta"))
-    assert not decode_kernel.applies(q.requires_grad_(), keys, values)  # autograd cannot see inside it
+    q, keys, values, table = random_case(2, 10, 4, 2, 16)
+    assert decode_kernel.applies(q, keys, values, table) == (shutil.which("cc") is not None)
+    refused = {
+        "a prefill chunk": (torch.cat([q, q], 1), keys, values, table),
+        "bf16": (q.bfloat16(), keys.bfloat16(), values.bfloat16(), table),
+        "other strides": (q, keys.transpose(1, 2).contiguous().transpose(1, 2), values, table),
+        "meta": (q.to("meta"), keys.to("meta"), values.to("meta"), table.to("meta")),
+        "a table too short": (q, keys, values, table[:5]),
+        "a complex128 table": (q, keys, values, table.to(torch.complex128)),
+        "heads not a multiple of kv heads": (q[:, :, :3], keys, values, table),
+        "another batch size": (q[:1], keys, values, table),
+        # autograd cannot see inside the kernel, whichever input needs a gradient
+        "q needs a gradient": (q.clone().requires_grad_(), keys, values, table),
+        "keys need a gradient": (q, keys.clone().requires_grad_(), values.clone(), table),
+    }
+    for why, inputs in refused.items():
+        assert not decode_kernel.applies(*inputs), why
+    with torch.no_grad():
+        assert decode_kernel.applies(q, keys.clone().requires_grad_(), values.clone(), table) == (shutil.which("cc") is not None)
     monkeypatch.setenv("YARN_MINIMAL_CPU_KERNEL", "0")
-    assert not decode_kernel.applies(q.detach(), keys, values)
+    assert not decode_kernel.applies(q, keys, values, table)
 
 
-def test_no_compiler_warns_once_and_decoding_still_works(monkeypatch):
-    monkeypatch.setenv("CC", "/nonexistent/cc")
+@needs_compiler
+def test_kernel_ignores_torch_default_dtype():
+    q, keys, values, table = random_case(1, 50, 4, 2, 16)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = decode_kernel.decode_attention(q, keys, values, table)
+    finally:
+        torch.set_default_dtype(before)
+    assert out.dtype == torch.float32
+    assert (out.double() - attention_by_definition(q, keys, values, table)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("cc, expected", [("/nonexistent/cc", "no C compiler (/nonexistent/cc)"),
+                                          ("cc --no-such-option", "error")])
+def test_a_kernel_that_cannot_be_built_warns_once_and_decoding_still_works(cc, expected, monkeypatch):
+    monkeypatch.setenv("CC", cc)
     decode_kernel.library.cache_clear()
     try:
         model = tiny_model(rope_for("yarn", dynamic=True), n_layers=1)
@@ -97,11 +124,27 @@ def test_no_compiler_warns_once_and_decoding_still_works(monkeypatch):
             warnings.simplefilter("always")
             tokens, logits = record(model, PROMPT, 2 * L)
         messages = [str(w.message) for w in caught if "decode kernel" in str(w.message)]
-        assert len(messages) == 1 and "no C compiler (/nonexistent/cc)" in messages[0]
+        assert len(messages) == 1 and expected in messages[0], messages
         seq = list(PROMPT)
         for step_logits, token in zip(logits, tokens):  # the PyTorch path: still exact (one layer)
             assert (step_logits - full_forward_last(model, seq)).abs().max().item() <= 1e-4
             seq.append(token)
+    finally:
+        decode_kernel.library.cache_clear()
+
+
+@needs_compiler
+def test_a_kernel_built_but_not_loadable_falls_back(monkeypatch):
+    # e.g. a temporary folder mounted noexec, or a C library without the symbols it was built for
+    def refuse(path):
+        raise OSError(f"{path}: failed to map segment from shared object")
+    monkeypatch.setattr(decode_kernel.ctypes, "CDLL", refuse)
+    decode_kernel.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="built but not loaded: .*failed to map segment"):
+            assert decode_kernel.library() is None
+        q, keys, values, table = random_case(1, 10, 4, 2, 16)
+        assert not decode_kernel.applies(q, keys, values, table)
     finally:
         decode_kernel.library.cache_clear()
 

@@ -1,15 +1,18 @@
 """Dynamic Scaling's decoding step on the CPU as one C kernel (kernels/decode_attention.c).
 
 Sec. 3.3 asks the cache to keep keys before RoPE and to rotate all of them at the new s at
-every step. In PyTorch (LayerCache.rotated_blocks, then attention) that is three passes over
+every step. In PyTorch (model.PreRopeKeys, then attention) that is three passes over
 the keys, where a static cache makes one, and no eager ordering of PyTorch ops avoids it:
 Dynamic-YaRN decoded at 0.65-0.71x the speed of static YaRN on a model whose decode the KV
 cache dominates (docs/generation.md). The kernel rotates each key as attention reads it.
 
 It is built with the system's C compiler ($CC, else cc) the first time a process needs it,
-into a temporary folder (about 0.3 s; nothing is cached on disk, so a binary built for one
-CPU never runs on another). Without a compiler, or with YARN_MINIMAL_CPU_KERNEL=0, the
-PyTorch path runs instead and gives the same numbers (tests/test_decode_kernel.py), slower.
+into a temporary folder (0.3-3 s, inside the first decoding step; nothing is cached on disk,
+so a binary built for one CPU never runs on another). Without a compiler that builds and loads
+it, or with YARN_MINIMAL_CPU_KERNEL=0, the PyTorch path runs instead and gives the same results
+within float32 rounding (tests/test_decode_kernel.py), more slowly.
+The flags never include -ffast-math: with it gcc links code that sets flush-to-zero for the whole
+process, which would change every other result of torch.
 The PyTorch path remains the reference a reader should read; this is its fast twin, for
 float32 decoding steps (one new token) on the CPU only.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -40,47 +44,59 @@ def enabled() -> bool:
 
 @functools.cache
 def library() -> Optional[ctypes.CDLL]:
-    """The compiled kernel, or None (with one warning) when this machine cannot build it."""
-    compiler = shutil.which(os.environ.get("CC", "cc").split()[0])
-    reason = f"no C compiler ({os.environ.get('CC', 'cc')})"
-    if compiler is not None:
+    """The compiled kernel, or None (with one warning) when this machine cannot build or load it."""
+    command = shlex.split(os.environ.get("CC") or "cc")  # $CC may carry arguments ("ccache gcc")
+    reason = f"no C compiler ({' '.join(command)})"
+    if shutil.which(command[0]) is not None:
         with tempfile.TemporaryDirectory(prefix="yarn_minimal_") as folder:
             built = Path(folder) / "decode_attention.so"
             for flags in (FAST_FLAGS, PORTABLE_FLAGS):
-                run = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(built), "-lm"],
+                run = subprocess.run([*command, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(built), "-lm"],
                                      capture_output=True, text=True)
-                if run.returncode == 0:
+                if run.returncode != 0:
+                    lines = run.stderr.strip().splitlines() or [f"exit status {run.returncode}"]
+                    reason = f"{command[0]}: " + next((line for line in lines if "error" in line), lines[-1])
+                    continue
+                try:  # a temporary folder mounted noexec, a missing symbol: built but not loadable
                     lib = ctypes.CDLL(str(built))  # loaded: the file may go with its folder
-                    lib.decode_attention.restype = None
-                    lib.decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + \
-                        [ctypes.c_void_p] * 2 + [ctypes.c_int64]
-                    return lib
-                lines = run.stderr.strip().splitlines() or [f"exit status {run.returncode}"]
-                reason = f"{compiler}: " + next((line for line in lines if "error" in line), lines[-1])
+                except OSError as e:
+                    reason = f"built but not loaded: {e}"
+                    continue
+                lib.decode_attention.restype = None
+                lib.decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + \
+                    [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+                return lib
     warnings.warn(f"the CPU decode kernel could not be built ({reason}); Dynamic Scaling decodes with the "
-                  f"PyTorch path: the same numbers, more slowly (docs/generation.md)", stacklevel=2)
+                  f"PyTorch path: the same results, more slowly (docs/generation.md)", stacklevel=2)
     return None
 
 
-def applies(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
-    """A float32 decoding step (one query) on the CPU, outside autograd and torch.compile,
-    over a cache whose rows are laid out as LayerCache keeps them."""
-    return (q.is_cpu and q.shape[1] == 1 and q.dtype == keys.dtype == values.dtype == torch.float32
-            and keys.stride() == values.stride() and keys.stride()[1:] == (keys.shape[2] * keys.shape[3], keys.shape[3], 1)
-            and not (torch.is_grad_enabled() and q.requires_grad) and not torch.compiler.is_compiling()
+def applies(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor) -> bool:
+    """A float32 decoding step (one query) on the CPU over a cache laid out as LayerCache keeps
+    it, outside autograd, tracing and torch.compile (which cannot see into the kernel)."""
+    B, Tq, H, D = q.shape
+    T, Hkv = keys.shape[1], keys.shape[2]
+    plain = all(type(t) is torch.Tensor and t.device.type == "cpu" for t in (q, keys, values, table))
+    return (plain and Tq == 1 and q.dtype == keys.dtype == values.dtype == torch.float32
+            and keys.shape == values.shape and keys.shape[0] == B and keys.shape[3] == D and D % 2 == 0
+            and H % Hkv == 0 and table.dtype == torch.complex64 and table.shape[0] >= T and table.shape[1] == D // 2
+            and keys.stride() == values.stride() and keys.stride()[1:] == (Hkv * D, D, 1)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, keys, values, table)))
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and enabled() and library() is not None)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """softmax(q (R_m k_m)^T / sqrt(|D|)) v over every cached position m (Eq. 2 with Eq. 5), where
     R_m is row m of `table` (complex64 (T, |D|/2), model.rotation_table at this step's s).
-    q (B, 1, H, |D|) is rotated already; keys (before RoPE) and values are (B, T, Hkv, |D|)."""
+    q (B, 1, H, |D|) is rotated already; keys (before RoPE) and values are (B, T, Hkv, |D|).
+    Call it where `applies` says so."""
     B, _, H, D = q.shape
     T, Hkv = keys.shape[1], keys.shape[2]
     q, table = q.contiguous(), torch.view_as_real(table[:T].contiguous())
     n_chunks = max(1, min(torch.get_num_threads(), T // MIN_POSITIONS_PER_THREAD))
-    out = torch.empty(B, 1, H, D)  # float32, as the inputs
-    scores, partial = torch.empty(H, T), torch.empty(n_chunks, H, D + 2)
+    work = dict(dtype=torch.float32, device="cpu")  # not torch's defaults, which a caller may have changed
+    out, scores, partial = torch.empty(B, 1, H, D, **work), torch.empty(H, T, **work), torch.empty(n_chunks, H, D + 2, **work)
     library().decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), table.data_ptr(), out.data_ptr(),
                                B, T, H, Hkv, D, keys.stride(0), scores.data_ptr(), partial.data_ptr(), n_chunks)
     return out

@@ -236,7 +236,7 @@ def attention(q: torch.Tensor, blocks: Iterable[KeysValues]) -> torch.Tensor:
     merged through their log-sum-exp (as flash-decoding does), so that only one block needs to
     exist at a time: the pre-RoPE cache rotates its keys a block at a time (PreRopeKeys).
     Never builds a Tq x Tk score or mask tensor on the fast paths."""
-    if isinstance(blocks, PreRopeKeys) and decode_kernel.applies(q, blocks.keys, blocks.values):
+    if isinstance(blocks, PreRopeKeys) and decode_kernel.applies(q, blocks.keys, blocks.values, blocks.table):
         # a decoding step on the CPU: the same rotation and softmax as below, in one C kernel
         # that rotates each key as it reads it (decode_kernel.py says why)
         return decode_kernel.decode_attention(q, blocks.keys, blocks.values, blocks.table)

@@ -24,8 +24,12 @@
 #include <math.h>
 #include <stdint.h>
 
-#pragma omp declare simd notinbranch /* glibc's libmvec has it: exp of 16 floats at once */
+#if defined(__x86_64__) && defined(__GLIBC__) /* glibc's libmvec has it: exp of 16 floats at once */
+#pragma omp declare simd notinbranch
 float expf(float);
+#endif
+
+#define BLOCK 256 /* positions whose weighted values are summed apart before joining the chunk's sum */
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -53,7 +57,8 @@ INLINE void attend_chunk(const float *q, const float *k, const float *v, const f
     }
   }
   for (int64_t h = 0; h < H; h++) { /* exp(score - largest): the softmax's numerators */
-    float *s = scores + h * T, largest = -INFINITY, total = 0.0f;
+    float *s = scores + h * T, largest = -INFINITY;
+    double total = 0.0; /* a sum of up to T terms: float32 would lose digits at 128k */
 #pragma omp simd reduction(max : largest)
     for (int64_t t = t0; t < t1; t++) largest = s[t] > largest ? s[t] : largest;
 #pragma omp simd reduction(+ : total)
@@ -63,15 +68,20 @@ INLINE void attend_chunk(const float *q, const float *k, const float *v, const f
     }
     float *part = partial + h * (D + 2);
     part[0] = largest;
-    part[1] = total;
+    part[1] = (float)total;
     for (int64_t d = 0; d < D; d++) part[2 + d] = 0.0f;
   }
-  for (int64_t t = t0; t < t1; t++) /* times the values, position by position */
-    for (int64_t h = 0; h < H; h++) {
-      const float p = scores[h * T + t], *value = v + t * row + (h / group) * D;
-      float *out = partial + h * (D + 2) + 2;
-      for (int64_t d = 0; d < D; d++) out[d] += p * value[d];
-    }
+  float block_sum[H * D]; /* times the values, position by position, summed per BLOCK positions */
+  for (int64_t a = t0; a < t1; a += BLOCK) {
+    for (int64_t i = 0; i < H * D; i++) block_sum[i] = 0.0f;
+    for (int64_t t = a; t < (a + BLOCK < t1 ? a + BLOCK : t1); t++)
+      for (int64_t h = 0; h < H; h++) {
+        const float p = scores[h * T + t], *value = v + t * row + (h / group) * D;
+        for (int64_t d = 0; d < D; d++) block_sum[h * D + d] += p * value[d];
+      }
+    for (int64_t h = 0; h < H; h++)
+      for (int64_t d = 0; d < D; d++) partial[h * (D + 2) + 2 + d] += block_sum[h * D + d];
+  }
 }
 
 /* attend_chunk with the head size a constant where it is a common one, so that the compiler
