@@ -114,7 +114,7 @@ def test_kernel_ignores_torch_default_dtype():
 
 
 @pytest.mark.parametrize("cc, expected", [("/nonexistent/cc", "no C compiler (/nonexistent/cc)"),
-                                          ("cc --no-such-option", "error")])
+                                          pytest.param("cc --no-such-option", "error", marks=needs_compiler)])
 def test_a_kernel_that_cannot_be_built_warns_once_and_decoding_still_works(cc, expected, monkeypatch):
     monkeypatch.setenv("CC", cc)
     decode_kernel.library.cache_clear()
