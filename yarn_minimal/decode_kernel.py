@@ -3,7 +3,7 @@
 Sec. 3.3 asks the cache to keep keys before RoPE and to rotate all of them at the new s at
 every step. In PyTorch (model.PreRopeKeys, then attention) that is three passes over
 the keys, where a static cache makes one, and no eager ordering of PyTorch ops avoids it:
-Dynamic-YaRN decoded at 0.65-0.71x the speed of static YaRN on a model whose decode the KV
+on that path Dynamic-YaRN decodes at 0.64-0.73x the speed of static YaRN on a model whose decode the KV
 cache dominates (docs/generation.md). The kernel rotates each key as attention reads it.
 
 It is built with the system's C compiler ($CC, else cc) the first time a process needs it,
