@@ -6,9 +6,10 @@
 Three ways to attend one new token's queries to T cached positions, float32, timed in turn
 (round-robin, so that a noisy machine slows all three alike):
 - static:           the keys are cached rotated; SDPA reads them (what static YaRN runs);
-- dynamic, PyTorch: the keys are cached before RoPE; rotate them all (rotate_pairs, Eq. 5),
+- dynamic, PyTorch: the keys are cached before RoPE; rotate them a block at a time (Eq. 5),
                     then SDPA (Dynamic-YaRN without the kernel: YARN_MINIMAL_CPU_KERNEL=0);
 - dynamic, kernel:  decode_kernel.decode_attention, which rotates each key as it reads it.
+All three are model.attention, the function a decoding step calls.
 `--layers` copies of the cache are attended one after another, so that the caches of a whole
 model, not one layer's, compete for the CPU's caches as they do in a real step.
 """
@@ -21,17 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from yarn_minimal import decode_kernel  # noqa: E402
-from yarn_minimal.model import rotate_pairs  # noqa: E402
-
-
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
+from yarn_minimal.model import PreRopeKeys, attention  # noqa: E402
 
 
 def measure(positions: int, heads: int, kv_heads: int, head_dim: int, layers: int, rounds: int) -> dict:
@@ -40,10 +35,11 @@ def measure(positions: int, heads: int, kv_heads: int, head_dim: int, layers: in
               for _ in range(layers)]
     q = torch.randn(1, 1, heads, head_dim)
     table = torch.polar(torch.ones(positions, head_dim // 2), torch.rand(positions, head_dim // 2) * 6.28)
+    # model.attention itself: given a plain iterator of rotated blocks it takes the PyTorch path
     ways = {
-        "static": lambda k, v: sdpa(q, k, v),
-        "dynamic, PyTorch": lambda k, v: sdpa(q, rotate_pairs(k, table), v),
-        "dynamic, kernel": lambda k, v: decode_kernel.decode_attention(q, k, v, table),
+        "static": lambda k, v: attention(q, [(k, v)]),
+        "dynamic, PyTorch": lambda k, v: attention(q, iter(PreRopeKeys(k, v, positions - 1, table))),
+        "dynamic, kernel": lambda k, v: attention(q, PreRopeKeys(k, v, positions - 1, table)),
     }
     k, v = caches[0]
     outs = [way(k, v) for way in ways.values()]  # also the warm-up (and the kernel's build)

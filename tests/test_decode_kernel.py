@@ -4,14 +4,17 @@ Oracles: attention written out in float64 from the definitions (Eq. 5's rotation
 cos/sin arithmetic on each interleaved pair, Eq. 2's softmax), and, through the model, the
 full no-cache forward and the per-step brute force of test_generation.py. The kernel is also
 run where it must not be (the PyTorch path then gives the same tokens)."""
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 
 import yarn_minimal.decode_kernel as decode_kernel
-from test_generation import L, PROMPT, full_forward_last, per_step_scale_oracle, record, rope_for
+from test_generation import L, PROMPT, ROOT, full_forward_last, per_step_scale_oracle, record, rope_for
 from test_model import tiny_model
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on this machine")
@@ -168,3 +171,15 @@ def test_model_decodes_through_the_kernel_as_through_pytorch(method, monkeypatch
     for fast, slow, ref in zip(fast_logits, slow_logits, oracle):
         assert (fast - ref).abs().max().item() <= 1e-4
         assert (slow - ref).abs().max().item() <= 1e-4
+
+
+def test_a_bad_switch_value_is_one_line():
+    # the variable is read where the kernel could apply: a Dynamic Scaling decoding step on the CPU
+    # (here with the embedded demo model)
+    env = dict(os.environ, OMP_NUM_THREADS="1", YARN_MINIMAL_CPU_KERNEL="yes")
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--prompt", "the pass key",
+                        "--max-new-tokens", "3", "--ignore-eos", "--dynamic", "--device", "cpu"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert ("YARN_MINIMAL_CPU_KERNEL='yes': expected 1 (the CPU decode kernel, the default) or 0 (the PyTorch path)"
+            in r.stderr.strip().splitlines()[-1])

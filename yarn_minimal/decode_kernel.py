@@ -39,7 +39,12 @@ MIN_POSITIONS_PER_THREAD = 1024  # fewer: the threads' start-up costs more than 
 
 
 def enabled() -> bool:
-    return os.environ.get("YARN_MINIMAL_CPU_KERNEL", "1") != "0"
+    """YARN_MINIMAL_CPU_KERNEL: 1 (the default) uses the kernel where it applies, 0 never does."""
+    value = os.environ.get("YARN_MINIMAL_CPU_KERNEL", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"YARN_MINIMAL_CPU_KERNEL={value!r}: expected 1 (the CPU decode kernel, the default) "
+                         "or 0 (the PyTorch path)")
+    return value == "1"
 
 
 @functools.cache
