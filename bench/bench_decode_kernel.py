@@ -66,16 +66,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=30, help="timed rounds")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads, also the kernel's")
     args = p.parse_args(argv)
+    kv_heads = args.kv_heads or args.heads
+    for name, value in (("--positions", min(args.positions)), ("--heads", args.heads), ("--kv-heads", kv_heads),
+                        ("--head-dim", args.head_dim), ("--layers", args.layers), ("--rounds", args.rounds),
+                        ("--threads", args.threads)):
+        if value < 1:
+            p.error(f"{name}: must be >= 1, got {value}")
+    if args.head_dim % 2 or args.heads % kv_heads:
+        p.error(f"--head-dim must be even (RoPE rotates pairs) and --heads a multiple of --kv-heads; "
+                f"got {args.head_dim}, {args.heads} and {kv_heads}")
     torch.set_num_threads(args.threads)
     if decode_kernel.library() is None:
         sys.exit("error: the CPU decode kernel could not be built here (see the warning above)")
-    print(f"# {args.heads} query heads, {args.kv_heads or args.heads} kv heads of {args.head_dim}, float32, "
+    print(f"# {args.heads} query heads, {kv_heads} kv heads of {args.head_dim}, float32, "
           f"{args.layers} layers' caches, {args.threads} thread(s); ms per layer, best / median of {args.rounds}")
     print("| positions | static (SDPA) | dynamic, PyTorch | dynamic, kernel | static / dynamic, PyTorch | "
           "static / dynamic, kernel |")
     print("|---|---|---|---|---|---|")
     for positions in args.positions:
-        r = measure(positions, args.heads, args.kv_heads or args.heads, args.head_dim, args.layers, args.rounds)
+        r = measure(positions, args.heads, kv_heads, args.head_dim, args.layers, args.rounds)
         s, py, kern = r["static"], r["dynamic, PyTorch"], r["dynamic, kernel"]
         print(f"| {positions} | {s[0] * 1e3:.3f} / {s[1] * 1e3:.3f} | {py[0] * 1e3:.3f} / {py[1] * 1e3:.3f} | "
               f"{kern[0] * 1e3:.3f} / {kern[1] * 1e3:.3f} | {s[1] / py[1]:.2f}x | {s[1] / kern[1]:.2f}x |")

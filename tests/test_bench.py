@@ -90,3 +90,15 @@ def test_bench_decode_kernel_prints_its_table(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[0] for row in rows] == ["| 300", "| 2100"]
     assert all(row.count("x |") == 2 for row in rows)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--positions", "0"], "--positions: must be >= 1, got 0"),
+    (["--head-dim", "31"], "--head-dim must be even (RoPE rotates pairs) and --heads a multiple of --kv-heads; "
+                           "got 31, 8 and 8"),
+    (["--heads", "6", "--kv-heads", "4"], "got 32, 6 and 4"),
+])
+def test_bench_decode_kernel_bad_arguments(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_decode_kernel.main(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
