@@ -15,6 +15,7 @@ import yarn_minimal
 from hf_oracle import hf_model
 from yarn_minimal import CheckpointError, RopeConfig
 from yarn_minimal.checkpoint import SHARD_DIM, main as checkpoint_main
+from yarn_minimal.files import OutputError
 from yarn_minimal.model import ModelArgs, Transformer
 from yarn_minimal.tokenizer import SentencePieceTokenizer
 
@@ -325,7 +326,9 @@ def test_convert_cli(tmp_path, tokenizer_path, capsys):
     tokens = tokens_for(vocab)
     with torch.no_grad():
         assert (ref(tokens) - transformers_logits(tmp_path / "hf", tokens)).abs().max().item() <= TOL
-    checkpoint_main(["convert", str(tmp_path / "hf"), str(tmp_path / "bf16"), "--format", "meta"])
+    checkpoint_main(["convert", str(tmp_path / "hf"), str(tmp_path / "same"), "--format", "meta"])  # keeps float32
+    assert torch.load(tmp_path / "same" / "consolidated.00.pth")["output.weight"].dtype == torch.float32
+    checkpoint_main(["convert", str(tmp_path / "hf"), str(tmp_path / "bf16"), "--format", "meta", "--dtype", "bfloat16"])
     assert torch.load(tmp_path / "bf16" / "consolidated.00.pth")["output.weight"].dtype == torch.bfloat16
     with pytest.raises(SystemExit):
         checkpoint_main(["convert", "--help"])
@@ -452,5 +455,5 @@ def test_bad_params_json(meta_folder):
 
 def test_save_refuses_folder_with_other_shards(meta_folder, tokenizer_path):
     model, tok = yarn_minimal.load(meta_folder)
-    with pytest.raises(CheckpointError, match="consolidated.01.pth"):
-        yarn_minimal.save(model, tok, meta_folder)
+    with pytest.raises(OutputError, match="consolidated.01.pth.*not a checkpoint this project saved"):
+        yarn_minimal.save(model, tok, meta_folder, overwrite=True)  # a download is never replaced

@@ -19,15 +19,19 @@ in its stored dtype is used straight from the page cache.
 
 `save(model, tokenizer, folder, format="meta" | "hf")` writes either layout, and
 `save(..., "x.gguf", format="gguf")` one GGUF file; every file goes to a temporary name first
-and is renamed into place, and checksums.json records a folder's files.
+and is renamed into place, and checksums.json records a folder's files. It never writes over
+anything but an earlier checkpoint this project saved, and that only when told (overwrite=True).
 
-    python -m yarn_minimal.checkpoint convert SRC DST --format hf | meta | gguf
-    python -m yarn_minimal.checkpoint checksums FOLDER     # protect a download you trust
+    python -m yarn_minimal.checkpoint convert SRC DST --format hf | meta | gguf [--overwrite]
+    python -m yarn_minimal.checkpoint checksums FOLDER             # protect a download you trust
+    python -m yarn_minimal.checkpoint verify FILE --sha256 HEX     # check a download against its site's digest
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -36,13 +40,14 @@ from typing import Optional
 import torch
 
 from .cli import DTYPES, run_main
-from .files import CHECKSUMS, CheckpointError, verify_checksums, write_checksums, write_json
-from .formats.gguf import load_gguf, read_gguf_config, read_gguf_tokenizer, save_gguf
+from .files import (CHECKSUMS, CheckpointError, Output, check_output, check_sha256, holds, publish, starts_with,
+                    verify_checksums, write_checksums, write_json)
+from .formats.gguf import load_gguf, open_gguf, read_gguf_config, read_gguf_tokenizer, save_gguf
 from .formats.hf import hf_rope_scaling, load_hf, permute_to_hf, read_hf_config, rope_from_hf, save_hf
 from .formats.meta import SHARD_DIM, load_meta, read_meta_config, save_meta
 from .model import ModelArgs, Transformer
 from .rope import RopeConfig
-from .tokenizer import HFTokenizer, Tokenizer, TokenizerNotFound, open_tokenizer
+from .tokenizer import Tokenizer, TokenizerNotFound, open_tokenizer
 
 # Names tests, scripts and training import from here; each is defined in the module named above.
 __all__ = ["CHECKSUMS", "CheckpointError", "SHARD_DIM", "hf_rope_scaling", "load", "load_tokenizer", "main",
@@ -121,16 +126,26 @@ def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, str], lis
     return read_meta_config(path) if path.name == "params.json" else read_hf_config(path)
 
 
-def _stamps(folder: Path) -> dict:
-    """name -> (inode, size, mtime) of the files in folder: a file save() wrote differs (each is
-    renamed into place, so at least its inode is new)."""
-    if not folder.is_dir():
-        return {}
-    return {f.name: (s.st_ino, s.st_size, s.st_mtime_ns) for f in folder.iterdir()
-            if f.is_file() and f.name != CHECKSUMS and (s := f.stat())}
+# What save() writes, and what it may replace: a checkpoint folder that holds checksums.json
+# (every save writes one; so does `checkpoint checksums` on a download the user trusts), or a
+# GGUF file. A download without it, or a folder of anything else, is never replaced.
+CHECKPOINT = Output("a checkpoint this project saved", holds(CHECKSUMS), folder=True)
+GGUF_FILE = Output("a GGUF file", starts_with(b"GGUF"), suffix=".gguf")
+# the files load() reads from a folder: those of an earlier checkpoint that a new save does not
+# write are removed when it replaces it (overwrite=True), so that load() cannot mix the two
+CHECKPOINT_FILES = ("params.json", "rope.json", "consolidated.*.pth", "config.json", "*.safetensors",
+                    "model.safetensors.index.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                    "generation_config.json", CHECKSUMS)
 
 
-def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.PathLike, format: str = "meta") -> Path:
+def output_kind(format: str) -> Output:
+    if format not in ("meta", "hf", "gguf"):
+        raise ValueError(f"save: format {format!r}; allowed: meta, hf, gguf")
+    return GGUF_FILE if format == "gguf" else CHECKPOINT
+
+
+def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.PathLike, format: str = "meta",
+         overwrite: bool = False) -> Path:
     """Write the model (and tokenizer.model) to a folder, or to one .gguf file.
 
     format="meta": this project's layout (params.json, consolidated.00.pth, rope.json), which
@@ -138,48 +153,77 @@ def save(model: Transformer, tokenizer: Optional[Tokenizer], path: str | os.Path
     format="hf":   config.json with rope_scaling, model.safetensors with wq / wk permuted to
                    HF's split-half rotation; loads with transformers' from_pretrained, vLLM and
                    llama.cpp's convert_hf_to_gguf.py. Refuses RoPE settings HF cannot express.
-    format="gguf": one llama.cpp file at `path` (formats/gguf.py) with llama.cpp's rope-scaling
-                   metadata and the tokenizer's vocabulary. Refuses RoPE settings llama.cpp
-                   cannot run (Dynamic Scaling, the paper's ramp, non-default alpha/beta).
-    Weights keep the model's dtype. Each file is written under a temporary name and renamed, and
-    (meta, hf) checksums.json records every file's size and CRC-32 for load() to verify."""
-    if format not in ("meta", "hf", "gguf"):
-        raise ValueError(f"save: format {format!r}; allowed: meta, hf, gguf")
+    format="gguf": one llama.cpp file at `path`, which must end in .gguf (formats/gguf.py),
+                   with llama.cpp's rope-scaling metadata and the tokenizer's vocabulary. Refuses
+                   RoPE settings llama.cpp cannot run (Dynamic Scaling, the paper's ramp,
+                   non-default alpha/beta).
+    `path` must be new, an empty folder, or (overwrite=True) an earlier checkpoint this project
+    saved, or GGUF file (files.check_output); nothing else is ever replaced. Replacing a
+    folder replaces only the checkpoint's own files; anything else in it stays.
+    Weights keep the model's dtype. The folder is written whole under a temporary name first,
+    and (meta, hf) checksums.json records every file's size and CRC-32 for load() to verify."""
+    path = check_output(path, output_kind(format), overwrite)
     if format == "gguf":
-        return save_gguf(model, tokenizer, Path(path))
-    folder = Path(path)
-    # files another save left that `load` would read instead of (or beside) the new ones
-    stale = [f for f in sorted(folder.glob("consolidated.*.pth")) if f.name != "consolidated.00.pth"]
-    stale += [f for f in (folder / "model.safetensors.index.json",) if f.is_file()]
-    stale += [f for f in (folder / "params.json",) if format == "hf" and f.is_file()]
-    # open_tokenizer prefers tokenizer.model to tokenizer.json
-    stale += [f for f in (folder / "tokenizer.model",) if isinstance(tokenizer, HFTokenizer) and f.is_file()]
-    if stale:
-        raise CheckpointError(f"{folder}: already holds {', '.join(f.name for f in stale)}, which load() would read "
-                              "instead of or beside what save() writes; save into an empty folder")
-    before = _stamps(folder)  # checksums.json covers exactly the files this save writes
+        return save_gguf(model, tokenizer, path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if format == "hf":
-        save_hf(model, state, folder, tokenizer)  # refuses a RoPE setting HF cannot express before writing
-    else:
-        save_meta(model, state, folder)
-    if tokenizer is not None:
-        _save_tokenizer(tokenizer, folder)
-    write_checksums(folder, [name for name, stamp in _stamps(folder).items() if before.get(name) != stamp])
-    return folder
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is private; a checkpoint is not
+        if format == "hf":
+            save_hf(model, state, tmp, tokenizer)  # refuses a RoPE setting HF cannot express before writing
+        else:
+            save_meta(model, state, tmp)
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, tmp)
+        names = sorted(f.name for f in tmp.iterdir())
+        write_checksums(tmp, names)
+        old = [f.name for f in path.iterdir() if f.name not in names and f.name != CHECKSUMS
+               and any(fnmatch.fnmatch(f.name, p) for p in CHECKPOINT_FILES)] if path.is_dir() else []
+        publish(tmp, path, old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
-    """The tokenizer's own files (tokenizer.model, or tokenizer.json + tokenizer_config.json),
-    written into a temporary folder and renamed into place; generation_config.json when there are
-    several EOS ids, which no tokenizer file can hold (open_tokenizer reads them back)."""
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer.") as tmp:
-        tokenizer.save(Path(tmp))
-        for f in sorted(Path(tmp).iterdir()):
-            os.replace(f, folder / f.name)
+    """The tokenizer's own files (tokenizer.model, or tokenizer.json + tokenizer_config.json);
+    generation_config.json when there are several EOS ids, which no tokenizer file can hold
+    (open_tokenizer reads them back)."""
+    tokenizer.save(folder)
     if len(tokenizer.eos_ids) > 1:
         write_json(folder / "generation_config.json",
                    {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.eos_ids)})
+
+
+def stored_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The dtype a checkpoint stores its weights in (that of its first attention weight), which
+    `convert` keeps unless --dtype says otherwise: float32 for a GGUF whose weights are
+    quantized (they dequantize exactly to float32) and whenever it cannot be told (load() then
+    reports what is wrong with the checkpoint)."""
+    path, names = Path(path), {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    try:
+        if path.suffix.lower() == ".gguf" and path.is_file():
+            t = next(t for t in open_gguf(path).tensors if t.name == "blk.0.attn_q.weight")
+            return names.get(t.tensor_type.name, torch.float32)
+        if (path / "params.json").is_file():
+            shard = sorted(path.glob("consolidated.*.pth"))[0]
+            return torch.load(shard, map_location="cpu", mmap=True, weights_only=True)["layers.0.attention.wq.weight"].dtype
+        from safetensors import safe_open
+        for f in sorted(path.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                key = next((k for k in st.keys() if k.endswith("layers.0.self_attn.q_proj.weight")), None)
+                if key is not None:
+                    return names.get(st.get_slice(key).get_dtype(), torch.float32)
+    except Exception:  # a damaged or unusual checkpoint: load() says what is wrong with it
+        pass
+    return torch.float32
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,21 +240,35 @@ def main(argv: Optional[list[str]] = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="read SRC (any layout), write DST in --format",
                        description="Read SRC in any supported layout and write DST. The RoPE setting travels "
-                                   "with the weights: rope.json or config.json's rope_scaling.")
+                                   "with the weights: rope.json or config.json's rope_scaling. DST is checked "
+                                   "before SRC is read: it must be new, an empty folder, or (with --overwrite) "
+                                   "a checkpoint this project saved (it holds checksums.json) or a GGUF file; "
+                                   "nothing else is ever replaced.")
     c.add_argument("src", help="checkpoint folder (or .gguf file) to read")
-    c.add_argument("dst", help="folder to write (created; files in it are replaced), or the .gguf file for --format gguf")
+    c.add_argument("dst", help="folder to write (hf, meta), or the .gguf file to write (gguf)")
     c.add_argument("--format", choices=("hf", "meta", "gguf"), required=True,
                    help="hf: config.json + model.safetensors (transformers, vLLM, llama.cpp); "
                         "meta: params.json + consolidated.00.pth + rope.json; "
                         "gguf: one llama.cpp / Ollama file with its rope-scaling metadata")
-    c.add_argument("--dtype", "--outtype", choices=sorted(DTYPES), default="bfloat16",
-                   help="dtype of the written weights (gguf: F32 / F16 / BF16); default bfloat16 "
-                        "(Llama 2's released precision)")
+    c.add_argument("--dtype", "--outtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of the written weights (gguf: F32 / F16 / BF16); default: SRC's own "
+                        "(float32 for a quantized GGUF, whose weights dequantize exactly to it)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace DST when it holds an earlier checkpoint this project saved, or a GGUF file: only "
+                        "the checkpoint's own files; anything else in the folder stays")
     k = sub.add_parser("checksums", help="record the size and CRC-32 of FOLDER's files in FOLDER/checksums.json",
                        description="Write FOLDER/checksums.json (every file but *.md), which load() then verifies: "
                                    "run it once on a download you trust, and later damage to any of its files stops "
                                    "the load with a message naming the file.")
     k.add_argument("folder")
+    v = sub.add_parser("verify", help="compare a downloaded file's sha256 with the digest its site publishes",
+                       description="Compute the sha256 of FILE and compare it with the digest the download site "
+                                   "lists for it (Hugging Face: the file's page, \"SHA256\"). For a folder, name each "
+                                   "file: --sha256 model.safetensors=HEX --sha256 tokenizer.json=HEX. One line per "
+                                   "file, match or mismatch with both digests; exit status 0 when all match, 1 if not.")
+    v.add_argument("path", metavar="FILE_OR_FOLDER")
+    v.add_argument("--sha256", action="append", required=True, metavar="HEX or NAME=HEX",
+                   help="the published digest (64 hex digits); for a folder, NAME=HEX for each file to check")
     args = p.parse_args(argv)
     if args.command == "checksums":
         folder = Path(args.folder)
@@ -220,17 +278,48 @@ def main(argv: Optional[list[str]] = None) -> None:
         write_checksums(folder, names)
         print(f"wrote {folder / CHECKSUMS}: {len(names)} files", file=sys.stderr)
         return
+    if args.command == "verify":
+        raise SystemExit(verify(Path(args.path), args.sha256))
     src, dst = Path(args.src), Path(args.dst)
     if src.resolve() == dst.resolve():
         p.error("SRC and DST must be different folders")
-    try:
-        print(f"reading {src} ...", file=sys.stderr)
-        model, tokenizer = load(src, dtype=DTYPES[args.dtype], progress=True)
-        print(f"writing {dst} ({args.format}, {args.dtype}, RoPE: {model.rope.describe()}) ...", file=sys.stderr)
-        save(model, tokenizer, dst, format=args.format)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
+    if args.format != "gguf" and dst.suffix.lower() == ".gguf":
+        raise ValueError(f"{dst}: a .gguf name for a {args.format} folder; write a GGUF file with --format gguf")
+    check_output(dst, output_kind(args.format), args.overwrite)  # before SRC is read, not after
+    dtype = DTYPES[args.dtype] if args.dtype else stored_dtype(src)
+    print(f"reading {src} ...", file=sys.stderr)
+    model, tokenizer = load(src, dtype=dtype, progress=True)
+    print(f"writing {dst} ({args.format}, {str(dtype).removeprefix('torch.')}, RoPE: {model.rope.describe()}) ...",
+          file=sys.stderr)
+    save(model, tokenizer, dst, format=args.format, overwrite=args.overwrite)
     print(f"wrote {dst}", file=sys.stderr)
+
+
+def verify(path: Path, digests: list[str]) -> int:
+    """`checkpoint verify`: one line per file, match or mismatch with both digests; 0 if all match."""
+    if path.is_dir():
+        pairs = []
+        for d in digests:
+            name, sep, hexdigest = d.partition("=")
+            if not sep:
+                raise ValueError(f"{path}: a folder; give each file's digest as --sha256 NAME=HEX "
+                                 f"(e.g. --sha256 model.safetensors={d})")
+            pairs.append((path / name, hexdigest))
+    elif len(digests) != 1 or "=" in digests[0]:
+        raise ValueError(f"{path}: one file; give its digest as --sha256 HEX, once")
+    else:
+        pairs = [(path, digests[0])]
+    failed = 0
+    for file, hexdigest in pairs:
+        match, found = check_sha256(file, hexdigest)
+        expected = hexdigest.strip().lower()
+        if match:
+            print(f"{file}: sha256 matches ({found})")
+        else:
+            failed += 1
+            print(f"{file}: sha256 MISMATCH: expected {expected}, found {found}; the file is not the one the "
+                  "digest was published for (corrupt or incomplete): download it again")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
