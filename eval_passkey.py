@@ -35,8 +35,7 @@ def parse_args(argv=None):
                                     "0,0.25,0.5,0.75,1; default: a uniformly random depth per prompt")
     p.add_argument("--max-new-tokens", type=int, default=10, help="tokens decoded greedily per answer (default 10)")
     add_bos_arg(p)
-    p.add_argument("--out", help="write the results as JSON to this file")
-    p.add_argument("--plot", help="write a PNG: accuracy vs length (and a length x depth heat map with --depths)")
+    report.add_output_args(p, "write a PNG: accuracy vs length (and a length x depth heat map with --depths)")
     add_device_args(p)
     return p.parse_args(argv)
 
@@ -56,6 +55,7 @@ def lengths_from_args(args) -> list[int]:
 
 def main(argv=None):
     args = parse_args(argv)
+    report.check_outputs(args)
     lengths = lengths_from_args(args)
     depths = report.parse_floats(args.depths, "--depths") if args.depths else None
     if depths and not all(0 <= d <= 1 for d in depths):

@@ -51,15 +51,15 @@ def parse_args(argv=None):
     g.add_argument("--segment-length", type=int, default=2048,
                    help="token positions per segment: the results' segment_perplexity and the sweep's "
                         "per-segment table (Figure 3); default 2048")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", help="write the results as JSON to this file")
-    g.add_argument("--plot", help="write a PNG: perplexity vs window (Figure 1), or the sweep (Figures 2-4)")
+    report.add_output_args(p.add_argument_group("output"),
+                           "write a PNG: perplexity vs window (Figure 1), or the sweep (Figures 2-4)")
     add_device_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    report.check_outputs(args)
     windows, factors = protocol_from_args(args)
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     documents = ev.load_documents(args.files, args.text_field)

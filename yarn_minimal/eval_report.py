@@ -14,9 +14,11 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from . import files
 from .checkpoint import load
 from .cli import updated_rope
 from .evaluation import EvalError, passkey_summary
+from .files import Output, check_output, json_with, png_from
 from .model import Transformer
 from .rope import RopeConfig, effective_scale
 from .tokenizer import Tokenizer
@@ -201,10 +203,34 @@ def run_config(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     return dict(vars(args), device=str(device), dtype=str(dtype).removeprefix("torch."), **extra)
 
 
+# What --out and --plot may replace (with --overwrite): results JSON an evaluation wrote, and
+# plots matplotlib made (this project's say "yarn_minimal" in their Software text chunk).
+PLOT_SOFTWARE = "yarn_minimal"
+RESULTS = Output("an evaluation's results JSON (an object with \"results\" and \"config\")",
+                 json_with("results", "config"))
+PLOT = Output("a plot (a PNG that matplotlib made)", png_from(PLOT_SOFTWARE, "Matplotlib"), suffix=".png")
+
+
+def add_output_args(g, plot_help: str) -> None:
+    g.add_argument("--out", help="write the results as JSON to this file")
+    g.add_argument("--plot", help=plot_help)
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace --out / --plot when they hold earlier results or plots (nothing else is ever "
+                        "replaced); both are checked before the evaluation starts")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """--out and --plot, checked before the evaluation runs, not after (files.check_output)."""
+    if args.out:
+        check_output(args.out, RESULTS, args.overwrite)
+    if args.plot:
+        check_output(args.plot, PLOT, args.overwrite)
+
+
 def write_json(path: str, obj: dict) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    files.write_json(p, obj)
 
 
 def _pyplot():
@@ -218,8 +244,13 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
+    """A PNG (or the format path's suffix names) written whole, marked as this project's."""
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    path = Path(path)
+    fmt = path.suffix.lower().removeprefix(".") or "png"
+    metadata = {"Software": PLOT_SOFTWARE} if fmt == "png" else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150, metadata=metadata))
     _pyplot().close(fig)
 
 
