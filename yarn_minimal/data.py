@@ -31,17 +31,21 @@ from .checkpoint import load_tokenizer
 from .cli import run_main
 from .tokenizer import Tokenizer
 
-from .files import move_into_place, temporary, write_json
+from .files import Output, check_output, holds, move_into_place, temporary, write_json
 
 FORMAT = "yarn-minimal-tokens/1"
+# what --out may replace (with --overwrite): an earlier dataset, tokens.bin and meta.json
+TOKEN_DATA = Output("token data (tokens.bin + meta.json)", holds("tokens.bin", "meta.json"), folder=True)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
-def write_segments(out_dir: str | os.PathLike, segments: np.ndarray, meta: dict) -> Path:
-    """Write an (n_segments, seq_len) array of token ids plus meta.json, atomically."""
+def write_segments(out_dir: str | os.PathLike, segments: np.ndarray, meta: dict, overwrite: bool = False) -> Path:
+    """Write an (n_segments, seq_len) array of token ids plus meta.json, atomically, into a new
+    or empty folder, or over an earlier dataset with overwrite=True (files.check_output)."""
+    check_output(out_dir, TOKEN_DATA, overwrite)
     if segments.ndim != 2:
         raise ValueError(f"segments must be 2-D (n_segments, seq_len), got shape {segments.shape}")
     vocab_size = int(meta["vocab_size"])
@@ -198,12 +202,15 @@ class SegmentWriter:
 
 
 def prepare(inputs: list[str], tokenizer_path: str | os.PathLike, seq_len: int, out_dir: str | os.PathLike,
-            text_field: str = "text", progress: bool = True, bos: Optional[bool] = None) -> dict:
+            text_field: str = "text", progress: bool = True, bos: Optional[bool] = None,
+            overwrite: bool = False) -> dict:
     """Tokenize every document, bookend it with BOS (bos=None: when the tokenizer's own add_bos
     says so) and EOS, concatenate the documents in input order and cut the stream into segments
     of seq_len tokens. tokenizer_path: anything checkpoint.load_tokenizer opens (a model folder,
     a tokenizer.model, a tokenizer.json or a .gguf file). Deterministic: the same inputs give the
-    same bytes. Returns meta.json's content."""
+    same bytes. out_dir: a new or empty folder, or an earlier dataset with overwrite=True, whose
+    tokens.bin and meta.json are replaced (nothing else in it). Returns meta.json's content."""
+    check_output(out_dir, TOKEN_DATA, overwrite)
     if seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2 (one input and one target token), got {seq_len}")
     tok = load_tokenizer(tokenizer_path)
@@ -330,11 +337,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="start every document with BOS (--bos) or not (--no-bos); default: what the tokenizer's "
                         "own encoding does (Llama 2 and 3 add BOS, SmolLM2 does not). Every document ends with EOS")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per segment (the paper: 65536)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder: new or empty (or an earlier one, with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the tokens.bin and meta.json of an earlier dataset in --out (nothing else in it)")
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text (default text)")
     args = p.parse_args(argv)
     try:
-        meta = prepare(args.inputs, args.tokenizer, args.seq_len, args.out, args.text_field, bos=args.bos)
+        meta = prepare(args.inputs, args.tokenizer, args.seq_len, args.out, args.text_field, bos=args.bos,
+                       overwrite=args.overwrite)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{args.out}: {meta['n_segments']} segments x {meta['seq_len']} tokens from {meta['n_documents']} documents "

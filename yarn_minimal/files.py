@@ -74,15 +74,14 @@ def check_output(path: str | os.PathLike, kind: Output, overwrite: bool = False)
                           f"(e.g. {path / name})")
     if kind.folder and not any(path.iterdir()):
         return path
-    listing = _listing(path) if kind.folder else ""
     if not kind.ours(path):
         if kind.folder:
-            raise OutputError(f"{path}: a folder holding {listing}, not {kind.what}; nothing in it is "
+            raise OutputError(f"{path}: a folder holding {_listing(path)}, not {kind.what}; nothing in it is "
                               "replaced: give a new or empty folder")
         raise OutputError(f"{path}: an existing file that is not {kind.what}; it is never replaced: "
                           "choose another path")
     if not overwrite:
-        raise OutputError(f"{path}: holds {kind.what}{f' ({listing})' if listing else ''}; {kind.again}")
+        raise OutputError(f"{path}: holds {kind.what}; {kind.again}")
     return path
 
 
