@@ -83,7 +83,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and recipe (defaults: Sec. 4.1)")
     g.add_argument("--data", default=None, help="folder made by `python -m yarn_minimal.data`")
-    g.add_argument("--out", default=None, help="output folder: checkpoints, metrics.jsonl, final/")
+    g.add_argument("--out", default=None, help="output folder: checkpoints, metrics.jsonl, final/; new, empty, or an "
+                                               "earlier run's (--resume or --overwrite)")
     g.add_argument("--steps", type=int, default=training.STEPS, help="optimizer steps (default 400; 200 for s = 32)")
     g.add_argument("--seq-len", type=int, default=None,
                    help="tokens per sequence (default: the data's segment length, 65536 in the paper); shorter "
@@ -112,7 +113,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from OUT/latest (or the given checkpoint folder), with the same flags")
     g.add_argument("--overwrite", action="store_true",
-                   help="start over in an --out that holds a run (its checkpoints, final/ and metrics are deleted)")
+                   help="start over in an --out that holds a run (its checkpoints, final/ and metrics are deleted; "
+                        "nothing else in the folder)")
     g.add_argument("--export-hf", action="store_true", help="also write the final model in HF layout to OUT/final-hf")
 
 
@@ -192,6 +194,7 @@ def main(argv=None) -> None:
     check_flags(args)
     device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
     out = Path(args.out)
+    training.check_out(out, args.resume, args.overwrite)  # before a file is read or a model loaded
     segments, data_meta = open_segments(args.data)  # every input is checked before --out is touched
     env = training.init_distributed(device)
     device = env.device

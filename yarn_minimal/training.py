@@ -43,7 +43,8 @@ except ImportError:
     from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
 from . import checkpoint
-from .files import CheckpointError, atomic_write, move_into_place, temporary, verify_checksums, write_checksums
+from .files import (CHECKSUMS, CheckpointError, Output, OutputError, atomic_write, check_output, holds,
+                    move_into_place, temporary, verify_checksums, write_checksums)
 from .model import ModelArgs, Transformer
 from .rope import RopeConfig
 from .tokenizer import Tokenizer
@@ -285,21 +286,51 @@ class MetricsLog:
 # Run folders: OUT holds metrics.jsonl, step-* checkpoints, latest (the newest one's name) and
 # final/ (+ final-hf/)
 
-RUN_FILES = ("latest", "final", "final-hf", "metrics.jsonl")  # what makes an --out folder a run
+RUN_FILES = ("latest", "final", "final-hf", "metrics.jsonl", "step-*")  # what makes an --out folder a run
+RUN = Output("a run (checkpoints, metrics.jsonl, final/)", holds(*RUN_FILES), folder=True,
+             again="continue it with --resume, or start over with --overwrite")
+
+
+def check_out(out: Path, resume: Optional[str], overwrite: bool) -> None:
+    """--out, checked on every rank before anything is read or loaded: a new or empty folder, or
+    one that holds a run (continued with --resume, started over with --overwrite). A file, or a
+    folder of other things, is refused: nothing the trainer did not write is touched."""
+    try:
+        check_output(out, RUN, overwrite=overwrite or bool(resume))
+    except OutputError as e:
+        raise SystemExit(f"error: --out {e}") from None
+
+
+def _held(out: Path) -> list[Path]:
+    return sorted(p for pattern in RUN_FILES for p in out.glob(pattern))
+
+
+def _from_a_run(path: Path) -> bool:
+    """Whether path is what a run writes under its name (and so --overwrite may delete it)."""
+    if path.name in ("latest", "metrics.jsonl"):
+        return path.is_file()
+    if path.name.startswith("step-"):
+        return path.is_dir() and (path.suffix in (".tmp", ".old") or (path / "trainer.json").is_file()
+                                  or (path / "checksums-rank0.json").is_file())
+    return path.is_dir() and (path / CHECKSUMS).is_file()  # final/, final-hf/: checkpoint.save's folders
 
 
 def claim_out(out: Path, env: DistEnv, resume: Optional[str], overwrite: bool) -> bool:
-    """Make --out ready for this run; True if it had to be created. A finished or interrupted run
-    is never overwritten by accident: continue it with --resume, or start over with --overwrite
-    (which deletes the old run's files first)."""
+    """Make --out (already passed check_out) ready for this run; True if it had to be created. A
+    finished or interrupted run is never overwritten by accident: continue it with --resume, or
+    start over with --overwrite, which deletes the old run's own files (step-*, final/,
+    final-hf/, latest, metrics.jsonl) and nothing else in the folder."""
     created = not out.exists()
-    held = [name for name in RUN_FILES if (out / name).exists()] + sorted(p.name for p in out.glob("step-*"))
+    held = _held(out) if out.is_dir() else []
     if env.main and held and not resume:
-        if not overwrite:
-            raise SystemExit(f"error: --out {out} holds a run ({', '.join(held[:4])}); continue it with --resume, "
-                             "or start over with --overwrite")
-        for name in held:
-            path = out / name
+        if not overwrite:  # check_out said so already, unless the folder changed since
+            raise SystemExit(f"error: --out {out} holds a run ({', '.join(p.name for p in held[:4])}); continue it "
+                             "with --resume, or start over with --overwrite")
+        foreign = [p for p in held if not _from_a_run(p)]
+        if foreign:
+            raise SystemExit(f"error: --out {out}: {foreign[0].name} is not what a run writes under that name; "
+                             "move it away (nothing was deleted)")
+        for path in held:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
