@@ -355,13 +355,14 @@ def test_rope_metadata_roundtrip(demo, tmp_path, rope):
 def copy_gguf(src: Path, dst: Path, drop=(), arch=None, retype=None, add=None, tensors=None) -> Path:
     """A copy of a GGUF file with metadata keys dropped, keys added (float -> float32, int ->
     uint32, str -> string), the architecture renamed, one tensor re-typed (zero bytes of the new
-    type's size), or float32 tensors added (name -> numpy array), written with gguf's own writer."""
+    type's size), or float32 tensors added (name -> numpy array), written with gguf's own writer:
+    a file from elsewhere, without this project's checksum keys."""
     from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 
     r = GGUFReader(str(src))
     w = GGUFWriter(str(dst), arch or "llama")
     for key, f in r.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
+        if key.startswith(("GGUF.", "yarn_minimal.")) or key == "general.architecture" or key in drop:
             continue
         w.add_key_value(key, f.contents(), f.types[0], f.types[1] if len(f.types) > 1 else None)
     for key, value in (add or {}).items():

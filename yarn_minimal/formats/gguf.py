@@ -48,9 +48,14 @@ by h_d = theta_d / f_d. That is Eq. 20 with gamma_d = (1/f_d - 1/s)/(1 - 1/s) an
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
+import math
+import mmap
 import os
+import struct
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -64,7 +69,7 @@ from ..model import ModelArgs, Transformer
 from ..rope import (RopeConfig, attention_factor, frequencies, ntk_aware_base, rope_frequencies, wavelength,
                     yarn_attention_factor)
 from ..tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
-from .common import check_keys, check_shape, empty_model, model_args
+from .common import check_finite, check_keys, check_shape, empty_model, model_args
 from .meta import meta_ffn_params
 
 # The gguf package takes 0.4 s to import: it is imported inside the functions that read or write a
@@ -104,66 +109,343 @@ def gguf_name(key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Reading: the file, its metadata
+# Reading: the file's structure, every size checked against the file before it is used
 # ---------------------------------------------------------------------------------------
 
-class _Truncated(Exception):
-    pass
+# GGUF versions 2 and 3 (ggml's docs/gguf.md), little-endian:
+#   "GGUF", uint32 version, uint64 n_tensors, uint64 n_kv
+#   n_kv      x  key (string), uint32 value type, value          a string: uint64 length + UTF-8 bytes
+#   n_tensors x  name (string), uint32 n_dims, n_dims x uint64 ne, uint32 ggml type, uint64 offset
+#   padding to general.alignment (32 by default), then the tensors' data at their offsets
+# The gguf package's GGUFReader trusts each size field as it meets it (a string of 2^63 bytes, an
+# array of 2^40 items are attempted) and lets UnicodeDecodeError, KeyError and numpy's errors out,
+# so the header is parsed here, by llama.cpp's own rules (ggml/src/gguf.cpp, gguf_init_from_file_impl):
+# known types, no key or tensor name twice, names under 64 bytes, 1 to 4 dims, rows a whole number
+# of blocks, and the tensors back to back in their listed order, each padded to the alignment.
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
+_BOOL, _STRING, _ARRAY = 7, 8, 9
+_MAX_NAME = 63  # GGML_MAX_NAME, 64 bytes with the terminating zero
+# the fewest bytes one entry takes (a one-character name, the smallest value, one dim): a count
+# that the rest of the file cannot hold is refused before anything is read for it
+_MIN_KV, _MIN_TENSOR = 8 + 1 + 4 + 1, 8 + 1 + 4 + 8 + 4 + 8
+
+# The checksum save() writes into every file: two 64-digit hex sha256 strings. llama.cpp skips
+# keys it does not know. "metadata" covers the bytes before the tensor data (header, every key,
+# tensor infos, padding), "tensors" the rest of the file; both are taken with the 64 characters
+# of the two values written as "0", their content while the digests are computed.
+DIGESTS = {"metadata": "yarn_minimal.sha256.metadata", "tensors": "yarn_minimal.sha256.tensors"}
 
 
-def _reader_class():
-    from gguf import GGUFReader
-
-    class Reader(GGUFReader):
-        """GGUFReader that says "truncated" when the header or a tensor reaches past the end of
-        the file (the stock reader fails on a reshape deep inside numpy instead)."""
-
-        def _get(self, offset, dtype, count=1, override_order=None):
-            if type(self.data) is np.memmap:  # slices of a plain view of the same map parse ~3x faster
-                self.data = self.data.view(np.ndarray)
-            end = int(offset) + int(count) * np.dtype(dtype).itemsize
-            if end > len(self.data):
-                raise _Truncated(f"the file has {len(self.data)} bytes, but its header places data up to byte {end}")
-            return super()._get(offset, dtype, count, override_order)
-
-    return Reader
+@dataclasses.dataclass
+class Field:
+    name: str
+    types: list  # [GGUFValueType], or [ARRAY, element type]
+    value: object  # int, float, bool, str, or a list of them
+    offset: int  # where the entry begins
+    span: tuple[int, int]  # the value's bytes (a string's without its length)
 
 
-def open_gguf(path: Path):
-    """A GGUFReader on the file (memory-mapped: no tensor data is read yet)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a file")
+@dataclasses.dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml's order: the row length first
+    tensor_type: object  # gguf.GGMLQuantizationType
+    offset: int  # absolute, in the file
+    n_bytes: int
+    buffer: object = dataclasses.field(repr=False)
+
+    @property
+    def data(self) -> np.ndarray:
+        """The stored bytes as rows of uint8 (gguf.quants.dequantize's input): a view of the map."""
+        from gguf import GGML_QUANT_SIZES
+
+        block, size = GGML_QUANT_SIZES[self.tensor_type]
+        rows = (*reversed(self.shape[1:]), self.shape[0] // block * size)
+        return np.frombuffer(self.buffer, np.uint8, self.n_bytes, self.offset).reshape(rows)
+
+
+def _is_utf8(data: bytes) -> bool:
     try:
-        return _reader_class()(str(path))
-    except _Truncated as e:
-        raise CheckpointError(f"{path}: truncated GGUF file ({e}); an incomplete download?") from None
-    except Exception as e:  # bad magic, unsupported version, corrupt header
-        raise CheckpointError(f"{path}: cannot be read as GGUF ({type(e).__name__}: {e})") from None
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _align(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+class GGUFFile:
+    """One .gguf file's keys and tensor infos, parsed and checked; the tensor data stays in the
+    read-only memory map until a tensor's `data` is used."""
+
+    def __init__(self, path: Path):
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+        self.path, self._value_type, self._tensor_type, self._sizes = path, GGUFValueType, GGMLQuantizationType, GGML_QUANT_SIZES
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not a file")
+        with path.open("rb") as f:
+            magic = f.read(4)
+            if magic != b"GGUF":
+                raise CheckpointError(f"{path}: cannot be read as GGUF (it begins with {magic!r}, not b'GGUF')")
+            self.size = os.fstat(f.fileno()).st_size
+            self.buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.pos = 4
+        self.version = self._uint(4, "the version")
+        if self.version not in (2, 3):
+            other = " (written on a big-endian machine?)" if self.version & 0xFFFF == 0 else ""
+            raise CheckpointError(f"{path}: cannot be read as GGUF: version {self.version}{other}; known: 2 and 3")
+        n_tensors, n_kv = self._uint(8, "the tensor count"), self._uint(8, "the key count")
+        self._fits(n_kv, _MIN_KV, "metadata keys")
+        self.fields: dict[str, Field] = {}
+        for _ in range(n_kv):
+            self._field()
+        self.alignment = self._alignment()
+        self._fits(n_tensors, _MIN_TENSOR, "tensors")
+        infos = [self._tensor_info() for _ in range(n_tensors)]
+        self.data_offset = _align(self.pos, self.alignment)
+        self.tensors = self._place(infos)
+
+    # -- reading, each size checked first
+
+    def _corrupt(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: corrupt GGUF header: {what}")
+
+    def _need(self, n: int, what: str) -> int:
+        start = self.pos
+        if n > self.size - start:
+            raise CheckpointError(f"{self.path}: truncated GGUF file (the file has {self.size} bytes, but {what} at "
+                                  f"byte {start} would end at byte {start + n}): an incomplete download, or a corrupt "
+                                  "length")
+        self.pos += n
+        return start
+
+    def _fits(self, count: int, least: int, what: str) -> None:
+        left = self.size - self.pos
+        if count > left // least:
+            raise self._corrupt(f"it declares {count} {what} at byte {self.pos}, but the {left} bytes after it "
+                                f"hold at most {left // least}")
+
+    def _uint(self, n: int, what: str) -> int:
+        return int.from_bytes(self.buffer[self._need(n, what):self.pos], "little")
+
+    def _string(self, what: str) -> tuple[str, int]:
+        n = self._uint(8, f"the length of {what}")
+        start = self._need(n, what)
+        try:
+            return str(self.buffer[start:self.pos], "utf-8"), start
+        except UnicodeDecodeError as e:
+            raise self._corrupt(f"{what} at byte {start} is not UTF-8 ({e.reason} at its byte {e.start})") from None
+
+    def _field(self) -> None:
+        offset = self.pos
+        key, _ = self._string("a key name")
+        if not key or not key.isprintable():
+            raise self._corrupt(f"key name {key!r} at byte {offset} is empty or holds control characters")
+        if key in self.fields:
+            raise self._corrupt(f"key {key!r} appears twice, at bytes {self.fields[key].offset} and {offset}")
+        vtype = self._uint(4, f"the type of key {key!r}")
+        if vtype == _ARRAY:
+            etype, n = self._uint(4, f"the item type of key {key!r}"), self._uint(8, f"the length of key {key!r}")
+            start = self.pos
+            value = self._array(key, etype, n)
+            types = [self._value_type(_ARRAY), self._value_type(etype)]
+        else:
+            value, start = self._scalar(key, vtype)
+            types = [self._value_type(vtype)]
+        self.fields[key] = Field(key, types, value, offset, (start, self.pos))
+
+    def _scalar(self, key: str, vtype: int):
+        if vtype == _STRING:
+            return self._string(f"the value of key {key!r}")
+        if vtype not in _SCALARS:
+            raise self._corrupt(f"key {key!r} has value type {vtype}, which GGUF does not define")
+        start = self._need(struct.calcsize(_SCALARS[vtype]), f"the value of key {key!r}")
+        value = struct.unpack_from(_SCALARS[vtype], self.buffer, start)[0]
+        if vtype == _BOOL:
+            if value > 1:
+                raise self._corrupt(f"key {key!r} is a bool stored as {value}; GGUF writes 0 or 1")
+            value = bool(value)
+        return value, start
+
+    def _array(self, key: str, etype: int, n: int) -> list:
+        if etype == _STRING:
+            return self._string_array(key, n)
+        if etype not in _SCALARS:
+            raise self._corrupt(f"key {key!r} is an array of value type {etype}; GGUF arrays hold numbers, "
+                                "bools or strings")
+        dtype = np.dtype(_SCALARS[etype])
+        self._fits(n, dtype.itemsize, f"items in key {key!r}")
+        items = np.frombuffer(self.buffer, dtype, n, self._need(n * dtype.itemsize, f"the items of key {key!r}"))
+        if etype == _BOOL and n and items.max() > 1:
+            raise self._corrupt(f"key {key!r} holds a bool stored as {items.max()}; GGUF writes 0 or 1")
+        return items.astype(bool).tolist() if etype == _BOOL else items.tolist()
+
+    def _string_array(self, key: str, n: int) -> list[str]:
+        """_string n times, in one loop (a vocabulary is 10^5 strings)."""
+        self._fits(n, 8, f"strings in key {key!r}")
+        buf, size, pos, raw, length_at = self.buffer, self.size, self.pos, [], struct.Struct("<Q").unpack_from
+        for i in range(n):
+            length = length_at(buf, pos)[0] if pos + 8 <= size else 8
+            if pos + 8 + length > size:
+                self.pos = pos
+                self._need(8, f"the length of item {i} of key {key!r}")
+                self._need(length, f"item {i} of key {key!r}")
+            raw.append(buf[pos + 8:pos + 8 + length])
+            pos += 8 + length
+        self.pos = pos
+        try:
+            return [str(item, "utf-8") for item in raw]
+        except UnicodeDecodeError:
+            i = next(i for i, item in enumerate(raw) if not _is_utf8(item))
+            raise self._corrupt(f"item {i} of key {key!r} is not UTF-8: {raw[i][:40]!r}") from None
+
+    def _alignment(self) -> int:
+        field = self.fields.get("general.alignment")
+        if field is None:
+            return 32  # GGUF_DEFAULT_ALIGNMENT
+        value = field.value
+        if field.types != [self._value_type.UINT32] or value == 0 or value & (value - 1):
+            raise self._corrupt(f"general.alignment is {value!r} ({field.types[0].name}); it must be a uint32 power of 2")
+        return value
+
+    def _tensor_info(self) -> tuple:
+        offset = self.pos
+        name, _ = self._string("a tensor name")
+        if not 0 < len(name.encode()) <= _MAX_NAME or not name.isprintable():
+            raise self._corrupt(f"tensor name {name!r} at byte {offset}: GGUF names are 1 to {_MAX_NAME} printable bytes")
+        n_dims = self._uint(4, f"the dimension count of tensor {name}")
+        if not 1 <= n_dims <= 4:
+            raise self._corrupt(f"tensor {name} has {n_dims} dimensions; ggml tensors have 1 to 4")
+        shape = tuple(self._uint(8, f"dimension {i} of tensor {name}") for i in range(n_dims))
+        raw = self._uint(4, f"the type of tensor {name}")
+        try:
+            qtype = self._tensor_type(raw)
+            block, size = self._sizes[qtype]
+        except (ValueError, KeyError):
+            raise self._corrupt(f"tensor {name} has ggml type {raw}, which the gguf package does not know") from None
+        if shape[0] % block:
+            raise self._corrupt(f"tensor {name}: rows of {shape[0]} values are not a whole number of "
+                                f"{qtype.name} blocks of {block}")
+        n_bytes = math.prod(shape) // block * size  # an exact integer: compared with the file size below
+        return name, shape, qtype, self._uint(8, f"the data offset of tensor {name}"), n_bytes, offset
+
+    def _place(self, infos: list) -> list[TensorInfo]:
+        """Tensors back to back in the listed order, each starting at a multiple of the
+        alignment, all inside the file (llama.cpp refuses anything else)."""
+        tensors, names, expected = [], {}, 0
+        for name, shape, qtype, offset, n_bytes, at in infos:
+            if name in names:
+                raise self._corrupt(f"tensor {name} is listed twice, at bytes {names[name]} and {at}")
+            names[name] = at
+            if offset != expected:
+                raise self._corrupt(f"tensor {name}'s data is at offset {offset}; after the tensors before it, "
+                                    f"padded to {self.alignment} bytes, it must be {expected}")
+            end = self.data_offset + offset + n_bytes
+            if end > self.size:
+                raise CheckpointError(f"{self.path}: truncated GGUF file (the file has {self.size} bytes, but tensor "
+                                      f"{name}'s data ends at byte {end}); an incomplete download?")
+            tensors.append(TensorInfo(name, shape, qtype, self.data_offset + offset, n_bytes, self.buffer))
+            expected = _align(offset + n_bytes, self.alignment)
+        return tensors
+
+    # -- the checksum
+
+    def sha256(self, start: int, end: int) -> str:
+        """sha256 of bytes [start, end) with the two digest values read as "0" x 64."""
+        h, view, pos = hashlib.sha256(), memoryview(self.buffer), start
+        for a, b in sorted(f.span for key, f in self.fields.items() if key in DIGESTS.values()):
+            if start <= a and b <= end:
+                h.update(view[pos:a])
+                h.update(b"0" * (b - a))
+                pos = b
+        for chunk in range(pos, end, 1 << 24):
+            h.update(view[chunk:min(end, chunk + (1 << 24))])
+        view.release()
+        return h.hexdigest()
+
+    def region(self, part: str) -> tuple[int, int]:
+        return (0, self.data_offset) if part == "metadata" else (self.data_offset, self.size)
+
+    def verify(self, part: str) -> None:
+        """Check DIGESTS[part] when the file has one (every file save() wrote); a file from
+        elsewhere has none, and the checks in load_gguf are all there is."""
+        ours = {k for k in self.fields if k.startswith("yarn_minimal.")}
+        if not ours:
+            return
+        if ours != set(DIGESTS.values()):
+            raise self._corrupt(f"it has the keys {sorted(ours)}; a file yarn_minimal wrote has exactly "
+                                f"{sorted(DIGESTS.values())}")
+        if self._rewritten():
+            return
+        key = DIGESTS[part]
+        stored = self.fields[key].value
+        if not (isinstance(stored, str) and len(stored) == 64 and all(c in "0123456789abcdef" for c in stored)):
+            raise self._corrupt(f"{key} is {stored!r}, not 64 hex digits")
+        found = self.sha256(*self.region(part))
+        if found != stored:
+            raise CheckpointError(f"{self.path}: the sha256 of its {part} is {found}, but its key {key} says {stored}: "
+                                  "the file was damaged after it was saved (copy or download it again), or another "
+                                  "tool rewrote it keeping this key")
+
+    def _rewritten(self) -> bool:
+        """llama-quantize copies every key of its input, the digests too, into a file with other
+        tensor types: one whose general.file_type and tensor types are both ones save() never
+        writes is such a file, and its stale digests are not checked (one damaged byte cannot
+        change both)."""
+        file_type = self.fields.get("general.file_type")
+        ours = {code for _, code in FILE_TYPES.values()}
+        written = {self._tensor_type[name] for name, _ in FILE_TYPES.values()}
+        if file_type is None or file_type.value in ours or all(t.tensor_type in written for t in self.tensors):
+            return False
+        warnings.warn(f"{self.path}: yarn_minimal.sha256.* not checked: general.file_type {file_type.value} and its "
+                      "tensor types are not ones yarn_minimal writes (F32, F16, BF16), so another tool (llama-quantize) "
+                      "made it from a file of ours and copied the keys")
+        return True
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    """The file's header, parsed and checked, and its metadata checksum verified when it has one
+    (no tensor data is read)."""
+    try:
+        gguf = GGUFFile(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    gguf.verify("metadata")
+    return gguf
 
 
 class Metadata:
-    """The file's key -> value pairs, each decoded when asked for; need() names a missing key."""
+    """The file's key -> value pairs; need() names a missing key, number() a key of the wrong kind."""
 
-    def __init__(self, reader, path: Path):
-        self.reader, self.path = reader, path
+    def __init__(self, gguf: GGUFFile, path: Path):
+        self.gguf, self.path = gguf, path
 
     def __contains__(self, key: str) -> bool:
-        return key in self.reader.fields
+        return key in self.gguf.fields
 
     def get(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        field = self.gguf.fields.get(key)
+        return default if field is None else field.value
 
     def need(self, key: str):
         if key not in self:
             raise CheckpointError(f"{self.path}: metadata key {key!r} is missing")
         return self.get(key)
 
-    def number(self, key: str, default=None, kind=int):
-        """A scalar int/float key (need()'s error when absent and no default is given)."""
+    def number(self, key: str, default=None, kind=int, least=None):
+        """A scalar key: an integer for kind=int, any finite number for kind=float, at least
+        `least` when given (need()'s error when absent and no default is given)."""
         value = self.need(key) if default is None else self.get(key, default)
-        if isinstance(value, (list, str, bytes)) or value is None:
-            raise CheckpointError(f"{self.path}: metadata key {key!r} is {value!r}; expected one {kind.__name__}")
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        if not (integer or (kind is float and isinstance(value, float) and math.isfinite(value))):
+            raise CheckpointError(f"{self.path}: metadata key {key!r} is {_short(value)}; expected one "
+                                  f"{'finite number' if kind is float else 'integer'}")
+        if least is not None and value < least:
+            raise CheckpointError(f"{self.path}: metadata key {key!r} is {value}; expected at least {least}")
         return kind(value)
 
     @property
@@ -171,10 +453,15 @@ class Metadata:
         return self.need("general.architecture")
 
 
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({type(value).__name__} of {len(value)})"
+
+
 def _check_arch(meta: Metadata) -> None:
     arch = meta.arch
     if arch != ARCH:
-        raise CheckpointError(f"{meta.path}: general.architecture is {arch!r}; only {ARCH!r} "
+        raise CheckpointError(f"{meta.path}: general.architecture is {_short(arch)}; only {ARCH!r} "
                               "(Llama-architecture models: Llama 2/3, SmolLM, Mistral converted as llama) can be loaded")
 
 
@@ -188,9 +475,13 @@ def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
     when the file has one. A table of ones is plain RoPE; factors together with a scaling type
     (llama.cpp would apply both, one after the other) are refused."""
     rope, prov, notes = rope_from_keys(meta)
-    tensor = next((t for t in meta.reader.tensors if t.name == ROPE_FREQS), None)
+    tensor = next((t for t in meta.gguf.tensors if t.name == ROPE_FREQS), None)
     if tensor is None:
         return rope, prov, notes
+    head_dim = head_dim_from_metadata(meta)
+    if math.prod(tensor.shape) != head_dim // 2:  # checked before |D| sizes anything
+        raise CheckpointError(f"{meta.path}: tensor {ROPE_FREQS} has {math.prod(tensor.shape)} factors; expected "
+                              f"|D|/2 = {head_dim // 2}, one per pair")
     factors = _to_torch(tensor, torch.float64, "cpu")  # |D|/2 numbers: cheap even for read_gguf_config
     if bool((factors == 1).all()):
         return rope, prov, notes
@@ -199,7 +490,7 @@ def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
         raise CheckpointError(f"{meta.path}: tensor {ROPE_FREQS} (Llama 3's per-pair RoPE factors) and "
                               f"{a}.rope.scaling.* ({rope.describe()}) are both set; llama.cpp would apply one after "
                               "the other, which no RopeConfig expresses")
-    rope = rope_from_freq_factors(factors, rope.base, head_dim_from_metadata(meta), f"{meta.path}: tensor {ROPE_FREQS}")
+    rope = rope_from_freq_factors(factors, rope.base, head_dim, f"{meta.path}: tensor {ROPE_FREQS}")
     L, s = rope.original_length, rope.scale
     prov.update(method=f"{ROPE_FREQS} (per-pair factors f_d: Llama 3's llama3, as llama.cpp stores it)",
                 scale=f"{ROPE_FREQS}: s = max f_d", ramp=f"{ROPE_FREQS}: f_d follows Eq. 18, linear in r",
@@ -207,7 +498,7 @@ def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
                 beta=f"{ROPE_FREQS}: L/beta = the wavelength where f_d reaches 1 (fit)",
                 alpha=f"an assumption (Llama 3's low_freq_factor): {ROPE_FREQS} fixes only L/alpha and L/beta, "
                       "and every alpha with those two gives the same frequencies")
-    context = meta.number(f"{a}.context_length")
+    context = meta.number(f"{a}.context_length", least=1)
     if context != round(s * L):
         notes.append(f"{a}.context_length = {context}, but s L = {s:g} x {L} = {s * L:g}")
     return rope, prov, notes
@@ -228,27 +519,32 @@ def rope_from_keys(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
     a = meta.arch
     prov, notes = {}, []
 
-    def read(field, key, default, convert=float):
+    def read(field, key, default, convert=float, least=None):
         full = f"{a}.{key}"
-        if full in meta:
-            prov[field] = full
-            return str(meta.get(full)) if convert is str else meta.number(full, kind=convert)
-        prov[field] = "default"
-        return default
+        if full not in meta:
+            prov[field] = "default"
+            return default
+        prov[field] = full
+        if convert is not str:
+            return meta.number(full, kind=convert, least=least)
+        if not isinstance(meta.get(full), str):
+            raise CheckpointError(f"{meta.path}: metadata key {full!r} is {_short(meta.get(full))}; expected a string")
+        return meta.get(full)
 
+    # ranges RopeConfig does not state itself: positive lengths, a factor of 0 (meaning 1) or >= 1
     base = read("base", "rope.freq_base", 10000.0)
-    context = meta.number(f"{a}.context_length")
+    context = meta.number(f"{a}.context_length", least=1)
     kind = read("method", "rope.scaling.type", "linear", str)
-    factor = read("scale", "rope.scaling.factor", 0.0)
+    factor = read("scale", "rope.scaling.factor", 0.0, least=0)
     if prov["scale"] == "default" and f"{a}.rope.scale_linear" in meta:
-        factor = read("scale", "rope.scale_linear", 0.0)
+        factor = read("scale", "rope.scale_linear", 0.0, least=0)
     scale = 1.0 if factor == 0.0 else factor
-    original = read("original_length", "rope.scaling.original_context_length", context, int)
+    original = read("original_length", "rope.scaling.original_context_length", context, int, least=1)
     if prov["original_length"] == "default":
         prov["original_length"] = f"{a}.context_length"
     for key in ("rope.scaling.yarn_log_multiplier", "rope.scaling.yarn_ext_factor"):
         if f"{a}.{key}" in meta:
-            raise CheckpointError(f"{meta.path}: {a}.{key} = {meta.get(f'{a}.{key}')} is set; that llama.cpp "
+            raise CheckpointError(f"{meta.path}: {a}.{key} = {_short(meta.get(f'{a}.{key}'))} is set; that llama.cpp "
                                   "YaRN variant (DeepSeek's mscale / a partial ramp) has no RopeConfig equivalent")
     try:
         if kind == "none" or (scale == 1.0 and kind in ("linear", "yarn")):
@@ -271,7 +567,7 @@ def rope_from_keys(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
             alpha, beta = 1.0, 32.0  # Eq. 18's bounds as llama.cpp applies them to "llama" files
             for key, used in (("rope.scaling.yarn_beta_slow", alpha), ("rope.scaling.yarn_beta_fast", beta)):
                 if f"{a}.{key}" in meta:
-                    notes.append(f"{a}.{key} = {meta.get(f'{a}.{key}'):g} is set, but llama.cpp does not read it "
+                    notes.append(f"{a}.{key} = {meta.number(f'{a}.{key}', kind=float):g} is set, but llama.cpp does not read it "
                                  f"for 'llama' and uses {used:g}; so does this loader")
             # Sec. 3.4: llama.cpp multiplies Eq. 22 by attn_factor; 1 leaves Eq. 22 itself (None)
             factor = None if attn == 1.0 else attn * yarn_attention_factor(scale)
@@ -289,8 +585,8 @@ def rope_from_keys(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
 def head_dim_from_metadata(meta: Metadata) -> int:
     """|D| = embedding_length / head_count; RoPE must rotate the whole head."""
     a = meta.arch
-    dim, n_heads = meta.number(f"{a}.embedding_length"), meta.number(f"{a}.attention.head_count")
-    if not n_heads or dim % n_heads:
+    dim, n_heads = meta.number(f"{a}.embedding_length", least=1), meta.number(f"{a}.attention.head_count", least=1)
+    if dim % n_heads:
         raise CheckpointError(f"{meta.path}: {a}.embedding_length {dim} is not a multiple of "
                               f"{a}.attention.head_count {n_heads}")
     head_dim = dim // n_heads
@@ -309,12 +605,15 @@ def args_from_metadata(meta: Metadata, rope: Optional[RopeConfig], vocab_size: i
     if meta.number(f"{a}.expert_count", 0) > 0:
         raise CheckpointError(f"{meta.path}: {a}.expert_count is {meta.get(f'{a}.expert_count')}: a mixture of "
                               "experts (Mixtral) is not a Llama 2 model")
-    hidden = meta.number(f"{a}.feed_forward_length")  # per-layer arrays (some GGUFs) are refused here
+    hidden = meta.number(f"{a}.feed_forward_length", least=1)  # per-layer arrays (some GGUFs) are refused here
     multiple_of, multiplier = meta_ffn_params(dim, hidden, meta.path)
-    params = dict(dim=dim, n_layers=meta.number(f"{a}.block_count"), n_heads=n_heads,
-                  n_kv_heads=meta.number(f"{a}.attention.head_count_kv", n_heads), vocab_size=vocab_size,
-                  multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
-                  norm_eps=meta.number(f"{a}.attention.layer_norm_rms_epsilon", kind=float))
+    eps = meta.number(f"{a}.attention.layer_norm_rms_epsilon", kind=float)
+    if not 0 < eps < 1:
+        raise CheckpointError(f"{meta.path}: {a}.attention.layer_norm_rms_epsilon is {eps:g}; RMSNorm's epsilon "
+                              "lies between 0 and 1 (Llama: 1e-5 or 1e-6)")
+    params = dict(dim=dim, n_layers=meta.number(f"{a}.block_count", least=1), n_heads=n_heads,
+                  n_kv_heads=meta.number(f"{a}.attention.head_count_kv", n_heads, least=1), vocab_size=vocab_size,
+                  multiple_of=multiple_of, ffn_dim_multiplier=multiplier, norm_eps=eps)
     if rope is None:
         rope, _, notes = rope_from_metadata(meta)
         for note in notes:
@@ -400,12 +699,10 @@ def read_gguf_config(path: str | os.PathLike) -> tuple[ModelArgs, dict, list[str
     path = Path(path)
     meta = Metadata(open_gguf(path), path)
     _check_arch(meta)
+    vocab_rows = check_layout(meta, tensors_by_key(meta.gguf, path))
     rope, provenance, notes = rope_from_metadata(meta)
-    embedding = next((t for t in meta.reader.tensors if t.name == "token_embd.weight"), None)
-    if embedding is None:
-        raise CheckpointError(f"{path}: no token_embd.weight tensor")
     provenance["head_dim"] = f"{meta.arch}.embedding_length / {meta.arch}.attention.head_count"
-    return args_from_metadata(meta, rope, int(embedding.shape[1])), provenance, notes
+    return args_from_metadata(meta, rope, vocab_rows), provenance, notes
 
 
 # ---------------------------------------------------------------------------------------
@@ -436,11 +733,11 @@ def _to_torch(t, dtype, device) -> torch.Tensor:
     return torch.from_numpy(arr).to(device=device, dtype=dtype)
 
 
-def tensors_by_key(reader, path: Path) -> dict:
-    """Meta's key -> the reader's tensor; unknown names are errors. rope_freqs.weight is not a
+def tensors_by_key(gguf: GGUFFile, path: Path) -> dict:
+    """Meta's key -> the file's tensor; unknown names are errors. rope_freqs.weight is not a
     weight: rope_from_metadata reads it into the RopeConfig."""
     by_key, unknown = {}, []
-    for t in reader.tensors:
+    for t in gguf.tensors:
         key = meta_key(t.name)
         if key is not None:
             by_key[key] = t
@@ -452,15 +749,34 @@ def tensors_by_key(reader, path: Path) -> dict:
     return by_key
 
 
+def check_layout(meta: Metadata, tensors: dict) -> int:
+    """What holds before a model is built from the metadata: token_embd is a (vocab, dim) matrix
+    with dim = embedding_length, and the layers present are exactly 0 .. block_count - 1. The
+    number of embedding rows (the vocabulary size) is returned."""
+    a, embedding = meta.arch, tensors.get("tok_embeddings.weight")
+    if embedding is None:
+        raise CheckpointError(f"{meta.path}: no token_embd.weight tensor")
+    dim, n_layers = meta.number(f"{a}.embedding_length", least=1), meta.number(f"{a}.block_count", least=1)
+    if len(embedding.shape) != 2 or embedding.shape[0] != dim:  # GGUF lists dims innermost first
+        raise CheckpointError(f"{meta.path}: tensor token_embd.weight has shape {embedding.shape[::-1]}; expected "
+                              f"(vocabulary, {a}.embedding_length = {dim})")
+    layers = sorted({int(key.split(".")[1]) for key in tensors if key.startswith("layers.")})
+    if layers != list(range(n_layers)):
+        found = f"layers {layers[0]} to {layers[-1]} ({len(layers)} of them)" if layers else "no layer"
+        raise CheckpointError(f"{meta.path}: {a}.block_count is {n_layers}, but the file has tensors for {found}")
+    return embedding.shape[1]
+
+
 def load_gguf(path: Path, rope: Optional[RopeConfig], device: torch.device | str,
               dtype: torch.dtype, progress: bool = False) -> tuple[Transformer, Tokenizer]:
-    reader = open_gguf(path)
-    meta = Metadata(reader, path)
+    """Every check that needs no tensor data (structure, metadata checksum, names, shapes, types,
+    RoPE and tokenizer keys), then the tensor checksum when the file has one, then the weights,
+    each checked finite."""
+    gguf = open_gguf(path)
+    meta = Metadata(gguf, path)
     _check_arch(meta)
-    tensors = tensors_by_key(reader, path)
-    if "tok_embeddings.weight" not in tensors:
-        raise CheckpointError(f"{path}: no token_embd.weight tensor")
-    vocab_rows = int(tensors["tok_embeddings.weight"].shape[1])  # GGUF lists dims innermost first
+    tensors = tensors_by_key(gguf, path)
+    vocab_rows = check_layout(meta, tensors)
     args = args_from_metadata(meta, rope, vocab_rows)
     tokenizer = tokenizer_from_metadata(meta)
     if tokenizer.vocab_size != args.vocab_size:
@@ -478,11 +794,16 @@ def load_gguf(path: Path, rope: Optional[RopeConfig], device: torch.device | str
         if not can_dequantize(t.tensor_type):
             raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf "
                                   "package cannot dequantize")
+    gguf.verify("tensors")
     state, done = {}, {}
     for key in tqdm(expected, desc="dequantizing", unit="tensor", disable=not progress):
         t = tensors[key]
         # a tied output gets its own copy of the embedding: two parameters never share storage
-        state[key] = done[t.name].clone() if t.name in done else _to_torch(t, dtype, device)
+        if t.name in done:
+            state[key] = done[t.name].clone()
+        else:
+            state[key] = _to_torch(t, dtype, device)
+            check_finite(t.name, state[key], path)
         done[t.name] = state[key]
     model.load_state_dict(state, assign=True, strict=True)
     return model, tokenizer
@@ -513,8 +834,12 @@ def _byte_level_tokenizer(meta: Metadata, tokens: list[str]):
     if pre not in PRE_SPLITS:
         raise CheckpointError(f"{meta.path}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer this loader does not "
                               f"know (it would split text differently from llama.cpp); known: {', '.join(sorted(PRE_SPLITS))}")
-    merges = [tuple(m.split(" ", 1)) for m in meta.need("tokenizer.ggml.merges")]
+    merges = [tuple(m.split(" ", 1)) for m in _strings(meta, "tokenizer.ggml.merges")]
     vocab = {tok: i for i, tok in enumerate(tokens)}
+    for i, merge in enumerate(merges):  # what BPE needs of each merge: both parts and the result are tokens
+        if len(merge) != 2 or merge[0] not in vocab or merge[1] not in vocab or "".join(merge) not in vocab:
+            raise CheckpointError(f"{meta.path}: tokenizer.ggml.merges[{i}] is {' '.join(merge)!r}, not two tokens "
+                                  "of tokenizer.ggml.tokens whose concatenation is a token too")
     tok = Backend(models.BPE(vocab, merges, ignore_merges=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_SPLITS[pre]]
@@ -541,11 +866,15 @@ def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[s
 def _sentencepiece_tokenizer(meta: Metadata, tokens: list[str]):
     from tokenizers import Tokenizer as Backend, decoders, models, normalizers
 
-    scores = [float(s) for s in meta.need("tokenizer.ggml.scores")]
-    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    scores = meta.need("tokenizer.ggml.scores")
+    if not isinstance(scores, list) or len(scores) != len(tokens) or \
+            not all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores):
+        raise CheckpointError(f"{meta.path}: tokenizer.ggml.scores is {_short(scores)}; expected {len(tokens)} "
+                              "finite numbers, one per token")
+    unk = _token_id(meta, "unknown", len(tokens))
     tok = Backend(models.BPE({t: i for i, t in enumerate(tokens)}, sentencepiece_merges(tokens, scores),
-                             unk_token=None if unk is None else tokens[int(unk)], fuse_unk=True, byte_fallback=True))
-    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))  # sentencepiece's add_dummy_prefix
+                             unk_token=None if unk is None else tokens[unk], fuse_unk=True, byte_fallback=True))
+    prefix = _flag(meta, "tokenizer.ggml.add_space_prefix", True)  # sentencepiece's add_dummy_prefix
     tok.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else [])
                                           + [normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -561,31 +890,65 @@ def tokenizer_from_metadata(meta: Metadata) -> HFTokenizer:
     from tokenizers import AddedToken
 
     model = meta.need("tokenizer.ggml.model")
-    tokens = list(meta.need("tokenizer.ggml.tokens"))
-    if model == "gpt2":
-        tok = _byte_level_tokenizer(meta, tokens)
-    elif model == "llama":
-        tok = _sentencepiece_tokenizer(meta, tokens)
-    else:
-        raise CheckpointError(f"{meta.path}: tokenizer.ggml.model is {model!r}; supported: 'gpt2' (byte-level BPE) "
-                              "and 'llama' (sentencepiece)")
+    tokens = _strings(meta, "tokenizer.ggml.tokens")
+    types = _token_types(meta, len(tokens))
+    ids = {name: _token_id(meta, name, len(tokens)) for name in ("bos", "eos", "eot", "eom", "unknown")}
+    if model not in ("gpt2", "llama"):
+        raise CheckpointError(f"{meta.path}: tokenizer.ggml.model is {_short(model)}; supported: 'gpt2' (byte-level "
+                              "BPE) and 'llama' (sentencepiece)")
+    try:
+        tok = _byte_level_tokenizer(meta, tokens) if model == "gpt2" else _sentencepiece_tokenizer(meta, tokens)
+    except CheckpointError:
+        raise
+    except Exception as e:  # the `tokenizers` library's own refusal (it raises Exception)
+        raise CheckpointError(f"{meta.path}: tokenizer.ggml.*: the `tokenizers` library refuses the vocabulary "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     # llama.cpp matches control and user-defined tokens whole in the text; so do we
-    types = list(meta.get("tokenizer.ggml.token_type", []))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty == CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, ty in zip(tokens, types) if ty == USER_DEFINED])
-    ids = {name: meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos")}
-    out = HFTokenizer(tok, None if ids["bos"] is None else int(ids["bos"]),
-                      None if ids["eos"] is None else int(ids["eos"]), meta.path)
-    out.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama"))
+    out = HFTokenizer(tok, ids["bos"], ids["eos"], meta.path)
+    out.add_bos = _flag(meta, "tokenizer.ggml.add_bos_token", model == "llama")
     # every id llama.cpp ends generation at: EOS, end of turn (Llama 3's <|eot_id|>), end of message
-    ends = [meta.get(f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot", "eom")]
-    out.eos_ids = tuple(dict.fromkeys(int(i) for i in ends if i is not None))
+    out.eos_ids = tuple(dict.fromkeys(ids[name] for name in ("eos", "eot", "eom") if ids[name] is not None))
     # what save(format="gguf") writes back: every tokenizer.* key with its stored types
-    out.gguf_vocab = {key: (meta.get(key), f.types[0], f.types[1] if len(f.types) > 1 else None)
-                      for key, f in meta.reader.fields.items() if key.startswith("tokenizer.")}
+    out.gguf_vocab = {key: (f.value, f.types[0], f.types[1] if len(f.types) > 1 else None)
+                      for key, f in meta.gguf.fields.items() if key.startswith("tokenizer.")}
     return out
+
+
+def _strings(meta: Metadata, key: str) -> list[str]:
+    value = meta.need(key)
+    if not isinstance(value, list) or not value or not isinstance(value[0], str):
+        raise CheckpointError(f"{meta.path}: metadata key {key!r} is {_short(value)}; expected a list of strings")
+    return value
+
+
+def _token_types(meta: Metadata, n: int) -> list[int]:
+    """tokenizer.ggml.token_type: one of llama.cpp's types (0 undefined, NORMAL .. BYTE) per token."""
+    types = meta.get("tokenizer.ggml.token_type", [])
+    if not isinstance(types, list) or (types and len(types) != n) or any(not 0 <= t <= BYTE for t in types):
+        raise CheckpointError(f"{meta.path}: tokenizer.ggml.token_type is {_short(types)}; expected {n} token "
+                              f"types, each 0 to {BYTE}")
+    return types
+
+
+def _token_id(meta: Metadata, name: str, n: int) -> Optional[int]:
+    key = f"tokenizer.ggml.{name}_token_id"
+    if key not in meta:
+        return None
+    value = meta.number(key)
+    if not 0 <= value < n:
+        raise CheckpointError(f"{meta.path}: {key} is {value}; the vocabulary has ids 0 to {n - 1}")
+    return value
+
+
+def _flag(meta: Metadata, key: str, default: bool) -> bool:
+    value = meta.get(key, default)
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{meta.path}: metadata key {key!r} is {_short(value)}; expected true or false")
+    return value
 
 
 def read_gguf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
@@ -813,6 +1176,8 @@ def save_gguf(model: Transformer, tokenizer: Optional[Tokenizer], path: Path) ->
                 w.add_float32(f"{a}.{key}", value)
         for key, (value, vtype, sub_type) in vocab.items():
             w.add_key_value(key, value, vtype, sub_type)
+        for key in DIGESTS.values():
+            w.add_string(key, "0" * 64)  # filled in by seal() once the file is written
         if factors is not None:
             w.add_tensor(ROPE_FREQS, factors.numpy())  # F32, one for all layers, as llama.cpp's converter writes it
         for key, t in state.items():
@@ -824,10 +1189,21 @@ def save_gguf(model: Transformer, tokenizer: Optional[Tokenizer], path: Path) ->
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        seal(tmp)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, write)
     return path
+
+
+def seal(path: Path) -> None:
+    """Write the two sha256 digests (DIGESTS) into a finished file, in place of their zeros."""
+    gguf = GGUFFile(path)
+    digests = {DIGESTS[part]: gguf.sha256(*gguf.region(part)) for part in DIGESTS}
+    with path.open("r+b") as f:
+        for key, digest in digests.items():
+            f.seek(gguf.fields[key].span[0])
+            f.write(digest.encode())
 
 
 def _typed(key: str, value) -> tuple:
