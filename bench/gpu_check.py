@@ -44,6 +44,7 @@ import yarn_minimal.model as model_module  # noqa: E402
 from bench_generate import decode_bytes_per_token, machine, memory_bandwidth  # noqa: E402
 from yarn_minimal import sizing, training  # noqa: E402
 from yarn_minimal.data import write_segments  # noqa: E402
+from yarn_minimal.files import Output, check_output, holds, write_json, write_text  # noqa: E402
 from yarn_minimal.generation import GenerationStats, generate  # noqa: E402
 from yarn_minimal.model import ModelArgs, Transformer  # noqa: E402
 from yarn_minimal.rope import RopeConfig  # noqa: E402
@@ -356,12 +357,23 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# what --out may be besides new or empty: an earlier checklist's folder (with --overwrite)
+GPU_CHECK = Output("an earlier checklist (gpu_check.json)", holds("gpu_check.json", "gpu_check.md"), folder=True)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
+    p.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md: new or empty, "
+                                                "or an earlier checklist's with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace gpu_check.json and gpu_check.md of an earlier checklist in --out (nothing else)")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks the script, measures nothing")
     p.add_argument("--only", nargs="+", choices=sorted(CHECKS), default=None, help="run only these checks")
     args = p.parse_args(argv)
+    try:
+        check_output(args.out, GPU_CHECK, args.overwrite)  # before the checks run, not after
+    except ValueError as e:
+        raise SystemExit(f"error: --out {e}") from None
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device visible to torch; run on a GPU machine, or use --dry-run")
     setup = dry_setup() if args.dry_run else real_setup()
@@ -372,8 +384,8 @@ def main(argv=None) -> None:
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "checks": run_checks(setup, names)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "gpu_check.md").write_text(markdown(report))
+    write_json(out / "gpu_check.json", report)
+    write_text(out / "gpu_check.md", markdown(report))
     print(markdown(report))
     failed = [n for n, r in report["checks"].items() if r["status"] == "failed"]
     if failed:

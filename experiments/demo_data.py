@@ -50,6 +50,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from yarn_minimal.data import write_segments
+from yarn_minimal.files import Output, atomic_write, check_output, holds, write_json
 
 DEB_PACKAGE = "python3.11-doc"
 SOURCES_SUBDIR = Path("usr/share/doc/python3.11/html/_sources")
@@ -64,6 +65,9 @@ KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is {key}."
 # the evaluation's filler; training prompts must not contain it, or retrieval could be memorised
 EVAL_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+# what --out may be besides new or empty: an earlier output of this script (with --overwrite)
+DEMO_DATA = Output("demo data this script wrote", holds("manifest.json", "tokenizer.model", "heldout", "train-*", "cache"),
+                   folder=True)
 
 
 # ---------------------------------------------------------------------------- source documents
@@ -158,7 +162,7 @@ def train_tokenizer(texts: list[str], model_file: Path, vocab_size: int, seed: i
         add_dummy_prefix=True, allow_whitespace_only_pieces=True,  # rst indentation is meaningful
         input_sentence_size=max_sentences, shuffle_input_sentence=True,
         max_sentence_length=1 << 14, num_threads=2, minloglevel=2)
-    model_file.write_bytes(model.getvalue())
+    atomic_write(model_file, lambda tmp: tmp.write_bytes(model.getvalue()))
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 
@@ -295,11 +299,25 @@ def build_segments(sp: spm.SentencePieceProcessor, stream: np.ndarray, filler: F
 
 # ---------------------------------------------------------------------------- command line
 
+def earlier_heldout(out: Path) -> list[Path]:
+    """The held-out files an earlier run listed in OUT/manifest.json (--overwrite replaces them)."""
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        return []
+    try:
+        entries = json.loads(manifest.read_text())["heldout"]
+        return [out / "heldout" / Path(h["file"]).name for h in entries]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {manifest}: not a manifest this script wrote ({e!r}); move it away") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]))
-    p.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    p.add_argument("--out", type=Path, required=True, help="output folder: new or empty, or an earlier one with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier output in --out: the files listed above (its cache/ is reused), nothing else")
     p.add_argument("--source-dir", type=Path,
                    help="already extracted python3.11-doc (package root or its _sources folder); "
                         "default: apt-get download into OUT/cache")
@@ -319,6 +337,11 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     out: Path = args.out
+    try:
+        check_output(out, DEMO_DATA, args.overwrite)
+    except ValueError as e:
+        raise SystemExit(f"error: --out {e}") from None
+    old_heldout = earlier_heldout(out)
     out.mkdir(parents=True, exist_ok=True)
     source_dir = args.source_dir or fetch_sources(out / "cache")
     docs = read_documents(source_dir)
@@ -330,8 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"tokenizer: vocab {sp.vocab_size()}, trained in {time.perf_counter() - t:.1f} s")
 
     heldout_dir = out / "heldout"
-    shutil.rmtree(heldout_dir, ignore_errors=True)
-    heldout_dir.mkdir()
+    for old in old_heldout:  # an earlier run's held-out files, and nothing else in heldout/
+        old.unlink(missing_ok=True)
+    heldout_dir.mkdir(exist_ok=True)
     heldout_info = []
     for name in heldout:
         (heldout_dir / heldout_filename(name)).write_text(docs[name] + "\n", encoding="utf-8")
@@ -340,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = dict(source=f"Debian {DEB_PACKAGE}: Python 3.11 documentation sources (PSF license)",
                     source_dir=str(source_dir), heldout_rule=f"sha256(name) order among documents "
                     f">= {args.heldout_min_chars} chars", train=train, heldout=heldout_info)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_json(out / "manifest.json", manifest)
 
     stream = document_stream(sp, train_texts, progress=True)
     filler = Filler(sp, filler_sentences(train_texts))
@@ -355,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
                                              args.seed, progress=True)
         path = write_segments(out / f"train-{seq_len}", segments,
                               dict(meta, n_text_segments=len(segments) - n_passkey,
-                                   n_passkey_segments=n_passkey))
+                                   n_passkey_segments=n_passkey), overwrite=args.overwrite)
         size = (path / "tokens.bin").stat().st_size
         summary.append(f"  train-{seq_len}: {len(segments)} segments ({n_passkey} passkey), "
                        f"{size / 2**20:.1f} MiB")

