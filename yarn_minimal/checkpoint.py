@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from .cli import DTYPES, run_main
-from .files import (CHECKSUMS, CheckpointError, Output, check_output, check_sha256, holds, publish, starts_with,
+from .files import (CHECKSUMS, CheckpointError, Output, check_output, check_sha256, holds, json_with, publish, starts_with,
                     verify_checksums, write_checksums, write_json)
 from .formats.gguf import load_gguf, open_gguf, read_gguf_config, read_gguf_tokenizer, save_gguf
 from .formats.hf import hf_rope_scaling, load_hf, permute_to_hf, read_hf_config, rope_from_hf, save_hf
@@ -131,6 +131,8 @@ def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, str], lis
 # GGUF file. A download without it, or a folder of anything else, is never replaced.
 CHECKPOINT = Output("a checkpoint this project saved", holds(CHECKSUMS), folder=True)
 GGUF_FILE = Output("a GGUF file", starts_with(b"GGUF"), suffix=".gguf")
+CHECKSUMS_FILE = Output("a checksums.json", json_with(), again="it records the files as they were: pass --overwrite "
+                        "to record them as they are now, only if you changed them yourself")
 # the files load() reads from a folder: those of an earlier checkpoint that a new save does not
 # write are removed when it replaces it (overwrite=True), so that load() cannot mix the two
 CHECKPOINT_FILES = ("params.json", "rope.json", "consolidated.*.pth", "config.json", "*.safetensors",
@@ -261,6 +263,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                                    "run it once on a download you trust, and later damage to any of its files stops "
                                    "the load with a message naming the file.")
     k.add_argument("folder")
+    k.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checksums.json (which would otherwise catch a file changed since): "
+                        "only after a change you made yourself")
     v = sub.add_parser("verify", help="compare a downloaded file's sha256 with the digest its site publishes",
                        description="Compute the sha256 of FILE and compare it with the digest the download site "
                                    "lists for it (Hugging Face: the file's page, \"SHA256\"). For a folder, name each "
@@ -274,6 +279,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         folder = Path(args.folder)
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: not a folder")
+        check_output(folder / CHECKSUMS, CHECKSUMS_FILE, args.overwrite)
         names = [f.name for f in sorted(folder.iterdir()) if f.is_file() and f.name != CHECKSUMS and f.suffix != ".md"]
         write_checksums(folder, names)
         print(f"wrote {folder / CHECKSUMS}: {len(names)} files", file=sys.stderr)

@@ -81,7 +81,7 @@ def check_output(path: str | os.PathLike, kind: Output, overwrite: bool = False)
         raise OutputError(f"{path}: an existing file that is not {kind.what}; it is never replaced: "
                           "choose another path")
     if not overwrite:
-        raise OutputError(f"{path}: holds {kind.what}; {kind.again}")
+        raise OutputError(f"{path}: {'holds' if kind.folder else 'exists:'} {kind.what}; {kind.again}")
     return path
 
 
@@ -260,7 +260,7 @@ def verify_checksums(folder: Path, manifest: str = CHECKSUMS, required: bool = F
         return
     entries = read_json(path)
     changed = (f"the file is corrupt, or was changed after it was saved (if you changed it, record it with "
-               f"`python -m yarn_minimal.checkpoint checksums {folder}`)")
+               f"`python -m yarn_minimal.checkpoint checksums {folder} --overwrite`)")
     for name, entry in entries.items():
         target = folder / name
         try:
