@@ -44,7 +44,7 @@ except ImportError:
 
 from . import checkpoint
 from .files import (CHECKSUMS, CheckpointError, Output, OutputError, atomic_write, check_output, holds,
-                    move_into_place, temporary, verify_checksums, write_checksums)
+                    move_into_place, read_json, temporary, verify_checksums, write_checksums)
 from .model import ModelArgs, Transformer
 from .rope import RopeConfig
 from .tokenizer import Tokenizer
@@ -305,14 +305,20 @@ def _held(out: Path) -> list[Path]:
     return sorted(p for pattern in RUN_FILES for p in out.glob(pattern))
 
 
-def _from_a_run(path: Path) -> bool:
-    """Whether path is what a run writes under its name (and so --overwrite may delete it)."""
+def _not_from_a_run(path: Path) -> Optional[str]:
+    """Why path, under a name a run writes, is not what the run wrote there (None if it is):
+    --overwrite deletes it only when it is."""
     if path.name in ("latest", "metrics.jsonl"):
-        return path.is_file()
+        return None if path.is_file() else "a folder"
+    if not path.is_dir():
+        return "a file"
     if path.name.startswith("step-"):
-        return path.is_dir() and (path.suffix in (".tmp", ".old") or (path / "trainer.json").is_file()
-                                  or (path / "checksums-rank0.json").is_file())
-    return path.is_dir() and (path / CHECKSUMS).is_file()  # final/, final-hf/: checkpoint.save's folders
+        written = path.suffix in (".tmp", ".old") or (path / "checksums-rank0.json").is_file()
+        return None if written else "no checksums-rank0.json"
+    if not (path / CHECKSUMS).is_file():  # final/, final-hf/: checkpoint.save's folders
+        return f"no {CHECKSUMS}"
+    others = sorted({f.name for f in path.iterdir()} - set(read_json(path / CHECKSUMS)) - {CHECKSUMS})
+    return f"it also holds {', '.join(others)}" if others else None
 
 
 def claim_out(out: Path, env: DistEnv, resume: Optional[str], overwrite: bool) -> bool:
@@ -326,10 +332,10 @@ def claim_out(out: Path, env: DistEnv, resume: Optional[str], overwrite: bool) -
         if not overwrite:  # check_out said so already, unless the folder changed since
             raise SystemExit(f"error: --out {out} holds a run ({', '.join(p.name for p in held[:4])}); continue it "
                              "with --resume, or start over with --overwrite")
-        foreign = [p for p in held if not _from_a_run(p)]
-        if foreign:
-            raise SystemExit(f"error: --out {out}: {foreign[0].name} is not what a run writes under that name; "
-                             "move it away (nothing was deleted)")
+        for path in held:
+            if why := _not_from_a_run(path):
+                raise SystemExit(f"error: --out {out}: {path.name} is not what a run writes under that name ({why}); "
+                                 "move it away, nothing was deleted")
         for path in held:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     if env.main:
