@@ -117,7 +117,8 @@ class Miniature:
         return json.loads(out.with_suffix(".json").read_text())
 
     def finetune(self, method: str, scale: float) -> Path:
-        """Equal budget for every method: same steps, batch, lr and data (8 x L sequences)."""
+        """Equal budget for every method: same steps, batch, lr and data (8 x L sequences). A
+        finished fine-tune in --out is reused; an unfinished one is started over with --overwrite."""
         out = self.work / f"{method}-s{scale:g}"
         if not (out / "final" / "params.json").is_file():
             a = self.args
@@ -125,7 +126,7 @@ class Miniature:
                  "--data", self.data / f"train-{8 * self.L}", "--out", out, "--steps", a.finetune_steps,
                  "--global-batch-size", a.finetune_batch, "--micro-batch-size", a.finetune_batch,
                  "--lr", a.finetune_lr, "--warmup-steps", max(1, a.finetune_steps // 10), "--save-every", 0,
-                 "--seed", 0, "--device", "cpu"], self.log)
+                 "--seed", 0, "--device", "cpu", *(["--overwrite"] if a.overwrite else [])], self.log)
         return out / "final"
 
     # ---------------------------------------------------------------- the steps
