@@ -6,6 +6,9 @@ RoPE), llama.cpp's tokenizer (llama-cpp-python, where installed), and the `gguf`
 reader for the files we write. The model is loaded once per session: these tests cost about
 30 s on a 2-core machine, most of it transformers' load."""
 import copy
+import hashlib
+import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,14 @@ T = 256
 def smollm():
     model, tok = yarn_minimal.load(smollm_path())
     return model, tok
+
+
+@pytest.fixture(scope="session")
+def smollm_reader():
+    """gguf's own GGUFReader on the SmolLM2 file (slow: it reads the header item by item)."""
+    from gguf import GGUFReader
+
+    return GGUFReader(smollm_path())
 
 
 @pytest.fixture(scope="session")
@@ -56,16 +67,14 @@ def with_rope(hf, rope: RopeConfig, max_position_embeddings: int):
 # The real model against transformers' own GGUF load
 # ---------------------------------------------------------------------------------------
 
-def test_smollm_metadata(smollm):
+def test_smollm_metadata(smollm, smollm_reader):
     model, tok = smollm
     a = model.args
     assert (a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.vocab_size, a.ffn_hidden_dim) == (576, 30, 9, 3, 49152, 1536)
     assert model.rope == RopeConfig(base=100000.0, original_length=8192)
     assert (tok.bos_id, tok.eos_id, tok.add_bos, tok.eos_ids) == (1, 2, False, (2,))
     # generation stops at the file's EOS id, as gguf's own reader finds it
-    from gguf import GGUFReader
-
-    field = GGUFReader(smollm_path()).fields["tokenizer.ggml.eos_token_id"]
+    field = smollm_reader.fields["tokenizer.ggml.eos_token_id"]
     assert model.eos_ids == (int(field.parts[field.data[0]][0]),)
     # tied embeddings: the file has no output.weight, so the output is the embedding
     assert torch.equal(model.output.weight, model.tok_embeddings.weight)
@@ -415,6 +424,262 @@ def test_not_a_gguf_file(tmp_path):
     path = tmp_path / "x.gguf"
     path.write_bytes(b"not a gguf file at all")
     with pytest.raises(CheckpointError, match="cannot be read as GGUF"):
+        yarn_minimal.load(path)
+
+
+# ---------------------------------------------------------------------------------------
+# The parser never escapes: each defect a CheckpointError naming the file, before any size
+# field is trusted (the files are built here from raw bytes, by ggml's docs/gguf.md)
+# ---------------------------------------------------------------------------------------
+
+def gguf_string(text: str | bytes, length: int | None = None) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw) if length is None else length) + raw
+
+
+def gguf_kv(key, vtype: int, value: bytes) -> bytes:
+    return gguf_string(key) + struct.pack("<I", vtype) + value
+
+
+def gguf_tensor(name, dims, ggml_type: int = 0, offset: int = 0) -> bytes:
+    return (gguf_string(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+            + struct.pack("<IQ", ggml_type, offset))
+
+
+def gguf_bytes(kvs=None, tensors=None, data=None, n_kv=None, n_tensors=None, version=3) -> bytes:
+    """A GGUF file from raw entries: by default one string key and one F32 tensor of 8 values."""
+    kvs = [gguf_kv("general.architecture", 8, gguf_string("llama"))] if kvs is None else kvs
+    tensors = [gguf_tensor("token_embd.weight", (8,))] if tensors is None else tensors
+    head = (b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                                  len(kvs) if n_kv is None else n_kv) + b"".join(kvs) + b"".join(tensors))
+    head += bytes(-len(head) % 32)
+    return head + (struct.pack("<8f", *range(8)) if data is None else data)
+
+
+U8, U32, F32, BOOL, STR, ARR = 0, 4, 6, 7, 8, 9
+BAD_FILES = {
+    "a key not UTF-8": (dict(kvs=[gguf_kv(b"general.\xffrchitecture", STR, gguf_string("llama"))]), "is not UTF-8"),
+    "a string value not UTF-8": (dict(kvs=[gguf_kv("general.architecture", STR, gguf_string(b"ll\xc3ma"))]),
+                                 "is not UTF-8"),
+    "a string of 2^63 bytes": (dict(kvs=[gguf_kv("general.architecture", STR, gguf_string("llama", 2**63))]),
+                               r"truncated GGUF file \(the file has \d+ bytes, but the value of key"),
+    "more tensors than the file holds": (dict(n_tensors=2**40), "declares 1099511627776 tensors"),
+    "more keys than the file holds": (dict(n_kv=2**63 - 1), "declares 9223372036854775807 metadata keys"),
+    "an array of 2^40 bytes": (dict(kvs=[gguf_kv("x.list", ARR, struct.pack("<IQ", U8, 2**40))]),
+                               "declares 1099511627776 items in key 'x.list'"),
+    "an array of 2^32+5 strings": (dict(kvs=[gguf_kv("x.list", ARR, struct.pack("<IQ", STR, 2**32 + 5))]),
+                                   "declares 4294967301 strings in key 'x.list'"),
+    "an unknown value type": (dict(kvs=[gguf_kv("x.y", 13, b"\0" * 8)]), "value type 13, which GGUF does not define"),
+    "an array of arrays": (dict(kvs=[gguf_kv("x.y", ARR, struct.pack("<IQ", ARR, 1) + struct.pack("<IQ", U8, 0))]),
+                           "array of value type 9"),
+    "a bool of 2": (dict(kvs=[gguf_kv("x.flag", BOOL, b"\x02")]), "bool stored as 2"),
+    "a key twice": (dict(kvs=[gguf_kv("x.y", U32, b"\1\0\0\0")] * 2), "key 'x.y' appears twice"),
+    "a tensor twice": (dict(tensors=[gguf_tensor("token_embd.weight", (8,)), gguf_tensor("token_embd.weight", (8,), 0, 32)],
+                            data=bytes(64)), "tensor token_embd.weight is listed twice"),
+    "an unknown ggml type": (dict(tensors=[gguf_tensor("token_embd.weight", (8,), ggml_type=99)]), "ggml type 99"),
+    "five dims": (dict(tensors=[gguf_tensor("token_embd.weight", (1, 1, 1, 1, 8))]), "5 dimensions"),
+    "a row that is not whole blocks": (dict(tensors=[gguf_tensor("token_embd.weight", (8,), ggml_type=2)]),
+                                       "rows of 8 values are not a whole number of Q4_0 blocks of 32"),
+    "misaligned data": (dict(tensors=[gguf_tensor("token_embd.weight", (8,), offset=4)], data=bytes(64)),
+                        "data is at offset 4; .* it must be 0"),
+    "data past the end": (dict(tensors=[gguf_tensor("token_embd.weight", (2**40,))]),
+                          r"truncated GGUF file \(the file has \d+ bytes, but tensor token_embd.weight's data ends"),
+    "an alignment of 3": (dict(kvs=[gguf_kv("general.alignment", U32, struct.pack("<I", 3))]), "power of 2"),
+    "a control character in a key": (dict(kvs=[gguf_kv("general.\0rchitecture", STR, gguf_string("llama"))]),
+                                     "control characters"),
+    "version 1": (dict(version=1), "version 1; known: 2 and 3"),
+    "a big-endian file": (dict(version=3 << 24), "big-endian"),
+}
+
+
+def test_the_file_builder_makes_a_valid_gguf(tmp_path):
+    """The good file the bad ones are made from reads in gguf's own reader and in ours."""
+    from gguf import GGUFReader
+
+    from yarn_minimal.formats.gguf import open_gguf
+
+    path = tmp_path / "good.gguf"
+    path.write_bytes(gguf_bytes())
+    r = GGUFReader(str(path))
+    assert r.fields["general.architecture"].contents() == "llama"
+    assert r.tensors[0].data.tolist() == list(range(8))
+    ours = open_gguf(path)
+    assert ours.fields["general.architecture"].value == "llama" and ours.data_offset == r.data_offset
+    assert ours.tensors[0].data.view(np.float32).tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_a_bad_header_is_one_line(tmp_path, case):
+    parts, words = BAD_FILES[case]
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(gguf_bytes(**parts))
+    for read in (yarn_minimal.load, lambda p: yarn_minimal.checkpoint.read_config(p),
+                 lambda p: yarn_minimal.checkpoint.load_tokenizer(p)):
+        with pytest.raises(CheckpointError) as e:
+            read(path)
+        assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+        assert re.search(words, str(e.value)), str(e.value)
+
+
+def test_the_parser_agrees_with_gguf_reader(smollm_reader, demo_gguf):
+    """Every key, value type, value and tensor info as gguf's own GGUFReader reads them, on
+    llama.cpp's SmolLM2 file and on our export."""
+    from gguf import GGUFReader
+
+    from yarn_minimal.formats.gguf import open_gguf
+
+    for theirs, path in ((smollm_reader, smollm_path()), (GGUFReader(str(demo_gguf["BF16"])), demo_gguf["BF16"])):
+        ours = open_gguf(path)
+        fields = {k: f for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+        assert list(ours.fields) == list(fields)
+        for key, f in fields.items():
+            assert ours.fields[key].types == f.types, key
+            assert ours.fields[key].value == f.contents(), key
+        assert ours.data_offset == theirs.data_offset
+        assert [(t.name, t.shape, t.tensor_type, t.offset, t.n_bytes) for t in ours.tensors] == \
+            [(t.name, tuple(int(d) for d in t.shape), t.tensor_type, t.data_offset, t.n_bytes) for t in theirs.tensors]
+        t = ours.tensors[5]
+        assert np.array_equal(t.data.reshape(-1), np.asarray(theirs.tensors[5].data).reshape(-1).view(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------
+# The checksum save() writes and load() verifies
+# ---------------------------------------------------------------------------------------
+
+def digest_positions(path: Path) -> tuple[bytes, int, dict]:
+    """(the file's bytes, where its tensor data begins, key -> (start, end) of the value), by
+    gguf's GGUFReader."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    spans = {}
+    for key in ("yarn_minimal.sha256.metadata", "yarn_minimal.sha256.tensors"):
+        start = r.fields[key].offset + 8 + len(key) + 4 + 8  # key length, key, type, string length
+        spans[key] = (start, start + 64)
+    return path.read_bytes(), r.data_offset, spans
+
+
+def test_checksum_is_the_sha256_of_the_file(demo_gguf):
+    """The two keys hold hashlib's sha256 of the bytes before the tensor data (with both values
+    read as 64 zeros) and of the bytes from there to the end."""
+    for path in demo_gguf.values():
+        data, data_offset, spans = digest_positions(path)
+        zeroed = bytearray(data[:data_offset])
+        for start, end in spans.values():
+            zeroed[start:end] = b"0" * 64
+        stored = {key: data[a:b].decode() for key, (a, b) in spans.items()}
+        assert stored["yarn_minimal.sha256.metadata"] == hashlib.sha256(zeroed).hexdigest()
+        assert stored["yarn_minimal.sha256.tensors"] == hashlib.sha256(data[data_offset:]).hexdigest()
+
+
+def test_checksum_mismatch_names_the_file_and_both_digests(demo_gguf, tmp_path):
+    from yarn_minimal.checkpoint import read_config
+
+    data, data_offset, spans = digest_positions(demo_gguf["F32"])
+    stored = {key: data[a:b].decode() for key, (a, b) in spans.items()}
+    path = tmp_path / "flipped.gguf"
+    weight = bytearray(data)
+    weight[len(data) - 1000] ^= 0x01  # one mantissa bit of the last tensor: loads, finite, unremarkable
+    path.write_bytes(weight)
+    found = hashlib.sha256(weight[data_offset:]).hexdigest()
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: the sha256 of its tensors is {found}, but "
+                                              rf"its key yarn_minimal\.sha256\.tensors says {stored['yarn_minimal.sha256.tensors']}"):
+        yarn_minimal.load(path)
+    read_config(path)  # the metadata is intact: reading the config alone does not need the tensors
+    header = bytearray(data)
+    key = b"llama.rope.freq_base"
+    at = data.index(key) + len(key) + 4  # the float32 after the key and its type
+    header[at] ^= 0x01  # b = 10000 -> 10000.0009765625: a valid RoPE base, a different model
+    path.write_bytes(header)
+    for read in (yarn_minimal.load, read_config):
+        with pytest.raises(CheckpointError, match=r"the sha256 of its metadata is [0-9a-f]{64}, but its key "
+                                                  rf"yarn_minimal\.sha256\.metadata says {stored['yarn_minimal.sha256.metadata']}"):
+            read(path)
+
+
+def test_one_digest_without_the_other_is_refused(demo_gguf, tmp_path):
+    data = demo_gguf["F16"].read_bytes()
+    at = data.index(b"yarn_minimal.sha256.tensors")
+    path = tmp_path / "renamed.gguf"
+    path.write_bytes(data[:at] + b"yarn_minimal.sha256.tensorz" + data[at + 27:])
+    with pytest.raises(CheckpointError, match=r"renamed\.gguf: corrupt GGUF header: it has the keys .*tensorz"):
+        yarn_minimal.load(path)
+
+
+def quantized_copy(src: Path, dst: Path, file_type: int) -> Path:
+    """What llama-quantize makes of one of our files: every key copied (the digests too), the 2-D
+    weights in Q8_0 (gguf's own quantizer), general.file_type set as given."""
+    from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFWriter
+    from gguf.quants import dequantize, quantize
+
+    r = GGUFReader(str(src))
+    w = GGUFWriter(str(dst), "llama")
+    for key, f in r.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            value = file_type if key == "general.file_type" else f.contents()
+            w.add_key_value(key, value, f.types[0], f.types[1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        if len(t.shape) == 2:
+            w.add_tensor(t.name, quantize(dequantize(t.data, t.tensor_type), Q.Q8_0), raw_dtype=Q.Q8_0)
+        else:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_a_quantized_copy_of_our_file_loads_with_a_note(demo_gguf, tmp_path):
+    """llama-quantize copies every key, so its output carries our digests, stale: a file whose
+    general.file_type (7: Q8_0) and tensor types are both ones save() never writes is read as
+    such a copy; the same tensors with our file type stay a damaged file."""
+    path = quantized_copy(demo_gguf["F32"], tmp_path / "q8.gguf", file_type=7)
+    with pytest.warns(UserWarning, match=r"q8\.gguf: yarn_minimal\.sha256\.\* not checked: general\.file_type 7"):
+        model, _ = yarn_minimal.load(path)
+    assert model.layers[0].attention.wq.weight.shape == (256, 256)
+    path = quantized_copy(demo_gguf["F32"], tmp_path / "q8-f32.gguf", file_type=0)
+    with pytest.raises(CheckpointError, match="the sha256 of its metadata"):
+        yarn_minimal.load(path)
+
+
+# ---------------------------------------------------------------------------------------
+# A file from elsewhere (no checksum): what the metadata and the weights can be checked against
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, words", [
+    (dict(drop=("llama.block_count",), add={"llama.block_count": 5}),
+     r"llama\.block_count is 5, but the file has tensors for layers 0 to 3 \(4 of them\)"),
+    (dict(drop=("llama.embedding_length",), add={"llama.embedding_length": 512}),
+     r"token_embd\.weight has shape \(4096, 256\); expected \(vocabulary, llama\.embedding_length = 512\)"),
+    (dict(drop=("llama.rope.freq_base",), add={"llama.rope.freq_base": -10000.0}), r"RopeConfig\.base: must be > 1"),
+    (dict(drop=("llama.rope.freq_base",), add={"llama.rope.freq_base": float("inf")}),
+     r"'llama\.rope\.freq_base' is inf; expected one finite number"),
+    (dict(drop=("llama.context_length",), add={"llama.context_length": 0}),
+     r"'llama\.context_length' is 0; expected at least 1"),
+    (dict(drop=("llama.attention.layer_norm_rms_epsilon",), add={"llama.attention.layer_norm_rms_epsilon": 0.0}),
+     r"layer_norm_rms_epsilon is 0; RMSNorm's epsilon lies between 0 and 1"),
+    (dict(drop=("llama.attention.head_count",), add={"llama.attention.head_count": "four"}),
+     r"'llama\.attention\.head_count' is 'four'; expected one integer"),
+    (dict(drop=("tokenizer.ggml.eos_token_id",), add={"tokenizer.ggml.eos_token_id": 4096}),
+     r"tokenizer\.ggml\.eos_token_id is 4096; the vocabulary has ids 0 to 4095"),
+], ids=["block_count", "embedding_length", "negative-base", "infinite-base", "context-0", "eps-0", "heads-string",
+        "eos-out-of-range"])
+def test_metadata_out_of_range_is_refused(demo_gguf, tmp_path, change, words):
+    path = copy_gguf(demo_gguf["F16"], tmp_path / "changed.gguf", **change)
+    with pytest.raises(CheckpointError, match=rf"changed\.gguf: .*{words}"):
+        yarn_minimal.load(path)
+
+
+def test_a_nan_weight_is_refused(demo_gguf, tmp_path):
+    from gguf import GGUFReader
+
+    path = copy_gguf(demo_gguf["F32"], tmp_path / "nan.gguf")  # no checksum: the finite check is what is left
+    t = next(t for t in GGUFReader(str(path)).tensors if t.name == "blk.2.ffn_up.weight")
+    data = bytearray(path.read_bytes())
+    data[t.data_offset + 40:t.data_offset + 44] = struct.pack("<f", float("nan"))
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"nan\.gguf: tensor blk\.2\.ffn_up\.weight holds 1 NaN/inf values"):
         yarn_minimal.load(path)
 
 
