@@ -13,8 +13,10 @@ it keeps keys before RoPE (`LayerCache.update`).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -23,7 +25,6 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 from . import decode_kernel
@@ -58,6 +59,14 @@ flash_attn_func = load_flash_attn()
 FLASH_DEVICES = {"cuda"}  # where flash-attn is used when installed (tests add "cpu" with a stand-in)
 
 
+def is_positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def is_positive_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 @dataclass
 class ModelArgs:
     """The fields of Llama 2's params.json, plus the RoPE extension in effect."""
@@ -78,9 +87,15 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelArgs.{name}: must be > 0, got {getattr(self, name)}")
+        # types first: a string or a float from a hand-edited params.json is named here, not met as a TypeError
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "sliding_window"):
+            value = getattr(self, name)
+            if not (value is None and name == "sliding_window") and not is_positive_int(value):
+                raise ValueError(f"ModelArgs.{name}: expected a positive integer, got {value!r}")
+        for name in ("norm_eps", "ffn_dim_multiplier"):
+            value = getattr(self, name)
+            if not (value is None and name == "ffn_dim_multiplier") and not is_positive_number(value):
+                raise ValueError(f"ModelArgs.{name}: expected a positive finite number, got {value!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"ModelArgs: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -162,7 +177,8 @@ def rotate_pairs(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 # The same product as one op (a torch.library custom op), so that it can be one fused kernel:
 # bf16 in and out, float32 only inside. Eagerly, `rotate_pairs` above is its body; on CUDA
 # it is the real-valued form below compiled by Inductor (which generates no code for complex
-# numbers); its fake implementation lets the meta device and torch.compile see its shapes.
+# numbers) on first use, so that importing the package never starts torch.compile; its fake
+# implementation lets the meta device and torch.compile see its shapes.
 rope_op = torch.library.custom_op("yarn_minimal::rotate_pairs", rotate_pairs, mutates_args=())
 
 
@@ -178,7 +194,14 @@ def _rotate_pairs_real(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).to(x.dtype)
 
 
-rope_op.register_kernel("cuda")(torch.compile(_rotate_pairs_real, dynamic=True))
+@functools.cache
+def _compiled_rotate_pairs_real() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return torch.compile(_rotate_pairs_real, dynamic=True)
+
+
+@rope_op.register_kernel("cuda")
+def _(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    return _compiled_rotate_pairs_real()(x, rotation)
 
 
 def _rope_op_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -281,6 +304,7 @@ def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     elif Tq == Tk:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:  # a prefill chunk after a cached prefix (GPU): causal mask aligned to the bottom right
+        from torch.nn.attention.bias import causal_lower_right  # imported here: it loads torch._dynamo (seconds)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Tq, Tk), enable_gqa=gqa)
     return out.transpose(1, 2)
 
@@ -334,7 +358,7 @@ ROTATE_BLOCK = 8192  # pre-RoPE keys rotated (and attended) at a time
 
 
 class LayerCache:
-    """One layer's keys and values for a batch of sequences, up to max_len positions.
+    """One layer's keys and values for a batch of sequences.
 
     `update` stores the new tokens' keys and values and returns every key and value so far,
     keys rotated at the s of this forward pass. Sec. 3.3 lives there: under Dynamic Scaling s
@@ -347,14 +371,23 @@ class LayerCache:
     With a static method s never changes, so keys are stored already rotated. pre_rope=False
     does that even under Dynamic Scaling, as Hugging Face, vLLM and the authors' code do, so
     that old keys keep a stale s: `generate(cache="rotated")` uses it to measure that bug.
+
+    The tensors have room for `capacity` positions; KVCache.make_room grows them (`grow`).
     """
 
-    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int, pre_rope: bool,
+    def __init__(self, batch_size: int, n_kv_heads: int, head_dim: int, pre_rope: bool,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-        shape = (batch_size, max_len, n_kv_heads, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys = torch.zeros((batch_size, 0, n_kv_heads, head_dim), device=device, dtype=dtype)
+        self.values = torch.zeros_like(self.keys)
         self.pre_rope = pre_rope
+
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` positions, keeping the ones stored."""
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            new = t.new_zeros((t.shape[0], capacity, *t.shape[2:]))
+            new[:, :t.shape[1]] = t
+            return new
+        self.keys, self.values = grown(self.keys), grown(self.values)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor, rotation: Rotation) -> Iterable[KeysValues]:
         """Store k, v (B, T, Hkv, |D|, keys not rotated yet) at positions start..start+T-1;
@@ -436,31 +469,52 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+CACHE_CHUNK = 4096  # positions a KV cache first makes room for; it doubles from there as the sequence grows
+
+
 class KVCache:
-    """The KV cache of a whole model (one LayerCache per layer) and how far they are filled."""
+    """The KV cache of a whole model (one LayerCache per layer) and how far they are filled.
+
+    It holds at most max_len positions, but makes room only as the sequence grows (make_room),
+    so memory follows the tokens that exist, not the most that were asked for: a request for
+    300000 new tokens that stops at EOS after 255 costs what 255 cost."""
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32, mode: str = "pre-rope"):
         if mode not in ("pre-rope", "rotated"):
             raise ValueError(f"cache mode: {mode!r}; allowed: pre-rope, rotated")
         pre_rope = mode == "pre-rope" and args.rope.dynamic  # static methods: rotated keys are exact
-        self.layers = [LayerCache(batch_size, max_len, args.n_kv_heads, args.head_dim, pre_rope, device, dtype)
+        self.layers = [LayerCache(batch_size, args.n_kv_heads, args.head_dim, pre_rope, device, dtype)
                        for _ in range(args.n_layers)]
         self.max_len = max_len
+        self.capacity = 0    # positions the layers have room for
         self.length = 0      # positions filled
         self.scale = None    # s of the last forward pass
-        self._s0_table = None  # (RopeConfig, rotation_table at its s0 for all max_len positions)
+        self._s0_table = None  # (RopeConfig, rotation_table at its s0 for `capacity` positions)
 
     def reset(self) -> None:
         self.length, self.scale = 0, None
 
+    def make_room(self, end: int) -> None:
+        """Room for positions 0..end-1. The capacity at least doubles each time it grows (from
+        CACHE_CHUNK, up to max_len), so a sequence of n tokens copies the cache about
+        log2(n / CACHE_CHUNK) times, and holds at most twice the room it uses."""
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} used, "
+                             f"{end - self.length} more requested")
+        if end > self.capacity:
+            self.capacity = min(self.max_len, max(end, 2 * self.capacity, CACHE_CHUNK))
+            for layer in self.layers:
+                layer.grow(self.capacity)
+
     def s0_table(self, rope: RopeConfig, head_dim: int, device: torch.device | str | None) -> torch.Tensor:
-        """rotation_table of all max_len positions at s0 = rope.scale, the s of every static
-        method (and of Dynamic Scaling up to L s0): computed once per RoPE setting, then
-        sliced by each forward pass instead of recomputing cos/sin for every new token."""
+        """rotation_table of the cache's positions at s0 = rope.scale, the s of every static
+        method (and of Dynamic Scaling up to L s0): computed once per RoPE setting and capacity,
+        then sliced by each forward pass instead of recomputing cos/sin for every new token."""
         made_for = self._s0_table[0] if self._s0_table is not None else None
-        if made_for is not rope and made_for != rope:  # `is` first: the common case, and torch.compile-friendly
-            self._s0_table = (rope, rotation_table(rope, head_dim, self.max_len, rope.scale, device))
+        if made_for is not rope and made_for != rope or len(self._s0_table[1]) < self.capacity:
+            # `is` first: the common case, and torch.compile-friendly
+            self._s0_table = (rope, rotation_table(rope, head_dim, self.capacity, rope.scale, device))
         return self._s0_table[1]
 
 
@@ -533,9 +587,9 @@ class Transformer(nn.Module):
         the whole prompt's length so that every chunk sees the same s as one big forward)."""
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions; {cache.length} used, {T} more requested")
         self.check_length(start + T)
+        if cache is not None:
+            cache.make_room(start + T)
         rotation = self.rotation(start, T, cache, scale_length)
         layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
         h = self.tok_embeddings(tokens)
