@@ -85,7 +85,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", nargs="+", choices=sorted(FILES), default=[n for n, *_ in campaign.GGUF_CASES])
     p.add_argument("--cases", type=int, default=None, help="corruptions per file (default: the test's)")
-    p.add_argument("--time-limit", type=float, default=campaign.TIME_LIMIT, help="seconds per load (default %(default)s)")
+    p.add_argument("--time-limit", type=float, default=campaign.TIME_LIMIT,
+                   help="seconds per load (default %(default)s)")
     p.add_argument("--show", action="store_true", help="list every silent, escaped and hung case")
     a = p.parse_args(argv)
     if a.cases is not None and a.cases < 1:

@@ -299,7 +299,11 @@ def gguf_result(model, tokenizer) -> dict:
     """What a load gives: weights, ModelArgs, and every tokenizer.* key (with its type) that
     the tokenizer was built from and save() would write back."""
     return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "args": model.args,
-            "vocab": tokenizer.gguf_vocab, "ids": (tokenizer.bos_id, tokenizer.eos_id, tokenizer.eos_ids, tokenizer.add_bos)}
+            "vocab": tokenizer.gguf_vocab, "ids": token_ids(tokenizer)}
+
+
+def token_ids(tokenizer) -> tuple:
+    return tokenizer.bos_id, tokenizer.eos_id, tokenizer.eos_ids, tokenizer.add_bos
 
 
 def same_result(a: dict, b: dict) -> bool:
@@ -383,8 +387,7 @@ def smollm2_result_from_metadata(reference_infos):
         infos = [(t.name, t.shape, t.tensor_type, t.offset) for t in gguf.tensors]
         if reference_infos is not None and infos != reference_infos:
             return load_gguf_result(path)
-        return {"state": {}, "args": model.args, "vocab": tokenizer.gguf_vocab,
-                "ids": (tokenizer.bos_id, tokenizer.eos_id, tokenizer.eos_ids, tokenizer.add_bos), "infos": infos}
+        return {"state": {}, "args": model.args, "vocab": tokenizer.gguf_vocab, "ids": token_ids(tokenizer)}
     return load
 
 

@@ -474,8 +474,9 @@ BAD_FILES = {
                            "array of value type 9"),
     "a bool of 2": (dict(kvs=[gguf_kv("x.flag", BOOL, b"\x02")]), "bool stored as 2"),
     "a key twice": (dict(kvs=[gguf_kv("x.y", U32, b"\1\0\0\0")] * 2), "key 'x.y' appears twice"),
-    "a tensor twice": (dict(tensors=[gguf_tensor("token_embd.weight", (8,)), gguf_tensor("token_embd.weight", (8,), 0, 32)],
-                            data=bytes(64)), "tensor token_embd.weight is listed twice"),
+    "a tensor twice": (dict(tensors=[gguf_tensor("token_embd.weight", (8,)),
+                                     gguf_tensor("token_embd.weight", (8,), 0, 32)], data=bytes(64)),
+                       "tensor token_embd.weight is listed twice"),
     "an unknown ggml type": (dict(tensors=[gguf_tensor("token_embd.weight", (8,), ggml_type=99)]), "ggml type 99"),
     "five dims": (dict(tensors=[gguf_tensor("token_embd.weight", (1, 1, 1, 1, 8))]), "5 dimensions"),
     "a row that is not whole blocks": (dict(tensors=[gguf_tensor("token_embd.weight", (8,), ggml_type=2)]),
@@ -582,8 +583,9 @@ def test_checksum_mismatch_names_the_file_and_both_digests(demo_gguf, tmp_path):
     weight[len(data) - 1000] ^= 0x01  # one mantissa bit of the last tensor: loads, finite, unremarkable
     path.write_bytes(weight)
     found = hashlib.sha256(weight[data_offset:]).hexdigest()
+    says = stored["yarn_minimal.sha256.tensors"]
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: the sha256 of its tensors is {found}, but "
-                                              rf"its key yarn_minimal\.sha256\.tensors says {stored['yarn_minimal.sha256.tensors']}"):
+                                              rf"its key yarn_minimal\.sha256\.tensors says {says}"):
         yarn_minimal.load(path)
     read_config(path)  # the metadata is intact: reading the config alone does not need the tensors
     header = bytearray(data)
@@ -591,9 +593,10 @@ def test_checksum_mismatch_names_the_file_and_both_digests(demo_gguf, tmp_path):
     at = data.index(key) + len(key) + 4  # the float32 after the key and its type
     header[at] ^= 0x01  # b = 10000 -> 10000.0009765625: a valid RoPE base, a different model
     path.write_bytes(header)
+    says = stored["yarn_minimal.sha256.metadata"]
     for read in (yarn_minimal.load, read_config):
         with pytest.raises(CheckpointError, match=r"the sha256 of its metadata is [0-9a-f]{64}, but its key "
-                                                  rf"yarn_minimal\.sha256\.metadata says {stored['yarn_minimal.sha256.metadata']}"):
+                                                  rf"yarn_minimal\.sha256\.metadata says {says}"):
             read(path)
 
 

@@ -1,4 +1,5 @@
-"""llama.cpp's GGUF files in and out, with the `gguf` package (llama.cpp's own gguf-py).
+"""llama.cpp's GGUF files in and out: written by the `gguf` package's GGUFWriter (llama.cpp's own
+gguf-py), dequantized by its numpy code, read by a strict parser here (GGUFFile).
 
 A GGUF file is one file: metadata (key -> value) followed by tensors, each stored in a ggml type
 (F32, F16, BF16 or a block quantization such as Q4_1 or Q4_K). For the "llama" architecture:
@@ -45,6 +46,13 @@ scaling type for "llama3". llama.cpp loads it once for all layers (src/llama-mod
 LLM_TENSOR_ROPE_FREQS, {n_rot/2}, not required) and divides each pair's angle by it
 (ggml/src/ggml-cpu/ops.cpp, ggml_rope_cache_init: rope_yarn(theta / ff, ...)), so it rotates pair d
 by h_d = theta_d / f_d. That is Eq. 20 with gamma_d = (1/f_d - 1/s)/(1 - 1/s) and s = max f_d.
+
+Integrity. Every file save() writes carries two sha256 digests in keys of its own (DIGESTS,
+which llama.cpp skips): one of the metadata, one of the tensor data. open_gguf verifies the first,
+load_gguf both, before anything else is read. A file from elsewhere has no digest, and gets what
+can be checked without one: the structure by llama.cpp's rules (GGUFFile), names, layer count and
+shapes against the metadata, model and RoPE keys in range, the tokenizer's ids, types and merges,
+finite weights (docs/checkpoints.md: what each catches, measured).
 """
 from __future__ import annotations
 
@@ -184,7 +192,8 @@ class GGUFFile:
     def __init__(self, path: Path):
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-        self.path, self._value_type, self._tensor_type, self._sizes = path, GGUFValueType, GGMLQuantizationType, GGML_QUANT_SIZES
+        self._value_type, self._tensor_type, self._sizes = GGUFValueType, GGMLQuantizationType, GGML_QUANT_SIZES
+        self.path = path
         if not path.is_file():
             raise CheckpointError(f"{path}: not a file")
         with path.open("rb") as f:
@@ -309,14 +318,16 @@ class GGUFFile:
             return 32  # GGUF_DEFAULT_ALIGNMENT
         value = field.value
         if field.types != [self._value_type.UINT32] or value == 0 or value & (value - 1):
-            raise self._corrupt(f"general.alignment is {value!r} ({field.types[0].name}); it must be a uint32 power of 2")
+            raise self._corrupt(f"general.alignment is {value!r} ({field.types[0].name}); it must be a uint32 "
+                                "power of 2")
         return value
 
     def _tensor_info(self) -> tuple:
         offset = self.pos
         name, _ = self._string("a tensor name")
         if not 0 < len(name.encode()) <= _MAX_NAME or not name.isprintable():
-            raise self._corrupt(f"tensor name {name!r} at byte {offset}: GGUF names are 1 to {_MAX_NAME} printable bytes")
+            raise self._corrupt(f"tensor name {name!r} at byte {offset}: GGUF names are 1 to {_MAX_NAME} "
+                                "printable bytes")
         n_dims = self._uint(4, f"the dimension count of tensor {name}")
         if not 1 <= n_dims <= 4:
             raise self._corrupt(f"tensor {name} has {n_dims} dimensions; ggml tensors have 1 to 4")
@@ -401,9 +412,9 @@ class GGUFFile:
         written = {self._tensor_type[name] for name, _ in FILE_TYPES.values()}
         if file_type is None or file_type.value in ours or all(t.tensor_type in written for t in self.tensors):
             return False
-        warnings.warn(f"{self.path}: yarn_minimal.sha256.* not checked: general.file_type {file_type.value} and its "
-                      "tensor types are not ones yarn_minimal writes (F32, F16, BF16), so another tool (llama-quantize) "
-                      "made it from a file of ours and copied the keys")
+        warnings.warn(f"{self.path}: yarn_minimal.sha256.* not checked: general.file_type {file_type.value} and "
+                      "its tensor types are not ones yarn_minimal writes (F32, F16, BF16), so another tool "
+                      "(llama-quantize) made it from a file of ours and copied the keys")
         return True
 
 
@@ -567,7 +578,8 @@ def rope_from_keys(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
             alpha, beta = 1.0, 32.0  # Eq. 18's bounds as llama.cpp applies them to "llama" files
             for key, used in (("rope.scaling.yarn_beta_slow", alpha), ("rope.scaling.yarn_beta_fast", beta)):
                 if f"{a}.{key}" in meta:
-                    notes.append(f"{a}.{key} = {meta.number(f'{a}.{key}', kind=float):g} is set, but llama.cpp does not read it "
+                    found = meta.number(f"{a}.{key}", kind=float)
+                    notes.append(f"{a}.{key} = {found:g} is set, but llama.cpp does not read it "
                                  f"for 'llama' and uses {used:g}; so does this loader")
             # Sec. 3.4: llama.cpp multiplies Eq. 22 by attn_factor; 1 leaves Eq. 22 itself (None)
             factor = None if attn == 1.0 else attn * yarn_attention_factor(scale)
