@@ -718,6 +718,24 @@ def assert_llama_cpp_agrees(model, path: Path, ids: torch.Tensor, want: torch.Te
 
 
 @pytest.mark.slow
+def test_llama_cpp_runs_a_file_with_our_checksum(demo, demo_gguf):
+    """llama.cpp reads the yarn_minimal.sha256.* keys as metadata it has no use for (its own
+    reader lists them, with our values) and runs the file: its logits match ours."""
+    from gguf import GGUFReader
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, _, ids, want = demo
+    path = demo_gguf["F32"]
+    ours = {k: f.contents() for k, f in GGUFReader(str(path)).fields.items() if k.startswith("yarn_minimal.")}
+    assert sorted(ours) == ["yarn_minimal.sha256.metadata", "yarn_minimal.sha256.tensors"]
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    assert {k: v for k, v in llm.metadata.items() if k.startswith("yarn_minimal.")} == ours
+    llm.close()
+    got = llama_cpp_logits(path, ids[0, :300].tolist())
+    assert (got - want[0, :300]).abs().max().item() < 5e-2  # as test_llama_cpp_runs_our_yarn (F32)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, tol", [("F32", 5e-2), ("F16", 5e-2), ("BF16", 0.25)])  # measured 0.014 / 0.010 / 0.085
 def test_llama_cpp_runs_our_yarn(demo, demo_gguf, kind, tol):
     """llama.cpp reads our rope-scaling metadata and applies the same YaRN: its logits over 600
