@@ -51,6 +51,17 @@ MINIATURE = Output("an earlier miniature run", holds("results.json", "SUMMARY.md
                    folder=True)
 
 
+ANALYSIS = "## Analysis"  # the hand-written reading of the numbers, at the end of SUMMARY.md
+
+
+def write_summary(path: Path, generated: str) -> None:
+    """SUMMARY.md: the generated tables, then the '## Analysis' of the earlier SUMMARY.md, if it
+    has one. A rerun replaces the numbers, never the hand-written reading of them."""
+    old = path.read_text() if path.is_file() else ""
+    at = old.find("\n" + ANALYSIS)
+    write_text(path, generated.rstrip("\n") + "\n" + old[at:] if at >= 0 else generated)
+
+
 def out_folder(out: str | None, quick: bool, default: Path, quick_default: Path) -> Path:
     """--out, or its default; a --quick run is refused inside results/ (but for results/tmp/):
     a smoke test never replaces committed figures."""
@@ -286,7 +297,7 @@ def main(argv=None) -> None:
         print(f"== step {s} done in {time.time() - t:.0f} s", flush=True)
     wall = time.time() - start
     write_json(mini.out / "results.json", {"steps": results, "wall_s": wall})
-    write_text(mini.out / "SUMMARY.md", summary(mini, results, wall))
+    write_summary(mini.out / "SUMMARY.md", summary(mini, results, wall))
     print(f"wrote {mini.out / 'SUMMARY.md'} ({wall / 60:.1f} min)")
 
 

@@ -292,6 +292,12 @@ def test_miniature(tmp_path, places, capsys, monkeypatch):
     out = tmp_path / "mini"
     replaces_own(miniature.main, argv(out), capsys, [out / "results.json", out / "SUMMARY.md"],
                  beside=out / "notes.txt")
+    # the hand-written reading at the end of SUMMARY.md survives a rerun that replaces the numbers
+    summary = out / "SUMMARY.md"
+    summary.write_text(summary.read_text() + "\n## Analysis\n\nWritten by hand.\n")
+    ok(miniature.main, argv(out) + ["--overwrite"], capsys)
+    assert summary.read_text().count("## Analysis") == 1 and summary.read_text().endswith("Written by hand.\n")
+    assert "| RoPE |" in summary.read_text()
     before = stamps(ROOT / "results" / "miniature")
     for folder in ("results/miniature", "results/new"):
         refused(miniature.main, ["--quick", "--out", str(ROOT / folder)], capsys, folder, "--quick", "results/tmp")
