@@ -10,6 +10,10 @@ first integer of the answer is the key.
 Prints accuracy per length, the passkey context (largest length with accuracy >= 80%) and the
 passkey accuracy of Table 5 (mean accuracy over the lengths up to the passkey context).
 """
+from yarn_minimal import ctrl_c
+
+ctrl_c.exit_quietly(__name__)  # before torch loads: Ctrl-C during the imports is one line, exit 130
+
 import argparse
 import sys
 from dataclasses import asdict

@@ -11,6 +11,10 @@ Figure 1) and the attention temperature sweep (Appendix A.2), for one or several
 
 The protocol is stated exactly in yarn_minimal/evaluation.py and docs/evaluation.md.
 """
+from yarn_minimal import ctrl_c
+
+ctrl_c.exit_quietly(__name__)  # before torch loads: Ctrl-C during the imports is one line, exit 130
+
 import argparse
 import sys
 import warnings

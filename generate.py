@@ -9,6 +9,10 @@ reproduces the stale-rotation cache of other implementations, for comparison.
 """
 from __future__ import annotations
 
+from yarn_minimal import ctrl_c
+
+ctrl_c.exit_quietly(__name__)  # before torch loads: Ctrl-C during the imports is one line, exit 130
+
 import argparse
 import sys
 from dataclasses import asdict

@@ -9,6 +9,10 @@
 
 See docs/training.md for the recipe, what the paper leaves open, and the memory arithmetic.
 """
+from yarn_minimal import ctrl_c
+
+ctrl_c.exit_quietly(__name__)  # before torch loads: Ctrl-C during the imports is one line, exit 130
+
 import argparse
 import json
 import math

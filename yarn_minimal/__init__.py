@@ -15,25 +15,38 @@ Public API:
     stream(...)                     the same, yielding tokens as they are made (generation.py)
     GenerationConfig, GenerationStats   a request's options (checked when made); what a run measured
 """
+import importlib
 import sys
+
+from . import ctrl_c
+
+# The API is imported on first use (PEP 562): `import yarn_minimal` itself loads no torch, so that
+# a script can make Ctrl-C quiet (ctrl_c.py) before the seconds that torch takes to load.
+_API = {"RopeConfig": "rope", "ModelArgs": "model", "Transformer": "model", "KVCache": "model",
+        "Tokenizer": "tokenizer", "SentencePieceTokenizer": "tokenizer", "HFTokenizer": "tokenizer",
+        "open_tokenizer": "tokenizer", "load": "checkpoint", "load_tokenizer": "checkpoint", "save": "checkpoint",
+        "CheckpointError": "checkpoint", "generate": "generation", "stream": "generation",
+        "GenerationConfig": "generation", "GenerationStats": "generation"}
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
 
 
 def _runpy_is_starting_one_of_our_modules() -> bool:
     """`python -m yarn_minimal.rope` (likewise .checkpoint and .data) imports this package, then
-    runs the module's file as __main__. Importing the API here too would first run that file as
-    yarn_minimal.rope, and runpy would warn about the second run. sys.argv[0] is "-m" only while
-    runpy imports the package of the module it is about to run; sys.orig_argv says which one."""
+    runs the module's file as __main__. sys.argv[0] is "-m" only while runpy imports the package
+    of the module it is about to run; sys.orig_argv says which one."""
     argv = sys.orig_argv
     return sys.argv[:1] == ["-m"] and "-m" in argv and argv[argv.index("-m") + 1].startswith(f"{__name__}.")
 
 
-if not _runpy_is_starting_one_of_our_modules():
-    from .checkpoint import CheckpointError, load, load_tokenizer, save
-    from .generation import GenerationConfig, GenerationStats, generate, stream
-    from .model import KVCache, ModelArgs, Transformer
-    from .rope import RopeConfig
-    from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, open_tokenizer
-
-__all__ = ["RopeConfig", "ModelArgs", "Transformer", "KVCache", "Tokenizer", "SentencePieceTokenizer",
-           "HFTokenizer", "open_tokenizer", "load", "load_tokenizer", "save", "CheckpointError", "generate", "stream",
-           "GenerationConfig", "GenerationStats"]
+if _runpy_is_starting_one_of_our_modules():
+    ctrl_c.exit_quietly()  # before the module's own imports (torch)

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from . import ctrl_c
 from .rope import METHODS, RAMPS, RopeConfig
 
 # The embedded demo model shipped with the repository (see demo/README.md).
@@ -127,6 +128,7 @@ def run_main(main, argv=None) -> None:
     `error: ...` on stderr and exit status 1; Ctrl-C is `interrupted` and 130; a closed pipe
     (`... | head`) ends quietly with 141, as `seq` does. `--debug` anywhere on the command
     line (taken out before main sees it) shows warnings and errors with their tracebacks."""
+    ctrl_c.restore()  # from here on Ctrl-C is a KeyboardInterrupt, turned into `interrupted` below
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -153,7 +155,9 @@ def run_main(main, argv=None) -> None:
         if debug:
             traceback.print_exc()
         # our own errors (CheckpointError, EvalError, ValueError from a bad value) already name
-        # the file and the value; anything else also says what kind of failure it was
-        if isinstance(e, (ValueError, OSError)) and str(e):
-            sys.exit(f"error: {e}")
-        sys.exit(f"error: {type(e).__name__}: {e}" + ("" if debug else " (--debug shows the traceback)"))
+        # the file and the value; anything else also says what kind of failure it was, in its
+        # message's first line (torch's can go on with C++ frames)
+        message = (str(e).strip().splitlines() or [""])[0]
+        if isinstance(e, (ValueError, OSError)) and message:
+            sys.exit(f"error: {message}")
+        sys.exit(f"error: {type(e).__name__}: {message}" + ("" if debug else " (--debug shows the traceback)"))
