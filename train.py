@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 import yarn_minimal
-from yarn_minimal import cli, sizing, training
+from yarn_minimal import cli, runs, sizing, training
 from yarn_minimal.checkpoint import hf_rope_scaling
 from yarn_minimal.data import SegmentLoader, check_vocabulary, open_segments
 from yarn_minimal.model import ModelArgs, Transformer
@@ -198,7 +198,7 @@ def main(argv=None) -> None:
     check_flags(args)
     device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
     out = Path(args.out)
-    training.check_out(out, args.resume, args.overwrite)  # before a file is read or a model loaded
+    runs.check_out(out, args.resume, args.overwrite)  # before a file is read or a model loaded
     segments, data_meta = open_segments(args.data)  # every input is checked before --out is touched
     env = training.init_distributed(device)
     device = env.device
@@ -209,74 +209,66 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {args.data}: {e}") from None
     torch.manual_seed(args.seed)
     model, tokenizer = start_model(args, dtype, data_meta)
-    resume_from = training.find_checkpoint(args.resume, out) if args.resume else None
-    created = training.claim_out(out, env, args.resume, args.overwrite)
+    resume_from = runs.find_checkpoint(args.resume, out) if args.resume else None
+    created = runs.claim_out(out, env, args.resume, args.overwrite)
     model.activation_checkpointing = args.activation_checkpointing
     model = training.place_model(model, env, dtype, init_seed=args.seed if args.init == "random" else None).train()
     optimizer = training.make_optimizer(model, args.lr)
     scheduler = training.make_scheduler(optimizer, args.warmup_steps, args.schedule, args.steps)
-    cfg = training.TrainConfig(args.global_batch_size, args.seed, loader.seq_len, args.schedule, int(segments.shape[0]),
-                               model.rope, args.lr, args.warmup_steps,
-                               steps=None if args.schedule == "constant" else args.steps)
-    start = training.load_checkpoint(resume_from, model, optimizer, scheduler, env, asdict(cfg))["step"] if resume_from else 0
-    metrics = training.MetricsLog(out / "metrics.jsonl", start) if env.main else None
+    cfg = runs.TrainConfig(args.global_batch_size, args.seed, loader.seq_len, args.schedule, int(segments.shape[0]),
+                           model.rope, args.lr, args.warmup_steps, steps=None if args.schedule == "constant" else args.steps)
+    start = runs.load_checkpoint(resume_from, model, optimizer, scheduler, env, asdict(cfg))["step"] if resume_from else 0
+    metrics = runs.MetricsLog(out / "metrics.jsonl", start) if env.main else None
     if env.main:
         print(f"# {model.rope.describe()}; {env.world_size} process(es) on {device.type}, {str(dtype)[6:]}; "
               f"{loader.accumulation_steps} micro-batches of {args.micro_batch_size} x {loader.seq_len} per rank per step",
               file=sys.stderr)
-    peak = sizing.peak_flops(device, dtype)
-    flops_token = sizing.flops_per_token(model.args, loader.seq_len - 1)
-    tokens_step = args.global_batch_size * (loader.seq_len - 1)
+    meter = sizing.StepMeter(model.args, device, dtype, args.global_batch_size, loader.seq_len, env.world_size)
 
     step = start
     try:  # Ctrl-C: one line saying which step is on disk and how to go on
         bar = tqdm(range(start, args.steps), initial=start, total=args.steps, disable=not env.main, desc="training")
         for step in bar:
             t0 = training.timer_sync(device)
-            loss_sum = torch.zeros((), device=device)
-            for inputs, targets in loader.micro_batches(step):
-                with training.autocast(device, dtype, env):
-                    loss = model(inputs.to(device), targets=targets.to(device))
-                (loss / loader.accumulation_steps).backward()
-                loss_sum += loss.detach().float()
-            loss = env.mean(loss_sum / loader.accumulation_steps).item()
-            grad_norm = training.grad_norm_and_clip(model, args.grad_clip).item()
+            loss, grad_norm = training.forward_backward(model, loader.micro_batches(step), loader.accumulation_steps,
+                                                        device, dtype, env, args.grad_clip)
             lr = optimizer.param_groups[0]["lr"]
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                # weights are still those before this step: save them and the batch to inspect
-                name = f"nonfinite-step-{step + 1:06d}"
-                training.save_checkpoint(out, name, model, optimizer, scheduler,
-                                         dict(asdict(cfg), step=step, loss=loss, grad_norm=grad_norm,
-                                              segments=loader.global_indices(step).tolist()), env)
-                raise SystemExit(f"error: step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
-                                 f"(loss {loss}, grad norm {grad_norm}); weights before the step and the batch's segment "
-                                 f"ids saved to {out / name}")
+                stop_on_nonfinite(out, step, loss, grad_norm, model, optimizer, scheduler, cfg, loader, env)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            dt = training.timer_sync(device) - t0
-            record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_step / dt,
-                          mfu=None if peak is None else tokens_step / dt * flops_token / (peak * env.world_size),
-                          max_memory_gb=sizing.peak_memory(device) / 1e9)
+            record = dict(step=step + 1, loss=loss, lr=lr, grad_norm=grad_norm,
+                          **meter.measure(training.timer_sync(device) - t0))
             if env.main:
                 metrics.write(record)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.3f}",
-                                tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['max_memory_gb']:.1f}GB",
-                                **({} if record["mfu"] is None else {"mfu": f"{record['mfu']:.1%}"}))
+                bar.set_postfix(meter.postfix(record))
             if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
-                training.save_checkpoint(out, f"step-{step + 1:06d}", model, optimizer, scheduler,
-                                         dict(asdict(cfg), step=step + 1), env, keep=args.keep_checkpoints)
+                runs.save_checkpoint(out, f"step-{step + 1:06d}", model, optimizer, scheduler,
+                                     dict(asdict(cfg), step=step + 1), env, keep=args.keep_checkpoints)
     except BaseException as e:
         if env.main:
-            training.discard_if_empty(out, created)
+            runs.discard_if_empty(out, created)
         if isinstance(e, KeyboardInterrupt):
-            raise SystemExit(f"error: {training.interrupted(out, step, args.save_every)}" if env.main else 1) from None
+            raise SystemExit(f"error: {runs.interrupted(out, step, args.save_every)}" if env.main else 1) from None
         raise
-    training.save_model(model, tokenizer, out / "final", dtype, env, export_hf=args.export_hf)
+    runs.save_model(model, tokenizer, out / "final", dtype, env, export_hf=args.export_hf)
     if env.main:
         print(f"final model: {out / 'final'}", file=sys.stderr)
     if env.distributed:
         torch.distributed.destroy_process_group()
+
+
+def stop_on_nonfinite(out, step, loss, grad_norm, model, optimizer, scheduler, cfg, loader, env) -> None:
+    """A non-finite loss or gradient norm: the weights are still those before this step; save
+    them and the batch's segment ids to inspect, and stop."""
+    name = f"nonfinite-step-{step + 1:06d}"
+    runs.save_checkpoint(out, name, model, optimizer, scheduler,
+                         dict(asdict(cfg), step=step, loss=loss, grad_norm=grad_norm,
+                              segments=loader.global_indices(step).tolist()), env)
+    raise SystemExit(f"error: step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+                     f"(loss {loss}, grad norm {grad_norm}); weights before the step and the batch's segment "
+                     f"ids saved to {out / name}")
 
 
 if __name__ == "__main__":

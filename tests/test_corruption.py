@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import yarn_minimal
-from yarn_minimal import training
+from yarn_minimal import runs, training
 from yarn_minimal.checkpoint import CheckpointError
 from yarn_minimal.cli import DEFAULT_CKPT
 from yarn_minimal.data import write_segments
@@ -102,7 +102,7 @@ def restore_training(folder: Path) -> dict:
     optimizer = training.make_optimizer(model)
     scheduler = training.make_scheduler(optimizer)
     same = json.loads((folder.parent / "expected.json").read_text())
-    training.load_checkpoint(folder, model, optimizer, scheduler, training.DistEnv(0, 1, 0, torch.device("cpu")), same)
+    runs.load_checkpoint(folder, model, optimizer, scheduler, training.DistEnv(0, 1, 0, torch.device("cpu")), same)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     for i, s in optimizer.state_dict()["state"].items():
         state.update({f"adam.{i}.{k}": v for k, v in s.items()})
@@ -208,7 +208,7 @@ def test_dcp_metadata_allows_only_dcp_types(tmp_path):
     """The allow-list admits classes DCP defines, not names its module imports (`os` is one)."""
     (tmp_path / ".metadata").write_bytes(b"ctorch.distributed.checkpoint.metadata\nos\n.")
     with pytest.raises(CheckpointError, match=r"\.metadata: refused .*metadata\.os is not a type"):
-        training.check_dcp_metadata(tmp_path)
+        runs.check_dcp_metadata(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import yarn_minimal
 from hf_oracle import hf_model
-from yarn_minimal import sizing, training
+from yarn_minimal import runs, sizing, training
 from yarn_minimal.data import write_segments
 from yarn_minimal.model import ModelArgs, Transformer
 from yarn_minimal.rope import RopeConfig
@@ -204,13 +204,13 @@ def test_resume_matches_uninterrupted(setup):
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-6, atol=1e-7)
     state = json.loads((tmp / "resumed" / "step-000004" / "trainer.json").read_text())
     assert state["step"] == 4 and state["scheduler"]["last_epoch"] == 4
-    with pytest.raises(SystemExit, match="global_batch_size was 4 in the checkpoint, now 2"):
+    with pytest.raises(runs.RunError, match="global_batch_size was 4 in the checkpoint, now 2"):
         train.main(flags(tmp, tmp / "resumed", "--steps", "6", "--resume", "--schedule", "constant")
                    + ["--global-batch-size", "2"])
-    with pytest.raises(SystemExit, match="schedule was 'constant' in the checkpoint, now 'linear'"):
+    with pytest.raises(runs.RunError, match="schedule was 'constant' in the checkpoint, now 'linear'"):
         train.main(flags(tmp, tmp / "resumed", "--steps", "6", "--resume"))
     # the restored scheduler holds the old peak rate: a new --lr is refused, not silently ignored
-    with pytest.raises(SystemExit, match="lr was 0.001 in the checkpoint, now 0.0005"):
+    with pytest.raises(runs.RunError, match="lr was 0.001 in the checkpoint, now 0.0005"):
         train.main(flags(tmp, tmp / "resumed", "--steps", "6", "--resume", "--schedule", "constant", "--lr", "5e-4"))
 
 
@@ -336,7 +336,7 @@ def test_a_finished_run_is_not_overwritten(setup, tmp_path):
     out = tmp_path / "run"
     train.main(flags(tmp, out, "--steps", "1"))
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    with pytest.raises(SystemExit, match="holds a run .*--resume.*--overwrite"):
+    with pytest.raises(runs.RunError, match="holds a run .*--resume.*--overwrite"):
         train.main(flags(tmp, out, "--steps", "1"))
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     train.main(flags(tmp, out, "--steps", "2", "--overwrite"))
@@ -349,7 +349,7 @@ def test_float16_training_is_refused(setup, tmp_path):
     with pytest.raises(SystemExit, match="float16 training needs loss scaling.*bfloat16"):
         train.main(flags(tmp, tmp_path / "f16", "--dtype", "float16"))
     assert not (tmp_path / "f16").exists()
-    with pytest.raises(SystemExit, match="no checkpoint to resume from"):  # --resume into a mistyped --out
+    with pytest.raises(runs.RunError, match="no checkpoint to resume from"):  # --resume into a mistyped --out
         train.main(flags(tmp, tmp_path / "typo", "--resume"))
     assert not (tmp_path / "typo").exists()
 
@@ -372,7 +372,7 @@ def test_ctrl_c_says_which_step_is_saved_and_how_to_resume(setup, tmp_path, monk
     assert str(e.value.code) == (f"error: interrupted during step 3; the last checkpoint is {out / 'step-000002'} "
                                  "(step 2). Continue with the same command plus --resume")
     monkeypatch.setattr(training, "grad_norm_and_clip", clip)
-    with pytest.raises(SystemExit, match="steps was 4 in the checkpoint, now 6"):  # the decay depends on --steps
+    with pytest.raises(runs.RunError, match="steps was 4 in the checkpoint, now 6"):  # the decay depends on --steps
         train.main(flags(tmp, out, "--steps", "6", "--resume"))
     train.main(flags(tmp, out, "--steps", "4", "--resume"))
     # the same as 4 steps straight, under the default linear decay

@@ -1,12 +1,15 @@
-"""How big a training run is, before and while it runs: parameter counts, model FLOPs per token
-and the card's peak (for MFU), the per-GPU memory estimate of `train.py --estimate-memory`
-(docs/training.md derives every term), and the peak memory a process has used so far.
+"""How big a run is, before and while it runs: parameter counts, model FLOPs per token and the
+card's peak (for MFU), the per-GPU memory estimate of `train.py --estimate-memory`
+(docs/training.md derives every term), the bytes of a KV cache and of a device (generation checks
+a request against them), and the peak memory a process has used so far.
 
 Kept apart from training.py so that the training loop's module holds only what the loop runs.
 """
 from __future__ import annotations
 
+import os
 import resource
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -65,6 +68,56 @@ def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+class StepMeter:
+    """What train.py logs of each step's cost: tokens/s, MFU (on a GPU of known peak) and peak memory."""
+
+    def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype, global_batch_size: int,
+                 seq_len: int, world_size: int):
+        self.device, self.world_size = device, world_size
+        self.peak = peak_flops(device, dtype)
+        self.flops_token = flops_per_token(args, seq_len - 1)
+        self.tokens_step = global_batch_size * (seq_len - 1)  # each sequence trains seq_len - 1 predictions
+
+    def measure(self, seconds: float) -> dict:
+        tokens_per_s = self.tokens_step / seconds
+        mfu = None if self.peak is None else tokens_per_s * self.flops_token / (self.peak * self.world_size)
+        return dict(tokens_per_s=tokens_per_s, mfu=mfu, max_memory_gb=peak_memory(self.device) / 1e9)
+
+    @staticmethod
+    def postfix(record: dict) -> dict:
+        """The progress bar's fields for one metrics record."""
+        shown = dict(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", gnorm=f"{record['grad_norm']:.3f}",
+                     tok_s=f"{record['tokens_per_s']:.0f}", mem=f"{record['max_memory_gb']:.1f}GB")
+        return shown if record["mfu"] is None else dict(shown, mfu=f"{record['mfu']:.1%}")
+
+
+def kv_cache_bytes(args: ModelArgs, positions: int, dtype: torch.dtype, batch_size: int = 1) -> int:
+    """Bytes of a KVCache (model.py) holding `positions` positions: every layer's keys and values
+    (batch x positions x Hkv x |D| each, in the model's dtype) and its rotation table at s0
+    (complex64, |D|/2 numbers a position)."""
+    keys_values = 2 * args.n_layers * batch_size * args.n_kv_heads * args.head_dim * dtype.itemsize
+    return positions * (keys_values + 8 * (args.head_dim // 2))
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / 2**40:.3g} TiB" if n >= 2**40 else f"{n / 2**30:.3g} GiB"
+
+
+def device_memory(device: torch.device) -> Optional[int]:
+    """Total bytes of memory of the device: the GPU's, or for the CPU the machine's RAM (or the
+    container's limit when lower); None for other devices (the meta device has no memory)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type != "cpu":
+        return None
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:  # cgroup v2: a number, or "max" for no limit
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return ram
+    return min(ram, int(limit)) if limit.isdigit() else ram
 
 
 def estimate_memory(args: ModelArgs, seq_len: int, world_size: int, micro_batch: int = 1,
