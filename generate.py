@@ -15,7 +15,7 @@ ctrl_c.exit_quietly(__name__)  # before torch loads: Ctrl-C during the imports i
 
 import argparse
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Optional
 
 import torch
@@ -98,8 +98,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                                         ignore_eos=args.ignore_eos, cache=args.cache,
                                         prefill_chunk=args.prefill_chunk, compile=args.compile)
     except ValueError as e:
-        field, _, problem = str(e).partition(": ")
-        p.error(f"--{field.replace('_', '-')}: {problem}")
+        p.error(as_flag(e))
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
@@ -109,6 +108,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.prompt is not None and not args.prompt.strip():
         p.error(f"{'--prompt-file ' + args.prompt_file if args.prompt_file else '--prompt'}: the prompt is empty")
     return args
+
+
+def as_flag(e: ValueError) -> str:
+    """A request's error names its GenerationConfig field first ("top_p: ..."): say the flag instead."""
+    field, _, problem = str(e).partition(": ")
+    if field in {f.name for f in fields(GenerationConfig)}:
+        return f"--{field.replace('_', '-')}: {problem}"
+    return str(e)
 
 
 def compile_note(stats: GenerationStats) -> str:
@@ -158,8 +165,8 @@ def main(argv: Optional[list[str]] = None) -> None:
           file=sys.stderr)
     try:
         tokens = stream(model, prompt_tokens, **asdict(args.request), stats=stats, progress=True)
-    except ValueError as e:  # a request the checkpoint cannot run (e.g. past a sliding window)
-        raise SystemExit(f"error: {e}") from None
+    except ValueError as e:  # a request the checkpoint cannot run (past a sliding window, or its memory)
+        raise SystemExit(f"error: {as_flag(e)}") from None
     for token in tokens:
         print(text.push(token), end="", flush=True)
     print(text.flush())

@@ -439,7 +439,7 @@ def test_text_stream_handles_spaces_and_multibyte_pieces(tokenizer_path):
     (["--top-p", "1.5"], r"--top-p: must be in (0, 1], got 1.5"),
     (["--top-p", "0"], r"--top-p: must be in (0, 1], got 0.0"),
     (["--temperature", "-1"], "--temperature: must be >= 0"),
-    (["--max-new-tokens", "-2"], "--max-new-tokens: must be >= 0, got -2"),
+    (["--max-new-tokens", "-2"], "--max-new-tokens: expected an integer >= 0, got -2"),
     (["--prefill-chunk", "0"], "--prefill-chunk: must be > 0, got 0"),
 ])
 def test_generate_script_bad_arguments(argv, needle, capsys):

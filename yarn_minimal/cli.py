@@ -5,13 +5,15 @@ failure: one line on stderr, a non-zero exit, the traceback only with --debug.""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
 import sys
 import traceback
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -61,28 +63,48 @@ def add_rope_args(p: argparse.ArgumentParser) -> None:
                    help="sqrt(1/t) for yarn; default Eq. 22: 0.1 ln(s) + 1")
 
 
-def updated_rope(base: RopeConfig, changes: dict) -> RopeConfig:
+# RopeConfig field -> the flag that sets it, so that an error names what the user typed
+ROPE_FLAGS = {"method": "--method", "scale": "--yarn-scale", "original_length": "--original-length",
+              "dynamic": "--dynamic", "alpha": "--alpha", "beta": "--beta", "ramp": "--ramp",
+              "attention_factor": "--attention-factor"}
+
+
+def updated_rope(base: RopeConfig, changes: dict, names: Optional[dict[str, str]] = None) -> RopeConfig:
     """`base` with the given RopeConfig fields changed, the way every script reads its flags
     (and eval_perplexity.py its --config): a scale or dynamic=True without a method on a
-    plain-RoPE base means YaRN / Dynamic-YaRN, and method none means s = 1, static. Raises ValueError
-    naming the field for a bad value."""
+    plain-RoPE base means YaRN / Dynamic-YaRN, and method none means s = 1, static. A method
+    that would run at s = 1 (no scale given, none in the base, not dynamic) is refused: there
+    every method equals plain RoPE, and a silent no-op reads as a result. Raises ValueError
+    naming the field for a bad value, as `names` spells it (ROPE_FLAGS: the flag)."""
+    name = lambda field: (names or {}).get(field, field)
     changes = dict(changes)
     if "method" not in changes and base.method == "none" and ("scale" in changes or changes.get("dynamic")):
         changes["method"] = "yarn"
     if changes.get("method") == "none":  # plain RoPE: no s, nothing dynamic (the checkpoint's own are dropped)
         changes.setdefault("scale", 1.0)
         changes.setdefault("dynamic", False)
-    return replace(base, **changes)
+    try:
+        rope = replace(base, **changes)
+    except ValueError as e:  # RopeConfig names its field ("RopeConfig.scale: ..."): say it as the user wrote it
+        fields = re.match(r"RopeConfig\.([\w/]+): ", str(e))
+        if fields is None:
+            raise
+        raise ValueError("/".join(map(name, fields[1].split("/"))) + ": " + str(e)[fields.end():]) from None
+    if "method" in changes and "scale" not in changes and rope.method != "none" and rope.scale == 1 \
+            and not rope.dynamic:
+        raise ValueError(f"{name('method')} {rope.method} without {name('scale')} or {name('dynamic')} would run at "
+                         f"s = 1, where it equals plain RoPE; give {name('scale')} S (S > 1: a context of S x L = "
+                         f"S x {rope.original_length} tokens) or {name('dynamic')}")
+    return rope
 
 
 def rope_from_args(args: argparse.Namespace, base: RopeConfig) -> RopeConfig:
     """The checkpoint's RopeConfig `base`, with whatever the flags say on top (updated_rope)."""
-    fields = ("method", "scale", "original_length", "alpha", "beta", "ramp", "attention_factor")
-    changes = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
+    changes = {f: getattr(args, f) for f in ROPE_FLAGS if f != "dynamic" and getattr(args, f, None) is not None}
     if args.dynamic:
         changes["dynamic"] = True
     try:
-        return updated_rope(base, changes)
+        return updated_rope(base, changes, ROPE_FLAGS)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -113,14 +135,36 @@ def add_device_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_device_dtype(device: Optional[str], dtype: Optional[str]) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # torch's message lists every device type it knows
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise SystemExit(f"error: --device {device}: expected cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device} asked for CUDA, but torch sees no CUDA device "
                          f"(torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise SystemExit(f"error: --device {device}: torch sees {n} CUDA device{'s' if n > 1 else ''}: "
+                         + ("cuda:0" if n == 1 else f"cuda:0 to cuda:{n - 1}"))
     dt = DTYPES[dtype] if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if dev.type == "cpu" and dt == torch.float16:
         raise SystemExit("error: --dtype float16 is not supported on CPU; use float32 or bfloat16")
     return dev, dt
+
+
+@contextlib.contextmanager
+def one_line_usage_errors() -> Iterator[None]:
+    """argparse's errors (a bad flag value, a missing argument, and the scripts' own p.error) as
+    one line `error: ...` like every other failure, still with exit status 2: by default argparse
+    prints the whole usage block above it. --help still shows the usage."""
+    error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = lambda parser, message: parser.exit(2, f"error: {message}\n")
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = error
 
 
 def run_main(main, argv=None) -> None:
@@ -135,7 +179,8 @@ def run_main(main, argv=None) -> None:
     if not debug:
         warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"
     try:
-        main(argv)
+        with one_line_usage_errors():
+            main(argv)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except SystemExit as e:  # argparse's usage errors and the scripts' own `error: ...` lines
         if debug and e.code not in (0, None):

@@ -26,8 +26,9 @@ from typing import Callable, Collection, Iterator, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from . import sizing
 from .model import KVCache, Transformer
-from .rope import effective_scale, warn_beyond_window
+from .rope import effective_scale, is_int, is_number, warn_beyond_window
 
 CACHE_MODES = ("pre-rope", "rotated")
 
@@ -65,16 +66,20 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         # each message starts with the field's name: generate.py turns it into the flag's
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: must be >= 0, got {self.max_new_tokens}")
-        if not (self.temperature >= 0):  # also rejects NaN
-            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an integer >= 0, got {self.max_new_tokens!r}")
+        if not (is_number(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature: must be >= 0 (0 = greedy) and finite, got {self.temperature!r}")
+        if not (is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not (is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 64):
+            raise ValueError(f"seed: expected an integer from -2^63 to 2^64 - 1 (torch's range), got {self.seed!r}")
+        if self.max_length is not None and not (is_int(self.max_length) and self.max_length > 0):
+            raise ValueError(f"max_length: expected a positive integer, got {self.max_length!r}")
         if self.cache not in CACHE_MODES:
             raise ValueError(f"cache: {self.cache!r}; allowed: {', '.join(CACHE_MODES)}")
-        if self.prefill_chunk <= 0:
-            raise ValueError(f"prefill_chunk: must be > 0, got {self.prefill_chunk}")
+        if not is_int(self.prefill_chunk) or self.prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk: must be > 0, got {self.prefill_chunk!r}")
 
     def stop_ids(self, model: Transformer) -> frozenset[int]:
         if self.ignore_eos:
@@ -123,9 +128,28 @@ def check_request(model: Transformer, prompt_tokens: Sequence[int], config: Gene
             raise ValueError(f"max_length: the prompt has {len(prompt_tokens)} tokens, more than max_length={max_length}")
         total = min(total, max_length)
     model.check_length(total)  # a Mistral sliding window: refused before any work
+    check_memory(model, len(prompt_tokens), total, "max_length" if total == max_length else "max_new_tokens")
     warn_beyond_window(model.rope, total, f"prompt ({len(prompt_tokens)}) + new tokens "
                                           f"({total - len(prompt_tokens)}) =", stacklevel=3)
     return total
+
+
+def check_memory(model: Transformer, prompt_length: int, total: int, field: str) -> None:
+    """Refuse a request whose KV cache could never fit beside the weights: the cache grows with
+    the sequence (KVCache.make_room), so what a request may use is what `total` positions need,
+    and the error comes now, with the figure, rather than from the allocator mid-run."""
+    weights = next(model.parameters())
+    have = sizing.device_memory(weights.device)
+    per_position = sizing.kv_cache_bytes(model.args, 1, weights.dtype)
+    need = total * per_position
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if have is not None and need + model_bytes > have:
+        fit = max(0, (have - model_bytes) // per_position - prompt_length)
+        raise ValueError(f"{field}: prompt ({prompt_length}) + new tokens ({total - prompt_length}) = {total} positions "
+                         f"would need a KV cache of {sizing.format_bytes(need)} ({per_position} bytes a position) "
+                         f"beside the model's {sizing.format_bytes(model_bytes)}, more than the "
+                         f"{sizing.format_bytes(have)} of {weights.device} memory; at most {fit} new tokens fit "
+                         "after this prompt")
 
 
 # ---------------------------------------------------------------------------------------

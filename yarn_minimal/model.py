@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import numbers
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import decode_kernel
-from .rope import RopeConfig, attention_factor, check_head_dim, effective_scale, rope_tables
+from .rope import RopeConfig, attention_factor, check_head_dim, effective_scale, is_int, is_number, rope_tables
 
 FLASH_ATTN_MIN = (2, 1)  # before 2.1, flash-attn aligns the causal mask top-left when Tq != Tk
 
@@ -59,14 +58,6 @@ flash_attn_func = load_flash_attn()
 FLASH_DEVICES = {"cuda"}  # where flash-attn is used when installed (tests add "cpu" with a stand-in)
 
 
-def is_positive_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
-
-
-def is_positive_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
 @dataclass
 class ModelArgs:
     """The fields of Llama 2's params.json, plus the RoPE extension in effect."""
@@ -90,11 +81,11 @@ class ModelArgs:
         # types first: a string or a float from a hand-edited params.json is named here, not met as a TypeError
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "sliding_window"):
             value = getattr(self, name)
-            if not (value is None and name == "sliding_window") and not is_positive_int(value):
+            if not (value is None and name == "sliding_window") and not (is_int(value) and value > 0):
                 raise ValueError(f"ModelArgs.{name}: expected a positive integer, got {value!r}")
         for name in ("norm_eps", "ffn_dim_multiplier"):
             value = getattr(self, name)
-            if not (value is None and name == "ffn_dim_multiplier") and not is_positive_number(value):
+            if not (value is None and name == "ffn_dim_multiplier") and not (is_number(value) and value > 0):
                 raise ValueError(f"ModelArgs.{name}: expected a positive finite number, got {value!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"ModelArgs: dim {self.dim} is not divisible by n_heads {self.n_heads}")

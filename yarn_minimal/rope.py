@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -29,6 +31,15 @@ import torch
 
 METHODS = ("none", "pi", "ntk", "ntk-by-parts", "yarn")
 RAMPS = ("code", "paper")
+
+
+def is_number(value) -> bool:
+    """A finite int or float: not a bool, a string, NaN or inf (what a config file may hold instead)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -73,25 +84,32 @@ class RopeConfig:
     truncate: bool = True
 
     def __post_init__(self) -> None:
+        # every value is checked for its type too: a config file or a flag can hold "big", inf or NaN
         if self.method not in METHODS:
             raise ValueError(f"RopeConfig.method: unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
         if self.ramp not in RAMPS:
             raise ValueError(f"RopeConfig.ramp: unknown ramp {self.ramp!r}; allowed: {', '.join(RAMPS)}")
-        if not (self.scale >= 1.0):  # also rejects NaN
-            raise ValueError(f"RopeConfig.scale: must be >= 1 (s = L'/L, Eq. 11), got {self.scale}")
+        if not (is_number(self.scale) and self.scale >= 1.0):
+            raise ValueError(f"RopeConfig.scale: expected a finite number >= 1 (s = L'/L, Eq. 11), got {self.scale!r}")
+        if not isinstance(self.dynamic, bool):
+            raise ValueError(f"RopeConfig.dynamic: expected true or false, got {self.dynamic!r}")
         if self.method == "none" and (self.scale != 1.0 or self.dynamic):  # otherwise `window` would claim s L
             raise ValueError(f"RopeConfig: method 'none' (plain RoPE) has no scale and no Dynamic Scaling; got "
                              f"scale={self.scale:g}, dynamic={self.dynamic}")
-        if not (self.original_length > 0):
-            raise ValueError(f"RopeConfig.original_length: must be > 0, got {self.original_length}")
-        if not (self.base > 1.0):
-            raise ValueError(f"RopeConfig.base: must be > 1, got {self.base}")
-        if not (0 < self.alpha < self.beta):
-            raise ValueError(f"RopeConfig.alpha/beta: need 0 < alpha < beta, got alpha={self.alpha}, beta={self.beta}")
-        if self.attention_factor is not None and not (self.attention_factor > 0):
-            raise ValueError(f"RopeConfig.attention_factor: must be > 0, got {self.attention_factor}")
-        if not (self.attention_coefficient >= 0):
-            raise ValueError(f"RopeConfig.attention_coefficient: must be >= 0 (c in Eq. 22), got {self.attention_coefficient}")
+        if not (is_int(self.original_length) and self.original_length > 0):
+            raise ValueError(f"RopeConfig.original_length: expected a positive integer, got {self.original_length!r}")
+        if not (is_number(self.base) and self.base > 1.0):
+            raise ValueError(f"RopeConfig.base: expected a finite number > 1, got {self.base!r}")
+        if not (is_number(self.alpha) and is_number(self.beta) and 0 < self.alpha < self.beta):
+            raise ValueError(f"RopeConfig.alpha/beta: need finite numbers 0 < alpha < beta, got alpha={self.alpha!r}, "
+                             f"beta={self.beta!r}")
+        if self.attention_factor is not None and not (is_number(self.attention_factor) and self.attention_factor > 0):
+            raise ValueError(f"RopeConfig.attention_factor: expected a finite number > 0, got {self.attention_factor!r}")
+        if not (is_number(self.attention_coefficient) and self.attention_coefficient >= 0):
+            raise ValueError(f"RopeConfig.attention_coefficient: expected a finite number >= 0 (c in Eq. 22), got "
+                             f"{self.attention_coefficient!r}")
+        if not isinstance(self.truncate, bool):
+            raise ValueError(f"RopeConfig.truncate: expected true or false, got {self.truncate!r}")
 
     @property
     def window(self) -> Optional[int]:
@@ -318,34 +336,47 @@ def main(argv: Optional[list[str]] = None) -> None:
                     "theta_d (Eq. 5), wavelength lambda_d (Eq. 13), r(d) = L/lambda_d (Eq. 17), the "
                     "ramp gamma (Eq. 18), the new frequency h(theta_d) and the ratio h/theta "
                     "(1 = extrapolated, 1/s = interpolated, in between = blended).")
-    p.add_argument("--method", default="yarn", choices=METHODS)
+    # defaults are None here so that --config can tell the flags given from the ones left out
+    p.add_argument("--method", choices=METHODS, default=None, help="default yarn")
     p.add_argument("--scale", type=float, default=None,
-                   help="s (Eq. 11); default 16, or with --dynamic the floor s0 of s = max(s0, N/L), default 1")
-    p.add_argument("--original-length", type=int, default=4096, help="L; default 4096 (Llama 2)")
-    p.add_argument("--head-dim", type=int, default=128, help="|D|; default 128 (Llama 2)")
-    p.add_argument("--base", type=float, default=10000.0, help="b; default 10000")
-    p.add_argument("--alpha", type=float, default=1.0, help="Eq. 18 lower bound; default 1")
-    p.add_argument("--beta", type=float, default=32.0, help="Eq. 18 upper bound; default 32")
-    p.add_argument("--ramp", default="code", choices=RAMPS, help="ramp form (see README); default code")
+                   help="s (Eq. 11); default 16, or with --dynamic (or --method none) the floor s0 of s = max(s0, N/L), default 1")
+    p.add_argument("--original-length", type=int, default=None, help="L; default 4096 (Llama 2)")
+    p.add_argument("--head-dim", type=int, default=None, help="|D|; default 128 (Llama 2)")
+    p.add_argument("--base", type=float, default=None, help="b; default 10000")
+    p.add_argument("--alpha", type=float, default=None, help="Eq. 18 lower bound; default 1")
+    p.add_argument("--beta", type=float, default=None, help="Eq. 18 upper bound; default 32")
+    p.add_argument("--ramp", default=None, choices=RAMPS, help="ramp form (see README); default code")
     p.add_argument("--dynamic", action="store_true", help="Dynamic Scaling (Sec. 3.3): s = max(1, N/L) for --seq-len N")
-    p.add_argument("--seq-len", type=int, default=None, help="current length l' for --dynamic")
-    p.add_argument("--json", action="store_true", help='print {"inv_freq": [...], "attention_factor": x}')
+    p.add_argument("--seq-len", type=int, default=None, help="current length l' for --dynamic (or a --config that is dynamic)")
+    p.add_argument("--json", action="store_true", help='print {"inv_freq": [...], "attention_factor": x, "scale": s}')
     p.add_argument("--config", metavar="PATH",
-                   help="read the RoPE setting of a checkpoint instead of the flags above: a config.json, a "
-                        "params.json or a model folder. Prints each value with the config key it came from and "
-                        "flags what is ambiguous (defaults used, a factor that disagrees with max_position_embeddings, "
-                        "constants that live in remote code)")
+                   help="read the RoPE setting of a checkpoint instead of the flags above (which it refuses): a "
+                        "config.json, a params.json or a model folder. Prints each value with the config key it came "
+                        "from and flags what is ambiguous (defaults used, a factor that disagrees with "
+                        "max_position_embeddings, constants that live in remote code)")
     args = p.parse_args(argv)
+    setting = ("method", "scale", "original_length", "head_dim", "base", "alpha", "beta", "ramp", "dynamic")
+    given = [flag(name) for name in setting if getattr(args, name) not in (None, False)]
+    if args.seq_len is not None and args.seq_len < 1:
+        p.error(f"--seq-len: expected a positive integer, got {args.seq_len}")
     if args.config:
-        return print_checkpoint_rope(args.config, args.seq_len, p)
+        if given:  # the file states the setting: flags beside it would be silently ignored
+            p.error(f"--config reads the RoPE setting from {args.config}; {', '.join(given)} cannot be combined "
+                    "with it (to run a checkpoint with another setting, give these flags to generate.py or the eval scripts)")
+        return print_checkpoint_rope(args.config, args.seq_len, args.json, p)
+    method = args.method or "yarn"
+    defaults = dict(scale=1.0 if args.dynamic or method == "none" else 16.0, original_length=4096, head_dim=128,
+                    base=10000.0, alpha=1.0, beta=32.0, ramp="code")
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     try:
-        scale = args.scale if args.scale is not None else (1.0 if args.dynamic else 16.0)
-        cfg = RopeConfig(method=args.method, scale=scale,
-                         original_length=args.original_length, base=args.base, dynamic=args.dynamic,
-                         alpha=args.alpha, beta=args.beta, ramp=args.ramp)
-        check_head_dim(args.head_dim)
-    except ValueError as e:
-        p.error(str(e))
+        cfg = RopeConfig(method=method, scale=args.scale, original_length=args.original_length, base=args.base,
+                         dynamic=args.dynamic, alpha=args.alpha, beta=args.beta, ramp=args.ramp)
+    except ValueError as e:  # "RopeConfig.scale: ..." names the field; say the flag
+        p.error(re.sub(r"RopeConfig\.([\w/]+)", lambda m: "/".join(map(flag, m[1].split("/"))), str(e)))
+    if args.head_dim <= 0 or args.head_dim % 2:
+        p.error(f"--head-dim: RoPE rotates pairs of dimensions, so it must be a positive even number, got {args.head_dim}")
     if args.dynamic and args.seq_len is None:
         p.error("--dynamic needs --seq-len N (the current sequence length l')")
     s = effective_scale(cfg, args.seq_len or 0)
@@ -359,6 +390,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     print_table(cfg, args.head_dim, s)
 
 
+def flag(field: str) -> str:
+    """The command-line flag of a RopeConfig field (or of --head-dim, --seq-len)."""
+    return "--" + field.replace("_", "-")
+
+
 def print_table(cfg: RopeConfig, head_dim: int, scale: float) -> None:
     print(f"{'d':>3} {'theta_d':>11} {'lambda_d':>11} {'r(d)':>10} {'gamma':>7} {'h(theta_d)':>11} {'h/theta':>8}")
     for row in dimension_table(cfg, head_dim, scale):
@@ -366,7 +402,7 @@ def print_table(cfg: RopeConfig, head_dim: int, scale: float) -> None:
               f"{row['gamma']:>7.3f} {row['h']:>11.4e} {row['h_over_theta']:>8.4f}")
 
 
-def print_checkpoint_rope(path: str, seq_len: Optional[int], p: argparse.ArgumentParser) -> None:
+def print_checkpoint_rope(path: str, seq_len: Optional[int], as_json: bool, p: argparse.ArgumentParser) -> None:
     """--config: a checkpoint's RoPE as this project reads it, key by key.
 
     Reading files is checkpoint.py's job (the only module that knows formats), so the import is
@@ -380,7 +416,10 @@ def print_checkpoint_rope(path: str, seq_len: Optional[int], p: argparse.Argumen
         p.error(str(e))
     cfg = args.rope
     s = effective_scale(cfg, seq_len or 0)
-    _, factor = frequencies(cfg, args.head_dim, s)
+    inv_freq, factor = frequencies(cfg, args.head_dim, s)
+    if as_json:
+        print(json.dumps({"inv_freq": inv_freq.tolist(), "attention_factor": factor, "scale": s}))
+        return
     src = lambda field: provenance.get(field, "default")
     print(f"# {path}: {cfg.describe()}")
     rows = [("method", f"{cfg.method}{' (dynamic)' if cfg.dynamic else ''}", src("method")),
