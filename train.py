@@ -86,7 +86,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and recipe (defaults: Sec. 4.1)")
-    g.add_argument("--data", default=None, help="folder made by `python -m yarn_minimal.data`")
+    g.add_argument("--data", default=None, help="folder made by `python -m yarn_minimal data`")
     g.add_argument("--out", default=None, help="output folder: checkpoints, metrics.jsonl, final/; new, empty, or an "
                                                "earlier run's (--resume or --overwrite)")
     g.add_argument("--steps", type=int, default=training.STEPS, help="optimizer steps (default 400; 200 for s = 32)")

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import yarn_minimal
 from hf_oracle import hf_model
 from yarn_minimal import CheckpointError, RopeConfig
-from yarn_minimal.checkpoint import SHARD_DIM, main as checkpoint_main
+from yarn_minimal.__main__ import main as checkpoint_main
+from yarn_minimal.checkpoint import SHARD_DIM
 from yarn_minimal.files import OutputError
 from yarn_minimal.model import ModelArgs, Transformer
 from yarn_minimal.tokenizer import SentencePieceTokenizer

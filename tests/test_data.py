@@ -6,6 +6,7 @@ import pytest
 import sentencepiece as spm
 
 from conftest import make_corpus
+import yarn_minimal.__main__ as commands
 from yarn_minimal import data
 
 
@@ -31,8 +32,8 @@ def brute_force_stream(texts, tokenizer_path):
 def test_prepare_bookends_segments_and_determinism(tmp_path, tokenizer_path):
     paths, texts = write_inputs(tmp_path)
     args = ["--tokenizer", tokenizer_path, "--seq-len", "50", "--text-field", "body"] + [str(p) for p in paths]
-    data.main(args + ["--out", str(tmp_path / "d1")])
-    data.main(args + ["--out", str(tmp_path / "d2")])
+    commands.main(["data", *args, "--out", str(tmp_path / "d1")])
+    commands.main(["data", *args, "--out", str(tmp_path / "d2")])
     segs, meta = data.open_segments(tmp_path / "d1")
     stream = brute_force_stream(texts, tokenizer_path)
     assert meta["n_segments"] == len(stream) // 50 == segs.shape[0] and meta["n_documents"] == len(texts)

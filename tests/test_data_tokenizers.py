@@ -17,6 +17,7 @@ import sentencepiece as spm
 import train
 import yarn_minimal
 from conftest import smollm2_gguf
+import yarn_minimal.__main__ as commands
 from yarn_minimal import data
 from yarn_minimal.checkpoint import load_tokenizer
 from yarn_minimal.cli import DEFAULT_CKPT
@@ -74,7 +75,7 @@ def gguf_data(tmp_path_factory, hf_smollm2_tokenizer):
     """Documents tokenized with the GGUF file's vocabulary: (folder, documents)."""
     tmp = tmp_path_factory.mktemp("gguf-data")
     docs = documents(digits=False)
-    data.main(write_inputs(tmp / "in", docs) + ["--tokenizer", str(smollm2_gguf()), "--seq-len", str(SEQ),
+    commands.main(["data", *write_inputs(tmp / "in", docs),"--tokenizer", str(smollm2_gguf()), "--seq-len", str(SEQ),
                                                 "--out", str(tmp / "data")])
     return tmp / "data", docs
 
@@ -98,7 +99,7 @@ def test_data_from_a_tokenizer_json_folder_holds_transformers_ids(smollm2_folder
     hf = AutoTokenizer.from_pretrained(str(smollm2_folder))
     docs = documents(digits=True)
     path = smollm2_folder if given == "folder" else smollm2_folder / "tokenizer.json"
-    data.main(write_inputs(tmp_path / "in", docs) + ["--tokenizer", str(path), "--seq-len", str(SEQ),
+    commands.main(["data", *write_inputs(tmp_path / "in", docs),"--tokenizer", str(path), "--seq-len", str(SEQ),
                                                      "--out", str(tmp_path / "d")] + (["--bos"] if bos else []))
     meta = assert_segments_are(tmp_path / "d", hf_stream(hf, docs, bos))
     assert (meta["tokenizer_kind"], meta["add_bos"], meta["bos_id"], meta["eos_id"]) == \
@@ -207,9 +208,10 @@ def test_bad_tokenizer_paths_are_one_line(tmp_path, smollm2_folder):
              "fake.gguf": "cannot be read as GGUF",
              "bad/tokenizer.json": "not a readable Hugging Face tokenizer.json"}
     for name, message in cases.items():
-        with pytest.raises(SystemExit) as e:
-            data.main([str(doc), "--tokenizer", str(tmp_path / name), "--seq-len", "8", "--out", str(tmp_path / "o")])
-        line = str(e.value.code)
+        with pytest.raises((ValueError, OSError)) as e:
+            commands.main(["data", str(doc), "--tokenizer", str(tmp_path / name), "--seq-len", "8", "--out",
+                           str(tmp_path / "o")])
+        line = f"error: {e.value}"  # what cli.run_main prints
         assert "\n" not in line and re.match(rf"error: {re.escape(str(tmp_path / name))}: {message}", line), line
         assert not (tmp_path / "o").exists()
     (tmp_path / "d").mkdir()

@@ -301,7 +301,7 @@ def test_sentencepiece_vocab_tokenized_by_llama_cpp(demo, demo_gguf):
 
 
 def test_convert_cli_writes_gguf(tmp_path, demo):
-    from yarn_minimal.checkpoint import main as checkpoint_main
+    from yarn_minimal.__main__ import main as checkpoint_main
 
     out = tmp_path / "demo.gguf"
     checkpoint_main(["convert", str(DEMO), str(out), "--format", "gguf", "--outtype", "float16"])

@@ -76,8 +76,8 @@ def test_documented_command_parses(doc, script, args, monkeypatch):
         path = ROOT / script
         assert path.is_file(), f"{doc.name} runs {script}, which does not exist"
         main = runpy.run_path(str(path), run_name="readme_check")["main"]
-    else:
-        main = importlib.import_module(script).main
+    else:  # python -m yarn_minimal COMMAND runs the package's __main__.py
+        main = importlib.import_module(script + ".__main__" if script == "yarn_minimal" else script).main
     original = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, argv=None, namespace=None):

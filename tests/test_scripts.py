@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from yarn_minimal import cli, data
-from yarn_minimal import checkpoint as ckpt_module
+from yarn_minimal import cli
+import yarn_minimal.__main__ as commands
 from yarn_minimal import rope as rope_module
 from yarn_minimal.cli import DEFAULT_CKPT
 
@@ -105,7 +105,7 @@ def test_bad_paths(tmp_path, capsys):
     one_line_error(code, err, "nope", "not a folder")
     code, _, err = run(eval_perplexity.main, ["--files", str(tmp_path / "missing.txt"), "--lengths", "64"], capsys)
     one_line_error(code, err, "missing.txt")
-    code, _, err = run(ckpt_module.main, ["convert", str(tmp_path / "nope"), str(tmp_path / "out"), "--format", "hf"],
+    code, _, err = run(commands.main, ["convert", str(tmp_path / "nope"), str(tmp_path / "out"), "--format", "hf"],
                        capsys)
     one_line_error(code, err, "nope")
     assert not (tmp_path / "out").exists()
@@ -117,23 +117,23 @@ def test_data_tool_failures_leave_no_folder(tmp_path, capsys):
     tokenizer = str(DEFAULT_CKPT / "tokenizer.model")
     for inputs, words in [([str(bad)], ("latin1.txt", "UTF-8")), ([str(tmp_path / "none.txt")], ("none.txt",))]:
         out = tmp_path / "out"
-        code, _, err = run(data.main, [*inputs, "--tokenizer", tokenizer, "--seq-len", "16", "--out", str(out)], capsys)
+        code, _, err = run(commands.main, ["data", *inputs, "--tokenizer", tokenizer, "--seq-len", "16", "--out", str(out)], capsys)
         one_line_error(code, err, *words)
         assert not out.exists()
     short = tmp_path / "short.txt"
     short.write_text("hi")
-    code, _, err = run(data.main, [str(short), "--tokenizer", tokenizer, "--seq-len", "4096", "--out",
+    code, _, err = run(commands.main, ["data", str(short), "--tokenizer", tokenizer, "--seq-len", "4096", "--out",
                                    str(tmp_path / "out")], capsys)
     one_line_error(code, err, "fewer than one segment")
     assert not (tmp_path / "out").exists()
 
 
 def test_checksums_protect_a_download(tmp_path, capsys):
-    """`python -m yarn_minimal.checkpoint checksums FOLDER` on a download without checksums.json;
+    """`python -m yarn_minimal checksums FOLDER` on a download without checksums.json;
     a later change to its tokenizer (which has no checksum of its own) then stops the load."""
     folder = tmp_path / "download"
     shutil.copytree(DEFAULT_CKPT, folder, ignore=shutil.ignore_patterns("checksums.json"))
-    code, _, err = run(ckpt_module.main, ["checksums", str(folder)], capsys)
+    code, _, err = run(commands.main, ["checksums", str(folder)], capsys)
     assert code in (0, None) and sorted(json.loads((folder / "checksums.json").read_text())) == \
         ["consolidated.00.pth", "params.json", "rope.json", "tokenizer.model"]
     raw = bytearray((folder / "tokenizer.model").read_bytes())

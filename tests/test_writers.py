@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import yarn_minimal.__main__ as commands
 from yarn_minimal import checkpoint, cli, data, files
 from yarn_minimal import evaluation as ev
 from yarn_minimal.cli import DEFAULT_CKPT
@@ -128,7 +129,7 @@ def test_the_issues_reproduction_as_a_process(tmp_path):
     x = tmp_path / "x"
     (x / "sub").mkdir(parents=True)
     (x / "a.txt").write_text("keep\n")
-    res = subprocess.run([sys.executable, "-m", "yarn_minimal.checkpoint", "convert", str(DEFAULT_CKPT), str(x),
+    res = subprocess.run([sys.executable, "-m", "yarn_minimal", "convert", str(DEFAULT_CKPT), str(x),
                           "--format", "gguf"], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
     assert str(x) in res.stderr and ".gguf" in res.stderr
@@ -138,22 +139,22 @@ def test_the_issues_reproduction_as_a_process(tmp_path):
 @pytest.mark.parametrize("fmt", ["gguf", "hf", "meta"])
 def test_convert(fmt, tmp_path, places, capsys, monkeypatch):
     argv = lambda dst: ["convert", str(DEFAULT_CKPT), str(dst), "--format", fmt]
-    refuses_unrelated(checkpoint.main, argv, capsys, monkeypatch, places, [(checkpoint, "load")])
+    refuses_unrelated(commands.main, argv, capsys, monkeypatch, places, [(checkpoint, "load")])
     if fmt == "gguf":  # a .gguf name that is not a GGUF file, and a folder named *.gguf
         (places / "notes.gguf").write_text("text\n")
         (places / "dir.gguf").mkdir()
-        refuses_unrelated(checkpoint.main, argv, capsys, monkeypatch, places, [(checkpoint, "load")], "notes.gguf")
-        refused(checkpoint.main, argv(places / "dir.gguf"), capsys, places / "dir.gguf", "folder")
-        replaces_own(checkpoint.main, argv(tmp_path / "out" / "demo.gguf"), capsys, [tmp_path / "out" / "demo.gguf"],
+        refuses_unrelated(commands.main, argv, capsys, monkeypatch, places, [(checkpoint, "load")], "notes.gguf")
+        refused(commands.main, argv(places / "dir.gguf"), capsys, places / "dir.gguf", "folder")
+        replaces_own(commands.main, argv(tmp_path / "out" / "demo.gguf"), capsys, [tmp_path / "out" / "demo.gguf"],
                      beside=tmp_path / "out" / "notes.txt")
     else:
         # a download that this project did not save is never replaced, even with --overwrite
         download = tmp_path / "download"
         (download).mkdir()
         (download / "params.json").write_text("{}\n")
-        refused(checkpoint.main, argv(download) + ["--overwrite"], capsys, download, "not a checkpoint this project saved")
+        refused(commands.main, argv(download) + ["--overwrite"], capsys, download, "not a checkpoint this project saved")
         out = tmp_path / "out"
-        replaces_own(checkpoint.main, argv(out), capsys, [out / "consolidated.00.pth" if fmt == "meta" else
+        replaces_own(commands.main, argv(out), capsys, [out / "consolidated.00.pth" if fmt == "meta" else
                                                           out / "model.safetensors", out / "checksums.json"],
                      beside=out / "notes.txt")
         checkpoint.load(out)  # what --overwrite left loads, its checksums verified
@@ -163,9 +164,9 @@ def test_convert_into_an_earlier_checkpoint_of_another_layout(tmp_path, capsys):
     """--overwrite of an hf export with a meta one: the hf files go (load() would read them
     beside the new ones), the user's own file stays, and the result loads as the new layout."""
     out = tmp_path / "out"
-    ok(checkpoint.main, ["convert", str(DEFAULT_CKPT), str(out), "--format", "hf"], capsys)
+    ok(commands.main, ["convert", str(DEFAULT_CKPT), str(out), "--format", "hf"], capsys)
     (out / "notes.txt").write_text("mine\n")
-    ok(checkpoint.main, ["convert", str(DEFAULT_CKPT), str(out), "--format", "meta", "--overwrite"], capsys)
+    ok(commands.main, ["convert", str(DEFAULT_CKPT), str(out), "--format", "meta", "--overwrite"], capsys)
     assert sorted(p.name for p in out.iterdir()) == ["checksums.json", "consolidated.00.pth", "notes.txt",
                                                      "params.json", "rope.json", "tokenizer.model",
                                                      "tokenizer_config.json"]
@@ -177,8 +178,8 @@ def test_convert_keeps_the_source_dtype(tmp_path, capsys):
     import torch
 
     f32 = tmp_path / "f32"
-    ok(checkpoint.main, ["convert", str(DEFAULT_CKPT), str(f32), "--format", "hf", "--dtype", "float32"], capsys)
-    ok(checkpoint.main, ["convert", str(f32), str(tmp_path / "f32.gguf"), "--format", "gguf"], capsys)
+    ok(commands.main, ["convert", str(DEFAULT_CKPT), str(f32), "--format", "hf", "--dtype", "float32"], capsys)
+    ok(commands.main, ["convert", str(f32), str(tmp_path / "f32.gguf"), "--format", "gguf"], capsys)
     assert checkpoint.stored_dtype(tmp_path / "f32.gguf") == torch.float32
     assert checkpoint.stored_dtype(DEFAULT_CKPT) == torch.bfloat16  # the demo as shipped
 
@@ -188,27 +189,27 @@ def test_checksums_command(tmp_path, capsys):
     folder = tmp_path / "download"
     folder.mkdir()
     (folder / "weights.bin").write_bytes(b"\0" * 10)
-    ok(checkpoint.main, ["checksums", str(folder)], capsys)
+    ok(commands.main, ["checksums", str(folder)], capsys)
     before = tree(folder)
-    refused(checkpoint.main, ["checksums", str(folder)], capsys, folder / "checksums.json", "--overwrite")
+    refused(commands.main, ["checksums", str(folder)], capsys, folder / "checksums.json", "--overwrite")
     assert tree(folder) == before
-    ok(checkpoint.main, ["checksums", str(folder), "--overwrite"], capsys)
+    ok(commands.main, ["checksums", str(folder), "--overwrite"], capsys)
 
 
 def test_verify_sha256(tmp_path, capsys):
     f = tmp_path / "model.gguf"
     f.write_bytes(b"GGUF and some bytes")
     digest = hashlib.sha256(f.read_bytes()).hexdigest()
-    code, _ = run(checkpoint.main, ["verify", str(f), "--sha256", digest.upper()], capsys)
+    code, _ = run(commands.main, ["verify", str(f), "--sha256", digest.upper()], capsys)
     assert code == 0
     with pytest.raises(SystemExit) as e:
-        cli.run_main(checkpoint.main, ["verify", str(f), "--sha256", "0" * 64])
+        cli.run_main(commands.main, ["verify", str(f), "--sha256", "0" * 64])
     out = capsys.readouterr().out
     assert e.value.code == 1 and out.count("\n") == 1 and "MISMATCH" in out and digest in out and "0" * 64 in out
-    code, _ = run(checkpoint.main, ["verify", str(tmp_path), "--sha256", f"model.gguf={digest}"], capsys)
+    code, _ = run(commands.main, ["verify", str(tmp_path), "--sha256", f"model.gguf={digest}"], capsys)
     assert code == 0
-    refused(checkpoint.main, ["verify", str(f), "--sha256", "abc"], capsys, "abc", "64 hex digits")
-    refused(checkpoint.main, ["verify", str(tmp_path), "--sha256", digest], capsys, str(tmp_path), "NAME=HEX")
+    refused(commands.main, ["verify", str(f), "--sha256", "abc"], capsys, "abc", "64 hex digits")
+    refused(commands.main, ["verify", str(tmp_path), "--sha256", digest], capsys, str(tmp_path), "NAME=HEX")
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,10 +243,10 @@ def test_evaluations(script, tmp_path, places, capsys, monkeypatch):
 
 
 def test_data_tool(tmp_path, places, capsys, monkeypatch):
-    argv = lambda out: [str(DOC), "--tokenizer", str(DEFAULT_CKPT), "--seq-len", "64", "--out", str(out)]
-    refuses_unrelated(data.main, argv, capsys, monkeypatch, places, [(data, "load_tokenizer")])
+    argv = lambda out: ["data", str(DOC), "--tokenizer", str(DEFAULT_CKPT), "--seq-len", "64", "--out", str(out)]
+    refuses_unrelated(commands.main, argv, capsys, monkeypatch, places, [(data, "load_tokenizer")])
     out = tmp_path / "tokens"
-    replaces_own(data.main, argv(out), capsys, [out / "tokens.bin", out / "meta.json"], beside=out / "notes.txt")
+    replaces_own(commands.main, argv(out), capsys, [out / "tokens.bin", out / "meta.json"], beside=out / "notes.txt")
 
 
 def test_train_out(tmp_path, places, capsys, monkeypatch):

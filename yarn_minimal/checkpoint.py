@@ -22,13 +22,12 @@ in its stored dtype is used straight from the page cache.
 and is renamed into place, and checksums.json records a folder's files. It never writes over
 anything but an earlier checkpoint this project saved, and that only when told (overwrite=True).
 
-    python -m yarn_minimal.checkpoint convert SRC DST --format hf | meta | gguf [--overwrite]
-    python -m yarn_minimal.checkpoint checksums FOLDER             # protect a download you trust
-    python -m yarn_minimal.checkpoint verify FILE --sha256 HEX     # check a download against its site's digest
+    python -m yarn_minimal convert SRC DST --format hf | meta | gguf [--overwrite]
+    python -m yarn_minimal checksums FOLDER             # protect a download you trust
+    python -m yarn_minimal verify FILE --sha256 HEX     # check a download against its site's digest
 """
 from __future__ import annotations
 
-import argparse
 import fnmatch
 import os
 import shutil
@@ -39,7 +38,6 @@ from typing import Optional
 
 import torch
 
-from .cli import DTYPES, run_main
 from .files import (CHECKSUMS, CheckpointError, Output, check_output, check_sha256, holds, json_with, publish, starts_with,
                     verify_checksums, write_checksums, write_json)
 from .formats.gguf import load_gguf, open_gguf, read_gguf_config, read_gguf_tokenizer, save_gguf
@@ -229,80 +227,40 @@ def stored_dtype(path: str | os.PathLike) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------
-# python -m yarn_minimal.checkpoint convert SRC DST --format hf
+# convert, checksums, verify: the library side of `python -m yarn_minimal convert | checksums | verify`
 # ---------------------------------------------------------------------------------------
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m yarn_minimal.checkpoint",
-        description="Convert a Llama 2 checkpoint between layouts: Meta's raw download (params.json + "
-                    "consolidated.*.pth, any number of model-parallel shards), a Hugging Face folder "
-                    "(config.json + *.safetensors), this project's own (Meta's + rope.json) or llama.cpp's .gguf "
-                    "(read: any type the gguf package dequantizes; written: F32 / F16 / BF16).")
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("convert", help="read SRC (any layout), write DST in --format",
-                       description="Read SRC in any supported layout and write DST. The RoPE setting travels "
-                                   "with the weights: rope.json or config.json's rope_scaling. DST is checked "
-                                   "before SRC is read: it must be new, an empty folder, or (with --overwrite) "
-                                   "a checkpoint this project saved (it holds checksums.json) or a GGUF file; "
-                                   "nothing else is ever replaced.")
-    c.add_argument("src", help="checkpoint folder (or .gguf file) to read")
-    c.add_argument("dst", help="folder to write (hf, meta), or the .gguf file to write (gguf)")
-    c.add_argument("--format", choices=("hf", "meta", "gguf"), required=True,
-                   help="hf: config.json + model.safetensors (transformers, vLLM, llama.cpp); "
-                        "meta: params.json + consolidated.00.pth + rope.json; "
-                        "gguf: one llama.cpp / Ollama file with its rope-scaling metadata")
-    c.add_argument("--dtype", "--outtype", choices=sorted(DTYPES), default=None,
-                   help="dtype of the written weights (gguf: F32 / F16 / BF16); default: SRC's own "
-                        "(float32 for a quantized GGUF, whose weights dequantize exactly to it)")
-    c.add_argument("--overwrite", action="store_true",
-                   help="replace DST when it holds an earlier checkpoint this project saved, or a GGUF file: only "
-                        "the checkpoint's own files; anything else in the folder stays")
-    k = sub.add_parser("checksums", help="record the size and CRC-32 of FOLDER's files in FOLDER/checksums.json",
-                       description="Write FOLDER/checksums.json (every file but *.md), which load() then verifies: "
-                                   "run it once on a download you trust, and later damage to any of its files stops "
-                                   "the load with a message naming the file.")
-    k.add_argument("folder")
-    k.add_argument("--overwrite", action="store_true",
-                   help="replace an existing checksums.json (which would otherwise catch a file changed since): "
-                        "only after a change you made yourself")
-    v = sub.add_parser("verify", help="compare a downloaded file's sha256 with the digest its site publishes",
-                       description="Compute the sha256 of FILE and compare it with the digest the download site "
-                                   "lists for it (Hugging Face: the file's page, \"SHA256\"). For a folder, name each "
-                                   "file: --sha256 model.safetensors=HEX --sha256 tokenizer.json=HEX. One line per "
-                                   "file, match or mismatch with both digests; exit status 0 when all match, 1 if not.")
-    v.add_argument("path", metavar="FILE_OR_FOLDER")
-    v.add_argument("--sha256", action="append", required=True, metavar="HEX or NAME=HEX",
-                   help="the published digest (64 hex digits); for a folder, NAME=HEX for each file to check")
-    args = p.parse_args(argv)
-    if args.command == "checksums":
-        folder = Path(args.folder)
-        if not folder.is_dir():
-            raise CheckpointError(f"{folder}: not a folder")
-        check_output(folder / CHECKSUMS, CHECKSUMS_FILE, args.overwrite)
-        names = [f.name for f in sorted(folder.iterdir()) if f.is_file() and f.name != CHECKSUMS and f.suffix != ".md"]
-        write_checksums(folder, names)
-        print(f"wrote {folder / CHECKSUMS}: {len(names)} files", file=sys.stderr)
-        return
-    if args.command == "verify":
-        raise SystemExit(verify(Path(args.path), args.sha256))
-    src, dst = Path(args.src), Path(args.dst)
+def convert(src: Path, dst: Path, format: str, dtype: Optional[torch.dtype] = None, overwrite: bool = False) -> None:
+    """Read src (any layout) and write dst in `format`, in dtype (default: src's own). dst is
+    checked before src is read: it must be new, an empty folder, or (with overwrite) a checkpoint
+    this project saved or a GGUF file; nothing else is ever replaced."""
     if src.resolve() == dst.resolve():
-        p.error("SRC and DST must be different folders")
-    if args.format != "gguf" and dst.suffix.lower() == ".gguf":
-        raise ValueError(f"{dst}: a .gguf name for a {args.format} folder; write a GGUF file with --format gguf")
-    check_output(dst, output_kind(args.format), args.overwrite)  # before SRC is read, not after
-    dtype = DTYPES[args.dtype] if args.dtype else stored_dtype(src)
+        raise ValueError(f"{dst}: the source itself; SRC and DST must be different")
+    if format != "gguf" and dst.suffix.lower() == ".gguf":
+        raise ValueError(f"{dst}: a .gguf name for a {format} folder; write a GGUF file with --format gguf")
+    check_output(dst, output_kind(format), overwrite)  # before SRC is read, not after
+    dtype = dtype or stored_dtype(src)
     print(f"reading {src} ...", file=sys.stderr)
     model, tokenizer = load(src, dtype=dtype, progress=True)
-    print(f"writing {dst} ({args.format}, {str(dtype).removeprefix('torch.')}, RoPE: {model.rope.describe()}) ...",
+    print(f"writing {dst} ({format}, {str(dtype).removeprefix('torch.')}, RoPE: {model.rope.describe()}) ...",
           file=sys.stderr)
-    save(model, tokenizer, dst, format=args.format, overwrite=args.overwrite)
+    save(model, tokenizer, dst, format=format, overwrite=overwrite)
     print(f"wrote {dst}", file=sys.stderr)
 
 
+def record_checksums(folder: Path, overwrite: bool = False) -> int:
+    """Write folder/checksums.json for every file but *.md (which load() then verifies); the
+    number of files recorded. An existing checksums.json is replaced only with overwrite."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder")
+    check_output(folder / CHECKSUMS, CHECKSUMS_FILE, overwrite)
+    names = [f.name for f in sorted(folder.iterdir()) if f.is_file() and f.name != CHECKSUMS and f.suffix != ".md"]
+    write_checksums(folder, names)
+    return len(names)
+
+
 def verify(path: Path, digests: list[str]) -> int:
-    """`checkpoint verify`: one line per file, match or mismatch with both digests; 0 if all match."""
+    """`python -m yarn_minimal verify`: one line per file, match or mismatch with both digests; 0 if all match."""
     if path.is_dir():
         pairs = []
         for d in digests:
@@ -328,5 +286,7 @@ def verify(path: Path, digests: list[str]) -> int:
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
-    run_main(main)
+if __name__ == "__main__":  # the command's old name: `python -m yarn_minimal.checkpoint convert ...`
+    from yarn_minimal.__main__ import command
+
+    command(sys.argv[1:])

@@ -8,7 +8,7 @@ A prepared dataset is a folder with two files:
     meta.json    {"format": "yarn-minimal-tokens/1", "seq_len", "n_segments", "dtype",
                   "vocab_size", "bos_id", "eos_id", ...free-form provenance...}
 
-vocab_size bounds the ids (every id < vocab_size). `python -m yarn_minimal.data` also records the
+vocab_size bounds the ids (every id < vocab_size). `python -m yarn_minimal data` also records the
 tokenizer it used: "tokenizer" (its path), "tokenizer_kind" (sentencepiece, tokenizer.json or
 gguf), "add_bos" (whether each document starts with bos_id) and "vocab_digest" (which train.py
 compares with the model's tokenizer: check_vocabulary).
@@ -17,9 +17,9 @@ The file is memory-mapped when read, so a 64k x 10^5 segment dataset costs no RA
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -28,7 +28,6 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import load_tokenizer
-from .cli import run_main
 from .tokenizer import Tokenizer
 
 from .files import Output, check_output, holds, move_into_place, temporary, write_json
@@ -61,7 +60,7 @@ def open_segments(data_dir: str | os.PathLike) -> tuple[np.memmap, dict]:
     data_dir = Path(data_dir)
     meta_path = data_dir / "meta.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path}: missing; prepare data with `python -m yarn_minimal.data`")
+        raise FileNotFoundError(f"{meta_path}: missing; prepare data with `python -m yarn_minimal data`")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
@@ -317,40 +316,7 @@ class SegmentLoader:
             yield tokens[:, :-1], tokens[:, 1:]
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m yarn_minimal.data",
-        description="Tokenize local documents into fixed-length training segments (Sec. 4.1: PG19 in 64k "
-                    "segments, each document bookended with BOS and EOS; here BOS where the model's tokenizer adds one, "
-                    "EOS always). Documents are concatenated in "
-                    "input order and the stream is cut every --seq-len tokens, so a segment may hold the end "
-                    "of one document and the start of the next; the last partial segment is dropped. "
-                    "Output: DIR/tokens.bin (memory-mapped uint16/uint32 ids) + DIR/meta.json.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help=".txt (one document per file, as PG19 ships), .jsonl (one document per line), .parquet "
-                        "(one per row) files, or folders of them (read recursively in sorted order)")
-    p.add_argument("--tokenizer", required=True,
-                   help="the model's tokenizer: its folder (tokenizer.model or tokenizer.json, with BOS/EOS from "
-                        "tokenizer_config.json / generation_config.json), one of those files, or a .gguf file "
-                        "(its vocabulary; no weights are read)")
-    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
-                   help="start every document with BOS (--bos) or not (--no-bos); default: what the tokenizer's "
-                        "own encoding does (Llama 2 and 3 add BOS, SmolLM2 does not). Every document ends with EOS")
-    p.add_argument("--seq-len", type=int, required=True, help="tokens per segment (the paper: 65536)")
-    p.add_argument("--out", required=True, help="output folder: new or empty (or an earlier one, with --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the tokens.bin and meta.json of an earlier dataset in --out (nothing else in it)")
-    p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text (default text)")
-    args = p.parse_args(argv)
-    try:
-        meta = prepare(args.inputs, args.tokenizer, args.seq_len, args.out, args.text_field, bos=args.bos,
-                       overwrite=args.overwrite)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"{args.out}: {meta['n_segments']} segments x {meta['seq_len']} tokens from {meta['n_documents']} documents "
-          f"({meta['n_tokens_read']} tokens read, {meta['n_tokens_dropped']} in the dropped tail; {meta['tokenizer_kind']} "
-          f"tokenizer, {'BOS doc EOS' if meta['add_bos'] else 'doc EOS'} per document)")
+if __name__ == "__main__":  # the command's old name: `python -m yarn_minimal data ...`
+    from yarn_minimal.__main__ import command
 
-
-if __name__ == "__main__":
-    run_main(main)
+    command(["data", *sys.argv[1:]])

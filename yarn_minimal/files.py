@@ -260,7 +260,7 @@ def verify_checksums(folder: Path, manifest: str = CHECKSUMS, required: bool = F
         return
     entries = read_json(path)
     changed = (f"the file is corrupt, or was changed after it was saved (if you changed it, record it with "
-               f"`python -m yarn_minimal.checkpoint checksums {folder} --overwrite`)")
+               f"`python -m yarn_minimal checksums {folder} --overwrite`)")
     for name, entry in entries.items():
         target = folder / name
         try:
