@@ -41,11 +41,12 @@ def __dir__() -> list[str]:
 
 
 def _runpy_is_starting_one_of_our_modules() -> bool:
-    """`python -m yarn_minimal.rope` (likewise .checkpoint and .data) imports this package, then
-    runs the module's file as __main__. sys.argv[0] is "-m" only while runpy imports the package
+    """`python -m yarn_minimal.rope` (likewise .checkpoint, .data, and `python -m yarn_minimal`)
+    imports this package, then runs the module's file as __main__. sys.argv[0] is "-m" only while runpy imports the package
     of the module it is about to run; sys.orig_argv says which one."""
     argv = sys.orig_argv
-    return sys.argv[:1] == ["-m"] and "-m" in argv and argv[argv.index("-m") + 1].startswith(f"{__name__}.")
+    target = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
+    return sys.argv[:1] == ["-m"] and (target == __name__ or target.startswith(f"{__name__}."))
 
 
 if _runpy_is_starting_one_of_our_modules():

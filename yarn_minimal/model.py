@@ -108,12 +108,13 @@ class ModelArgs:
 
     @classmethod
     def from_params(cls, params: dict, rope: Optional[RopeConfig] = None) -> "ModelArgs":
-        """Build from a params.json dict. A rope_theta there (Code Llama) sets the base."""
+        """Build from a params.json dict (a null value is the field's default). A rope_theta there
+        (Code Llama) sets the base."""
         known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                  "ffn_dim_multiplier", "norm_eps", "sliding_window"}
-        kwargs = {k: v for k, v in params.items() if k in known}
+        kwargs = {k: v for k, v in params.items() if k in known and v is not None}
         if rope is None:
-            rope = RopeConfig(base=float(params.get("rope_theta", 10000.0)))
+            rope = RopeConfig(base=float(params.get("rope_theta") or 10000.0))
         return cls(**kwargs, rope=rope)
 
     def to_params(self) -> dict:

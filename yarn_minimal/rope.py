@@ -90,7 +90,7 @@ class RopeConfig:
         if self.ramp not in RAMPS:
             raise ValueError(f"RopeConfig.ramp: unknown ramp {self.ramp!r}; allowed: {', '.join(RAMPS)}")
         if not (is_number(self.scale) and self.scale >= 1.0):
-            raise ValueError(f"RopeConfig.scale: expected a finite number >= 1 (s = L'/L, Eq. 11), got {self.scale!r}")
+            raise ValueError(f"RopeConfig.scale: expected a finite number >= 1 (the scale s = L'/L, Eq. 11), got {self.scale!r}")
         if not isinstance(self.dynamic, bool):
             raise ValueError(f"RopeConfig.dynamic: expected true or false, got {self.dynamic!r}")
         if self.method == "none" and (self.scale != 1.0 or self.dynamic):  # otherwise `window` would claim s L
@@ -99,7 +99,7 @@ class RopeConfig:
         if not (is_int(self.original_length) and self.original_length > 0):
             raise ValueError(f"RopeConfig.original_length: expected a positive integer, got {self.original_length!r}")
         if not (is_number(self.base) and self.base > 1.0):
-            raise ValueError(f"RopeConfig.base: expected a finite number > 1, got {self.base!r}")
+            raise ValueError(f"RopeConfig.base: must be > 1 and finite, got {self.base!r}")
         if not (is_number(self.alpha) and is_number(self.beta) and 0 < self.alpha < self.beta):
             raise ValueError(f"RopeConfig.alpha/beta: need finite numbers 0 < alpha < beta, got alpha={self.alpha!r}, "
                              f"beta={self.beta!r}")

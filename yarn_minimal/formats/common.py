@@ -3,6 +3,7 @@ the shapes, the tokenizer against the embedding, finite values; and the empty mo
 meta device that the weights are assigned into."""
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -11,8 +12,44 @@ import torch
 
 from ..files import CheckpointError, check_zip_crcs
 from ..model import ModelArgs, Transformer
-from ..rope import RopeConfig
+from ..rope import RopeConfig, is_int, is_number
 from ..tokenizer import Tokenizer, open_tokenizer
+
+
+# What a config key may hold, by the words an error uses for it. JSON can also hold NaN,
+# Infinity, strings and nulls where a number belongs: each is named with its file and key.
+EXPECTED = {
+    "a positive integer": lambda v: is_int(v) and v > 0,
+    "a positive integer (or -1: the tokenizer's size)": lambda v: is_int(v) and (v > 0 or v == -1),
+    "a positive number": lambda v: is_number(v) and v > 0,
+    "true or false": lambda v: isinstance(v, bool),
+    "a string": lambda v: isinstance(v, str),
+    "a JSON object": lambda v: isinstance(v, dict),
+}
+REQUIRED = object()
+
+
+def check_key(value, key: str, expected: str, source: Path):
+    """value (a config's `key`) if it is `expected` (an EXPECTED entry), else a CheckpointError
+    naming the file, the key, what was expected and what was found."""
+    if not EXPECTED[expected](value):
+        raise CheckpointError(f"{source}: {key} is {json_text(value)}; expected {expected}")
+    return value
+
+
+def read_key(cfg: dict, key: str, expected: str, source: Path, default=REQUIRED):
+    """cfg[key], checked (check_key); `default` when it is absent or null, unless it is required."""
+    if cfg.get(key) is None:
+        if default is REQUIRED:
+            raise CheckpointError(f"{source}: no {key!r}" if key not in cfg else f"{source}: {key} is null; expected {expected}")
+        return default
+    return check_key(cfg[key], key, expected, source)
+
+
+def json_text(value) -> str:
+    """A value as the config file spells it (null, true, "big", NaN), shortened."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def first_line(e: Exception) -> str:

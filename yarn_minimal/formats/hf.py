@@ -15,6 +15,7 @@ hf_rope_scaling and hf_config write config.json, save_hf model.safetensors.
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,8 +28,8 @@ from ..files import CheckpointError, atomic_write, read_json, write_json
 from ..model import ModelArgs, Transformer
 from ..rope import RopeConfig, attention_factor, ntk_aware_base, yarn_attention_factor
 from ..tokenizer import Tokenizer
-from .common import (check_finite, check_keys, check_shape, check_sliding_window, check_tokenizer, empty_model,
-                     first_line, model_args, read_tokenizer, torch_load)
+from .common import (check_finite, check_key, check_keys, check_shape, check_sliding_window, check_tokenizer,
+                     empty_model, first_line, json_text, model_args, read_key, read_tokenizer, torch_load)
 from .meta import meta_ffn_params
 
 
@@ -92,9 +93,9 @@ YARN_MISTRAL_CONSTANTS = {"beta": 128.0, "alpha": 2.0, "attention_coefficient": 
 DEFAULT_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32}
 
 
-def _remote_code(cfg: dict) -> Optional[str]:
+def _remote_code(cfg: dict, source: Path) -> Optional[str]:
     """The auto_map entry that points at the authors' Yarn-Mistral code, if any."""
-    for ref in (cfg.get("auto_map") or {}).values():
+    for ref in read_key(cfg, "auto_map", "a JSON object", source, {}).values():
         if YARN_MISTRAL_CODE in str(ref):
             return str(ref)
     return None
@@ -130,10 +131,11 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
     """
     r = _ConfigReading(cfg, source)
     key, kind = r.key, r.kind
-    model_type = cfg.get("model_type", "llama")
+    model_type = read_key(cfg, "model_type", "a string", source, "llama")
     base = float(r.read("base", [f"{key}.rope_theta", "rope_theta"], 10000.0, "LlamaConfig's default"))
     max_pos = int(r.read("max_position_embeddings", ["max_position_embeddings"],
-                         DEFAULT_MAX_POSITIONS.get(model_type, 2048), f"{model_type} config default"))
+                         DEFAULT_MAX_POSITIONS.get(model_type, 2048), f"{model_type} config default",
+                         expected="a positive integer"))
     r.provenance["original_length"] = r.provenance["max_position_embeddings"]  # L, unless the method states another
     r.provenance["method"] = f"{key}.{'rope_type' if 'rope_type' in r.scaling else 'type'}" if r.scaling else "default"
 
@@ -154,7 +156,7 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
             rope = RopeConfig(method="ntk", dynamic=True, original_length=max_pos, base=base)
         elif kind == "llama3":
             rope = RopeConfig(method="ntk-by-parts", ramp="paper", scale=float(r.need("factor")),
-                              original_length=int(r.need("original_max_position_embeddings")), base=base,
+                              original_length=r.need("original_max_position_embeddings", "a positive integer"), base=base,
                               alpha=float(r.need("low_freq_factor")), beta=float(r.need("high_freq_factor")))
             r.provenance["ramp"] = r.provenance["method"]
             r.check_factor(rope, max_pos)
@@ -166,8 +168,18 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
     except ValueError as e:
         if isinstance(e, CheckpointError):
             raise
+        # RopeConfig names its field ("RopeConfig.scale: ..."): name the config key it came from
+        field = re.match(r"RopeConfig\.(\w+): ", str(e))
+        where = r.provenance.get(field[1], "default") if field else "default"
+        if field and where != "default":
+            raise CheckpointError(f"{source}: {_shown(where)}: {str(e)[field.end():]}") from None
         raise CheckpointError(f"{source}: {key}: {e}") from None
     return rope, r.provenance, r.notes
+
+
+def _shown(key: str) -> str:
+    """"rope_scaling.factor" as errors write it: "rope_scaling: factor"."""
+    return key.replace(".", ": ", 1)
 
 
 class _ConfigReading:
@@ -180,32 +192,39 @@ class _ConfigReading:
     def __init__(self, cfg: dict, source: Path):
         self.cfg, self.source = cfg, source
         self.key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
-        self.scaling = cfg.get(self.key) or {}
-        self.kind = self.scaling.get("rope_type", self.scaling.get("type", "default"))
+        self.scaling = read_key(cfg, self.key, "a JSON object", source, {})
+        type_key = "rope_type" if "rope_type" in self.scaling else "type"
+        self.kind = read_key(self.scaling, type_key, "a string", f"{source}: {self.key}", "default")
         self.provenance: dict[str, str] = {}
         self.notes: list[str] = []
 
-    def read(self, field: str, names: list[str], default, why: str, fallback: str = "default"):
-        """The first of the config keys `names` that is set ("a.b" looks inside a); else default,
-        recorded as `fallback` (and noted when it is a plain default)."""
+    def read(self, field: str, names: list[str], default, why: str, fallback: str = "default",
+             expected: str = "a positive number"):
+        """The first of the config keys `names` that is set ("a.b" looks inside a), checked to be
+        `expected` (common.EXPECTED); else default, recorded as `fallback` (and noted when it is
+        a plain default)."""
         for name in names:
             value = self.cfg
             for part in name.split("."):
                 value = value.get(part) if isinstance(value, dict) else None
             if value is not None:
                 self.provenance[field] = name
-                return value
+                return check_key(value, _shown(name), expected, self.source)
         self.provenance[field] = fallback
         if fallback == "default":
             self.notes.append(f"{' / '.join(names)} not set: using {default:g} ({why})")
         return default
 
-    def need(self, name: str):
-        """A rope_scaling key the method cannot do without."""
+    def need(self, name: str, expected: str = "a positive number"):
+        """A rope_scaling key the method cannot do without, checked to be `expected`."""
         if self.scaling.get(name) is None:
             raise CheckpointError(f"{self.source}: {self.key} of type {self.kind!r} has no {name!r}")
         self.provenance[self.FIELD_OF.get(name, name)] = f"{self.key}.{name}"
-        return self.scaling[name]
+        return check_key(self.scaling[name], f"{self.key}: {name}", expected, self.source)
+
+    def get(self, name: str, expected: str, default=None):
+        """An optional rope_scaling key, checked to be `expected`."""
+        return read_key(self.scaling, name, expected, f"{self.source}: {self.key}", default)
 
     def check_factor(self, rope: RopeConfig, max_pos: int) -> None:
         """Two keys state the extension ratio; say so when they disagree (transformers issue 38224)."""
@@ -219,11 +238,11 @@ class _ConfigReading:
 def _yarn_from_hf(r: _ConfigReading, max_pos: int, base: float, model_type: str) -> RopeConfig:
     key, scaling = r.key, r.scaling
     original = int(r.read("original_length", [f"{key}.original_max_position_embeddings"], max_pos,
-                          "max_position_embeddings"))
+                          "max_position_embeddings", expected="a positive integer"))
     scale = float(r.read("scale", [f"{key}.factor"], max_pos / original,
                          "max_position_embeddings / original_max_position_embeddings"))
     r.provenance["ramp"] = r.provenance["method"]  # "yarn" means the public code's ramp
-    remote = _remote_code(r.cfg) if model_type == "mistral" else None
+    remote = _remote_code(r.cfg, r.source) if model_type == "mistral" else None
     fallback = f"remote code ({remote})" if remote else "default"
     if remote:
         constants, why = YARN_MISTRAL_CONSTANTS, "the Yarn-Mistral remote code"
@@ -239,8 +258,8 @@ def _yarn_from_hf(r: _ConfigReading, max_pos: int, base: float, model_type: str)
                            "were trained with 128 / 2 / 0.07")
     alpha = float(r.read("alpha", [f"{key}.beta_slow"], constants["alpha"], why, fallback))
     beta = float(r.read("beta", [f"{key}.beta_fast"], constants["beta"], why, fallback))
-    factor = scaling.get("attention_factor")
-    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    factor = r.get("attention_factor", "a positive number")
+    mscale, mscale_all_dim = r.get("mscale", "a positive number"), r.get("mscale_all_dim", "a positive number")
     if factor is not None:
         r.provenance["attention_factor"] = f"{key}.attention_factor"
     elif mscale and mscale_all_dim:  # DeepSeek-style: the ratio of two Eq. 22 forms
@@ -251,33 +270,38 @@ def _yarn_from_hf(r: _ConfigReading, max_pos: int, base: float, model_type: str)
     rope = RopeConfig(method="yarn", scale=scale, original_length=original, base=base, alpha=alpha, beta=beta,
                       attention_factor=None if factor is None else float(factor),
                       attention_coefficient=constants["attention_coefficient"],
-                      truncate=bool(scaling.get("truncate", True)))
+                      truncate=r.get("truncate", "true or false", True))
     if "original_max_position_embeddings" in scaling and "factor" in scaling:
         r.check_factor(rope, max_pos)
     return rope
 
 
 def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> tuple[ModelArgs, dict, list[str]]:
-    """(ModelArgs, RoPE provenance, notes) from a config.json; see rope_from_hf."""
-    if cfg.get("model_type", "llama") not in DEFAULT_MAX_POSITIONS:
-        raise CheckpointError(f"{source}: model_type {cfg.get('model_type')!r}; only Llama-architecture "
+    """(ModelArgs, RoPE provenance, notes) from a config.json; see rope_from_hf. Every key read is
+    checked for its type and range here, and named with the file when it is wrong."""
+    model_type = read_key(cfg, "model_type", "a string", source, "llama")
+    if model_type not in DEFAULT_MAX_POSITIONS:
+        raise CheckpointError(f"{source}: model_type {model_type!r}; only Llama-architecture "
                               f"checkpoints (model_type {' or '.join(map(repr, DEFAULT_MAX_POSITIONS))}) are supported")
-    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
-        if name not in cfg:
-            raise CheckpointError(f"{source}: no {name!r}")
-    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    dim, n_layers, n_heads, vocab_size, hidden = (read_key(cfg, name, "a positive integer", source) for name in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"))
+    n_kv_heads = read_key(cfg, "num_key_value_heads", "a positive integer", source, n_heads)
+    if dim % n_heads or n_heads % n_kv_heads:
+        raise CheckpointError(f"{source}: hidden_size {dim}, num_attention_heads {n_heads} and num_key_value_heads "
+                              f"{n_kv_heads}: each must be a multiple of the next")
     for name, allowed in (("hidden_act", ("silu",)), ("attention_bias", (False,)), ("mlp_bias", (False,)),
                           ("partial_rotary_factor", (1, 1.0)), ("head_dim", (dim // n_heads,))):
         if cfg.get(name) is not None and cfg[name] not in allowed:
-            raise CheckpointError(f"{source}: {name} is {cfg[name]!r}; Llama 2 (and this model) needs {allowed[0]!r}")
-    multiple_of, multiplier = meta_ffn_params(dim, cfg["intermediate_size"], source)
-    params = dict(dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                  n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
+            raise CheckpointError(f"{source}: {name} is {json_text(cfg[name])}; Llama 2 (and this model) needs "
+                                  f"{json_text(allowed[0])}" + (" (hidden_size / num_attention_heads)" if name == "head_dim" else ""))
+    multiple_of, multiplier = meta_ffn_params(dim, hidden, source)
+    params = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
                   multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
-                  norm_eps=cfg.get("rms_norm_eps", 1e-6),  # 1e-6: LlamaConfig's default
-                  sliding_window=cfg.get("sliding_window"))  # Mistral 7B v0.1: 4096; null: full attention
+                  norm_eps=read_key(cfg, "rms_norm_eps", "a positive number", source, 1e-6),  # LlamaConfig's default
+                  # Mistral 7B v0.1: 4096; null: full attention
+                  sliding_window=read_key(cfg, "sliding_window", "a positive integer", source, None))
     own, provenance, notes = rope_from_hf(cfg, source)
-    window = cfg.get("sliding_window")
+    window = params["sliding_window"]
     if window is not None and own.window is not None and own.window > window:
         notes.append(f"sliding_window {window} is shorter than the intended window {own.window}: this model has "
                      f"full attention only, so sequences longer than {window} tokens are refused")
@@ -351,7 +375,8 @@ def load_hf(folder: Path, rope: Optional[RopeConfig], device: torch.device | str
         tensors = _open_hf_files(files, stack)
         for k in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
             del tensors[k]  # older transformers saved this buffer; we compute our own
-        if cfg.get("tie_word_embeddings") and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+        tied = read_key(cfg, "tie_word_embeddings", "true or false", config_path, False)
+        if tied and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
             tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
         source = str(files[0].parent / (files[0].name if len(files) == 1 else "{" + ",".join(f.name for f in files) + "}"))
         check_keys(set(tensors), {hf_key(k) for k in expected}, source)

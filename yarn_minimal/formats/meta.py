@@ -12,7 +12,7 @@ stored dtype is used straight from the page cache (torch.load with mmap).
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +24,7 @@ from ..model import ModelArgs, Transformer
 from ..rope import RopeConfig
 from ..tokenizer import Tokenizer
 from .common import (check_finite, check_keys, check_shape, check_sliding_window, check_tokenizer, empty_model,
-                     model_args, read_tokenizer, torch_load)
+                     model_args, read_key, read_tokenizer, torch_load)
 
 # Model-parallel split dimension of each weight in Meta's consolidated.NN.pth files
 # (ColumnParallelLinear: output rows; RowParallelLinear: input columns; the embedding is split
@@ -38,14 +38,18 @@ def shard_dim(key: str) -> Optional[int]:
 
 def check_params(params: dict, source: Path) -> None:
     """Meta's params.json always states the shape; a missing or mistyped key is named here rather
-    than replaced by a Llama 2 7B default and reported later as a shape mismatch."""
+    than replaced by a Llama 2 7B default and reported later as a shape mismatch. vocab_size may
+    be -1 (Meta's "the tokenizer's size")."""
     for name in ("dim", "n_layers", "n_heads"):
-        if name not in params:
-            raise CheckpointError(f"{source}: no {name!r} (Meta's params.json gives dim, n_layers, n_heads, ...)")
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of"):
-        value = params.get(name)
-        if value is not None and (type(value) is not int or (value <= 0 and name != "vocab_size")):
-            raise CheckpointError(f"{source}: {name} is {value!r}; expected a positive integer")
+        read_key(params, name, "a positive integer", source)
+    for name in ("n_kv_heads", "multiple_of", "sliding_window"):
+        read_key(params, name, "a positive integer", source, None)
+    if params.get("vocab_size", -1) != -1:
+        read_key(params, "vocab_size", "a positive integer (or -1: the tokenizer's size)", source)
+    for name in ("norm_eps", "ffn_dim_multiplier"):
+        read_key(params, name, "a positive number", source, None)
+    if read_key(params, "rope_theta", "a positive number", source, 10000.0) <= 1:
+        raise CheckpointError(f"{source}: rope_theta is {params['rope_theta']}; expected a number > 1 (RoPE's base b)")
 
 
 def meta_ffn_params(dim: int, hidden: int, source: Path) -> tuple[int, Optional[float]]:
@@ -65,20 +69,27 @@ def meta_ffn_params(dim: int, hidden: int, source: Path) -> tuple[int, Optional[
 
 def project_rope(folder: Path) -> Optional[RopeConfig]:
     """rope.json, the RopeConfig this project saved beside params.json (None if absent)."""
-    if not (folder / "rope.json").is_file():
+    path = folder / "rope.json"
+    if not path.is_file():
         return None
+    stored = read_json(path)
+    unknown = sorted(set(stored) - {f.name for f in fields(RopeConfig)})
+    if unknown:
+        raise CheckpointError(f"{path}: unknown key {unknown[0]!r}; expected RopeConfig's fields "
+                              f"({', '.join(f.name for f in fields(RopeConfig))})")
     try:
-        return RopeConfig(**read_json(folder / "rope.json"))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder / 'rope.json'}: {e}") from None
+        return RopeConfig(**stored)
+    except ValueError as e:  # "RopeConfig.scale: ...": its keys are RopeConfig's fields
+        raise CheckpointError(f"{path}: {str(e).removeprefix('RopeConfig.')}") from None
 
 
 def read_meta_config(path: Path) -> tuple[ModelArgs, dict[str, str], list[str]]:
     """checkpoint.read_config for a params.json: ModelArgs, where each RoPE value came from, notes."""
     folder, cfg = path.parent, read_json(path)
+    check_params(cfg, path)
     rope = project_rope(folder)
     if rope is None:
-        rope = RopeConfig(base=float(cfg.get("rope_theta", 10000.0)))
+        rope = RopeConfig(base=float(cfg.get("rope_theta") or 10000.0))
         provenance = {"method": "default", "base": "params.json rope_theta" if "rope_theta" in cfg else "default",
                       "original_length": "default"}
         notes = [f"{path.name} states no context length: L = {rope.original_length} (Llama 2's; pass "
