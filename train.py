@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model to start from")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", default=None, help="checkpoint folder (Meta layout or one this project saved)")
+    src.add_argument("--ckpt", default=None, help=f"the model to fine-tune: {cli.CHECKPOINT_LAYOUTS}")
     src.add_argument("--init-from", default=None,
                      help="the --out folder of an earlier run (its final/ model is used), e.g. s = 16 -> s = 32")
     g.add_argument("--init", choices=("checkpoint", "random"), default="checkpoint",

@@ -27,11 +27,15 @@ DEMO_PROMPT = DEFAULT_CKPT.parent / "heldout-sample.txt"  # a document the demo 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# every layout checkpoint.load reads, for the --ckpt help of every script
+CHECKPOINT_LAYOUTS = ("Meta's folder (params.json + consolidated.*.pth), a Hugging Face Llama or Mistral folder "
+                      "(config.json + *.safetensors), a folder this project saved (Meta's + rope.json), or a "
+                      "llama.cpp .gguf file")
+
+
 def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", default=None,
-                   help="checkpoint folder: Meta's layout (params.json + consolidated.*.pth), a Hugging Face "
-                        "Llama folder (config.json + *.safetensors) or one this project saved; "
-                        f"default: the embedded demo model ({DEFAULT_CKPT.name})")
+                   help=f"the model: {CHECKPOINT_LAYOUTS}; default: the embedded demo model ({DEFAULT_CKPT.name})")
 
 
 def resolve_checkpoint(ckpt: Optional[str]) -> Path:
