@@ -300,6 +300,7 @@ def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> tuple[M
                   norm_eps=read_key(cfg, "rms_norm_eps", "a positive number", source, 1e-6),  # LlamaConfig's default
                   # Mistral 7B v0.1: 4096; null: full attention
                   sliding_window=read_key(cfg, "sliding_window", "a positive integer", source, None))
+    read_key(cfg, "tie_word_embeddings", "true or false", source, False)  # load_hf's, checked with the rest
     own, provenance, notes = rope_from_hf(cfg, source)
     window = params["sliding_window"]
     if window is not None and own.window is not None and own.window > window:
@@ -375,8 +376,7 @@ def load_hf(folder: Path, rope: Optional[RopeConfig], device: torch.device | str
         tensors = _open_hf_files(files, stack)
         for k in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
             del tensors[k]  # older transformers saved this buffer; we compute our own
-        tied = read_key(cfg, "tie_word_embeddings", "true or false", config_path, False)
-        if tied and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+        if cfg.get("tie_word_embeddings") and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
             tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
         source = str(files[0].parent / (files[0].name if len(files) == 1 else "{" + ",".join(f.name for f in files) + "}"))
         check_keys(set(tensors), {hf_key(k) for k in expected}, source)
