@@ -7,7 +7,12 @@ Files: the demo model (Meta's layout + rope.json + checksums.json), the same fol
 checksums.json (as Meta's download comes), an HF export of it (config.json + model.safetensors),
 the export's safetensors without checksums.json (header damage only: a foreign safetensors
 file has no checksum over its data), and a training checkpoint from a 2-step train.py run.
-The counts are in README.md's reliability line: keep them in step with CASES."""
+The counts are in README.md's reliability line: keep them in step with CASES.
+
+GGUF files (GGUF_CASES, below): the demo model as save(format="gguf") writes it, in F32 and
+BF16, and the metadata region of SmolLM2's llama.cpp-converted file; each load also under a time
+limit. bench/gguf_corruption.py runs the same campaign at any size, and docs/checkpoints.md
+holds its table."""
 import contextlib
 import json
 import os
@@ -223,7 +228,7 @@ GGUF_CASES = [("demo-F32", GGUF_KINDS, 80), ("demo-BF16", GGUF_KINDS, 60),
               ("smollm2", ("flip-header", "truncate", "zero-4k", "big-int"), 80)]
 GGUF_TOTAL = sum(n for *_, n in GGUF_CASES)
 BIG_INTS = (2**32 + 5, 2**40, 2**63 - 1)
-TIME_LIMIT = 20  # seconds per load; a whole load of SmolLM2 takes ~3 s here
+TIME_LIMIT = 20  # seconds per load: several times any whole load here, far below a hang
 
 
 class Hang(BaseException):  # not an Exception: no `except Exception` in the loader can turn it into a refusal
