@@ -374,12 +374,14 @@ class LayerCache:
         self.pre_rope = pre_rope
 
     def grow(self, capacity: int) -> None:
-        """Room for `capacity` positions, keeping the ones stored."""
+        """Room for `capacity` positions, keeping the ones stored. One buffer at a time, each old
+        one freed as soon as it is copied: growing a whole cache needs one old buffer on top."""
         def grown(t: torch.Tensor) -> torch.Tensor:
             new = t.new_zeros((t.shape[0], capacity, *t.shape[2:]))
             new[:, :t.shape[1]] = t
             return new
-        self.keys, self.values = grown(self.keys), grown(self.values)
+        self.keys = grown(self.keys)
+        self.values = grown(self.values)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor, rotation: Rotation) -> Iterable[KeysValues]:
         """Store k, v (B, T, Hkv, |D|, keys not rotated yet) at positions start..start+T-1;
