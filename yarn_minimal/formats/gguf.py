@@ -100,7 +100,7 @@ def meta_key(gguf_name: str) -> Optional[str]:
     if stem in _TOP:
         return f"{_TOP[stem]}.weight"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK:
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isascii() and parts[1].isdigit() and parts[2] in _BLOCK:
         return f"layers.{parts[1]}.{_BLOCK[parts[2]]}.weight"
     return None
 
