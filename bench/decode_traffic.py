@@ -74,6 +74,7 @@ def decode_traffic(args: ModelArgs, context: int, dtype: torch.dtype = torch.bfl
     """Bytes and ops of one decode step after `context` cached positions."""
     model = meta_model(args, dtype)
     cache = KVCache(args, 1, context + 1, device="meta", dtype=dtype)
+    cache.make_room(context + 1)  # room for the cached positions and the new token
     cache.length = context  # contents do not matter on the meta device
     cache.s0_table(args.rope, args.head_dim, "meta")  # made once per generation, not per step
     token = torch.zeros((1, 1), dtype=torch.long, device="meta")
