@@ -85,3 +85,17 @@ def hf_smollm2(hf_smollm2_tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval(), hf_smollm2_tokenizer
+
+
+def run_cli(main, argv, capsys):
+    """(exit status, stdout, stderr) of `script ARGV` as cli.run_main runs it."""
+    from yarn_minimal import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.run_main(main, argv)
+        raise SystemExit(0)
+    out, err = capsys.readouterr()
+    code = e.value.code
+    if isinstance(code, str):  # sys.exit("error: ...") prints the message and exits 1
+        err, code = err + code + "\n", 1
+    return code, out, err

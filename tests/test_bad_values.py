@@ -27,24 +27,14 @@ from yarn_minimal.generation import GenerationConfig, check_request, generate
 from yarn_minimal.model import KVCache, ModelArgs, Transformer
 from yarn_minimal.rope import RopeConfig
 
+from conftest import run_cli as run  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import eval_passkey  # noqa: E402
 import eval_perplexity  # noqa: E402
 import generate as generate_script  # noqa: E402
 import train  # noqa: E402
-
-
-def run(main, argv, capsys):
-    """(exit status, stdout, stderr) of `script ARGV` as cli.run_main runs it."""
-    with pytest.raises(SystemExit) as e:
-        cli.run_main(main, argv)
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    code = e.value.code
-    if isinstance(code, str):  # sys.exit("error: ...") prints the message and exits 1
-        err, code = err + code + "\n", 1
-    return code, out, err
 
 
 def one_error_line(code, err, *words) -> str:

@@ -16,24 +16,14 @@ import yarn_minimal.__main__ as commands
 from yarn_minimal import rope as rope_module
 from yarn_minimal.cli import DEFAULT_CKPT
 
+from conftest import run_cli as run  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import eval_passkey  # noqa: E402
 import eval_perplexity  # noqa: E402
 import generate  # noqa: E402
 import train  # noqa: E402
-
-
-def run(main, argv, capsys):
-    """(exit status, stdout, stderr) of `script ARGV` as cli.run_main runs it."""
-    with pytest.raises(SystemExit) as e:
-        cli.run_main(main, argv)
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    code = e.value.code
-    if isinstance(code, str):  # sys.exit("error: ...") prints the message and exits 1
-        err, code = err + code + "\n", 1
-    return code, out, err
 
 
 def one_line_error(code, err, *words):

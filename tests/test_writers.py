@@ -19,6 +19,8 @@ from yarn_minimal import checkpoint, cli, data, files
 from yarn_minimal import evaluation as ev
 from yarn_minimal.cli import DEFAULT_CKPT
 
+from conftest import run_cli  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
@@ -33,13 +35,7 @@ DOC = DEFAULT_CKPT.parent / "heldout-sample.txt"
 
 def run(main, argv, capsys):
     """(exit status, stderr) of `script ARGV` as cli.run_main runs it."""
-    with pytest.raises(SystemExit) as e:
-        cli.run_main(main, argv)
-        raise SystemExit(0)
-    _, err = capsys.readouterr()
-    code = e.value.code
-    if isinstance(code, str):  # sys.exit("error: ...") prints the message and exits 1
-        err, code = err + code + "\n", 1
+    code, _, err = run_cli(main, argv, capsys)
     return code or 0, err
 
 
