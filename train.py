@@ -28,6 +28,7 @@ import yarn_minimal
 from yarn_minimal import cli, runs, sizing, training
 from yarn_minimal.checkpoint import hf_rope_scaling
 from yarn_minimal.data import SegmentLoader, check_vocabulary, open_segments
+from yarn_minimal.formats.common import model_args
 from yarn_minimal.model import ModelArgs, Transformer
 from yarn_minimal.rope import RopeConfig
 from yarn_minimal.tokenizer import Tokenizer
@@ -159,7 +160,7 @@ def estimate(args: argparse.Namespace) -> str:
         params = json.loads((start_folder(args) / "params.json").read_text())
         if params.get("vocab_size", -1) == -1:  # Meta's download leaves it to the tokenizer
             params["vocab_size"] = 32000
-        margs = ModelArgs.from_params(params)
+        margs = model_args(params, None, start_folder(args) / "params.json")
     else:
         margs = ModelArgs(**{"vocab_size": 32000, **model_shape(args)})
     world = args.n_gpus or int(os.environ.get("WORLD_SIZE", "8"))

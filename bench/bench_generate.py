@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from yarn_minimal import checkpoint, cli  # noqa: E402
+from yarn_minimal import checkpoint, cli, training  # noqa: E402
 from yarn_minimal.generation import GenerationStats, decode_step, generate, prefill  # noqa: E402
 from yarn_minimal.model import KVCache, ModelArgs, Transformer  # noqa: E402
 from yarn_minimal.rope import RopeConfig  # noqa: E402
@@ -211,7 +211,7 @@ def main(argv=None) -> None:
                       rope=RopeConfig(original_length=max(args.prompt_len + args.new_tokens, L)))
     with torch.device(device):
         model = Transformer(margs)
-    model.init_weights(seed=0)
+    training.init_weights(model, seed=0)
     model = model.to(dtype).eval()
     prompt = torch.randint(3, args.vocab_size, (args.long_len,), generator=torch.Generator().manual_seed(0)).tolist()
     short = prompt[:args.prompt_len]

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import yarn_minimal  # noqa: E402
 from bench_generate import machine, rounds, transformers_model  # noqa: E402
 from yarn_minimal import training  # noqa: E402
-from yarn_minimal.model import chunked_cross_entropy  # noqa: E402
+from yarn_minimal.loss import cross_entropy  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "yarn-demo"
 
@@ -149,7 +149,7 @@ def memory(args) -> None:
     print(f"{'tokens':>8} {'dtype':>9} {'chunked: peak':>14} {'of it dL/dh':>12} {'the rest':>9} {'full logits: peak':>18}")
     for tokens in args.memory_tokens:
         for dtype in (torch.float32, torch.bfloat16):
-            ours = loss_memory(chunked_cross_entropy, tokens, dim, vocab, dtype).peak
+            ours = loss_memory(cross_entropy, tokens, dim, vocab, dtype).peak
             full = loss_memory(full_cross_entropy, tokens, dim, vocab, dtype).peak
             grad_h = tokens * dim * dtype.itemsize
             mib = lambda n: f"{n / 2**20:.0f} MiB"

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import yarn_minimal.model as model_module  # noqa: E402
+import yarn_minimal.attention as attention_module  # noqa: E402
 from bench_generate import decode_bytes_per_token, machine, memory_bandwidth  # noqa: E402
 from yarn_minimal import sizing, training  # noqa: E402
 from yarn_minimal.data import write_segments  # noqa: E402
@@ -103,7 +103,7 @@ def random_model(args: ModelArgs, setup: Setup, rope: RopeConfig, dtype=None) ->
     with torch.device("meta"):
         model = Transformer(ModelArgs(**{**vars(args), "rope": rope}))
     model = model.to(dtype or setup.dtype).to_empty(device=setup.device)  # cast on meta: no float32 7B copy
-    model.init_weights(seed=0)
+    training.init_weights(model, seed=0)
     return model.eval()
 
 
@@ -133,7 +133,7 @@ def check_generate_128k(setup: Setup) -> dict:
     ropes = {f"static YaRN s={s:g}": RopeConfig(method="yarn", scale=s, original_length=L),
              "Dynamic-YaRN": RopeConfig(method="yarn", scale=1.0, original_length=L, dynamic=True)}
     prompt = prompt_tokens(setup.long_len - setup.new_tokens, setup.model.vocab_size)
-    out = {"tokens": setup.long_len, "flash_attn": model_module.flash_attn_func is not None}
+    out = {"tokens": setup.long_len, "flash_attn": attention_module.flash_attn_func is not None}
     for name, rope in ropes.items():
         model = random_model(setup.model, setup, rope)
         reset_peak(setup.device)
@@ -170,20 +170,20 @@ def naive_attention(q, k, v, causal=False, return_attn_probs=False):
 @contextmanager
 def attention_path(path: str, dry_run: bool):
     """Route model.py's attention through flash-attn, SDPA, or (dry run) the naive stand-in."""
-    saved_flash, saved_applies = model_module.flash_attn_func, model_module.flash_attn_applies
+    saved_flash, saved_applies = attention_module.flash_attn_func, attention_module.flash_attn_applies
     try:
         if path == "sdpa":
-            model_module.flash_attn_func = None
+            attention_module.flash_attn_func = None
         elif dry_run:  # every attention call, whatever the device and dtype (the dry run is float32 CPU)
-            model_module.flash_attn_func = naive_attention
-            model_module.flash_attn_applies = lambda q: True
+            attention_module.flash_attn_func = naive_attention
+            attention_module.flash_attn_applies = lambda q: True
         yield
     finally:
-        model_module.flash_attn_func, model_module.flash_attn_applies = saved_flash, saved_applies
+        attention_module.flash_attn_func, attention_module.flash_attn_applies = saved_flash, saved_applies
 
 
 def check_flash_vs_sdpa(setup: Setup) -> dict:
-    if not setup.dry_run and model_module.flash_attn_func is None:
+    if not setup.dry_run and attention_module.flash_attn_func is None:
         return {"skipped": "flash-attn is not installed (pip install 'flash-attn>=2.1' --no-build-isolation)"}
     model = random_model(setup.model, setup, RopeConfig(method="yarn", scale=8.0, original_length=setup.original_length))
     # two prefill chunks: the second (Tq = chunk) attends to the cached first one too (Tk = 2 chunks)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yarn_minimal.generation as generation  # noqa: E402
-import yarn_minimal.model as model_module  # noqa: E402
+import yarn_minimal.attention as attention_module  # noqa: E402
 from decode_traffic import GiB, add_shape_args, kv_bytes, meta_model, shape_args, weight_bytes  # noqa: E402
 from yarn_minimal.model import ModelArgs  # noqa: E402
 from yarn_minimal.rope import RopeConfig  # noqa: E402
@@ -81,8 +81,8 @@ def flash_attn_stand_in(q, k, v, causal=False, return_attn_probs=False):
 def peak_memory(args: ModelArgs, prompt_len: int, new_tokens: int, prefill_chunk: int = 4096,
                 dtype: torch.dtype = torch.bfloat16) -> dict:
     """Peak live bytes through generate(prompt_len tokens, new_tokens) on the meta device."""
-    saved = model_module.flash_attn_func, model_module.FLASH_DEVICES, generation.sample
-    model_module.flash_attn_func, model_module.FLASH_DEVICES = flash_attn_stand_in, {"meta"}
+    saved = attention_module.flash_attn_func, attention_module.FLASH_DEVICES, generation.sample
+    attention_module.flash_attn_func, attention_module.FLASH_DEVICES = flash_attn_stand_in, {"meta"}
     generation.sample = lambda logits, *a, **kw: 0  # a meta tensor has no values to sample from
     try:
         with LiveBytes() as live:
@@ -91,7 +91,7 @@ def peak_memory(args: ModelArgs, prompt_len: int, new_tokens: int, prefill_chunk
                 live.track(p)
             generation.generate(model, [1] * prompt_len, new_tokens, prefill_chunk=prefill_chunk)
     finally:
-        model_module.flash_attn_func, model_module.FLASH_DEVICES, generation.sample = saved
+        attention_module.flash_attn_func, attention_module.FLASH_DEVICES, generation.sample = saved
     floor = weight_bytes(model) + kv_bytes(args, prompt_len + new_tokens, dtype)
     return dict(peak=live.peak, floor=floor, weights=weight_bytes(model))
 

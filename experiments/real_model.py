@@ -266,7 +266,7 @@ def cross_check(gguf: Path, document: str, window: int, method: str, scale: floa
         h = hf.model(ids[None]).last_hidden_state[0, :-1]
         targets = ids[1:]
         nll = sum(F.cross_entropy(hf.lm_head(hc).float(), tc, reduction="sum").item()
-                  for hc, tc in zip(h.split(ev.LOGIT_CHUNK), targets.split(ev.LOGIT_CHUNK)))
+                  for hc, tc in zip(h.split(1024), targets.split(1024)))  # chunks: never T x vocab float32
     hf_s = time.time() - start
     theirs = math.exp(nll / len(targets))
     return {"document": Path(document).name, "window": window, "rope": rope.to_dict(),

@@ -20,7 +20,7 @@ import torch
 
 import yarn_minimal
 import yarn_minimal.model as model_module
-from yarn_minimal import cli, ctrl_c, sizing
+from yarn_minimal import cli, ctrl_c, sizing, training
 from yarn_minimal.checkpoint import CheckpointError
 from yarn_minimal.cli import DEFAULT_CKPT
 from yarn_minimal.generation import GenerationConfig, check_request, generate
@@ -209,7 +209,7 @@ def tiny_model(rope: RopeConfig, n_layers: int = 2, seed: int = 0) -> Transforme
     torch.manual_seed(seed)
     model = Transformer(ModelArgs(dim=32, n_layers=n_layers, n_heads=4, n_kv_heads=2, vocab_size=96, multiple_of=16,
                                   rope=rope))
-    model.init_weights(std=0.1)
+    training.init_weights(model, std=0.1)
     return model.eval()
 
 

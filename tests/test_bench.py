@@ -80,7 +80,7 @@ def test_memory_peak_against_weights_and_cache():
         activations = chunk * (8 * 256 + 3 * 704) * 2
         table = (prompt + new) * 32 * 8
         assert weights + kv < r["peak"] <= weights + kv + activations + kv // 4 + 9 * table, rope
-    assert memory_7b.model_module.flash_attn_func is not memory_7b.flash_attn_stand_in  # restored
+    assert memory_7b.attention_module.flash_attn_func is not memory_7b.flash_attn_stand_in  # restored
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on this machine")

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import yarn_minimal
+from yarn_minimal import training
 from hf_oracle import hf_model
 from yarn_minimal import CheckpointError, RopeConfig
 from yarn_minimal.__main__ import main as checkpoint_main
@@ -29,7 +30,7 @@ def random_model(vocab_size, rope=RopeConfig(original_length=L), seed=0, **kw) -
     kw = dict(dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32), **kw)
     torch.manual_seed(seed)
     model = Transformer(ModelArgs(vocab_size=vocab_size, rope=rope, **kw))
-    model.init_weights(std=0.1, seed=seed)
+    training.init_weights(model, std=0.1, seed=seed)
     with torch.no_grad():  # random norm weights, so that a swapped or dropped norm would show
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -1,4 +1,5 @@
-"""decode_kernel.py and kernels/decode_attention.c: the CPU decoding step of Dynamic Scaling.
+"""fast/decode_kernel.py and fast/decode_attention.c: the CPU decoding step, over pre-RoPE keys
+(Dynamic Scaling) and over keys rotated already (static methods).
 
 Oracles: attention written out in float64 from the definitions (Eq. 5's rotation as explicit
 cos/sin arithmetic on each interleaved pair, Eq. 2's softmax), and, through the model, the
@@ -13,11 +14,17 @@ import warnings
 import pytest
 import torch
 
-import yarn_minimal.decode_kernel as decode_kernel
+import yarn_minimal.fast.decode_kernel as decode_kernel
+from yarn_minimal.model import CachedKeys
 from test_generation import L, PROMPT, ROOT, full_forward_last, per_step_scale_oracle, record, rope_for
 from test_model import tiny_model
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on this machine")
+
+
+def cached(keys, values, table):
+    """The cache's view of its keys, as model.LayerCache.update returns it for a decoding step."""
+    return CachedKeys(keys, values, keys.shape[1] - 1, table)
 
 
 def attention_by_definition(q, keys, values, table):
@@ -52,13 +59,38 @@ def test_kernel_equals_attention_by_definition(D, B, H, Hkv, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        assert decode_kernel.applies(q, keys, values, table)
+        assert decode_kernel.applies(q, cached(keys, values, table))
         out = decode_kernel.decode_attention(q, keys, values, table)
     finally:
         torch.set_num_threads(before)
     ref = attention_by_definition(q, keys, values, table)
     assert out.shape == (B, 1, H, D) and out.dtype == torch.float32
     assert (out.double() - ref).abs().max().item() < 1e-5
+
+
+@needs_compiler
+@pytest.mark.parametrize("D", [16, 64, 128])
+@pytest.mark.parametrize("B,H,Hkv", [(1, 4, 4), (2, 8, 2)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_over_rotated_keys_equals_attention_by_definition(D, B, H, Hkv, threads):
+    # a static method's cache holds keys rotated already: no table, no rotation (Eq. 2 alone);
+    # the oracle rotates by 1 (cos 1, sin 0), which leaves every key as it is
+    T = 2 * decode_kernel.MIN_POSITIONS_PER_THREAD + 77
+    q, keys, values, _ = random_case(B, T, H, Hkv, D, seed=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert decode_kernel.applies(q, cached(keys, values, None)) == (shutil.which("cc") is not None)
+        out = decode_kernel.decode_attention(q, keys, values, None)
+    finally:
+        torch.set_num_threads(before)
+    identity = torch.ones(T, D // 2, dtype=torch.complex64)
+    assert (out.double() - attention_by_definition(q, keys, values, identity)).abs().max().item() < 1e-5
+
+
+def test_the_kernel_never_serves_a_forward_without_a_cache():
+    q, keys, values, table = random_case(1, 10, 4, 2, 16)
+    assert not decode_kernel.applies(q, [(keys, values)])  # a plain list of blocks
 
 
 @needs_compiler
@@ -81,7 +113,7 @@ def test_kernel_softmax_does_not_overflow():
 
 def test_where_the_kernel_does_not_apply(monkeypatch):
     q, keys, values, table = random_case(2, 10, 4, 2, 16)
-    assert decode_kernel.applies(q, keys, values, table) == (shutil.which("cc") is not None)
+    assert decode_kernel.applies(q, cached(keys, values, table)) == (shutil.which("cc") is not None)
     refused = {
         "a prefill chunk": (torch.cat([q, q], 1), keys, values, table),
         "bf16": (q.bfloat16(), keys.bfloat16(), values.bfloat16(), table),
@@ -96,11 +128,11 @@ def test_where_the_kernel_does_not_apply(monkeypatch):
         "keys need a gradient": (q, keys.clone().requires_grad_(), values.clone(), table),
     }
     for why, inputs in refused.items():
-        assert not decode_kernel.applies(*inputs), why
+        assert not decode_kernel.applies(inputs[0], cached(*inputs[1:])), why
     with torch.no_grad():
-        assert decode_kernel.applies(q, keys.clone().requires_grad_(), values.clone(), table) == (shutil.which("cc") is not None)
+        assert decode_kernel.applies(q, cached(keys.clone().requires_grad_(), values.clone(), table)) == (shutil.which("cc") is not None)
     monkeypatch.setenv("YARN_MINIMAL_CPU_KERNEL", "0")
-    assert not decode_kernel.applies(q, keys, values, table)
+    assert not decode_kernel.applies(q, cached(keys, values, table))
 
 
 @needs_compiler
@@ -147,7 +179,7 @@ def test_a_kernel_built_but_not_loadable_falls_back(monkeypatch):
         with pytest.warns(UserWarning, match="built but not loaded: .*failed to map segment"):
             assert decode_kernel.library() is None
         q, keys, values, table = random_case(1, 10, 4, 2, 16)
-        assert not decode_kernel.applies(q, keys, values, table)
+        assert not decode_kernel.applies(q, cached(keys, values, table))
     finally:
         decode_kernel.library.cache_clear()
 
@@ -171,6 +203,23 @@ def test_model_decodes_through_the_kernel_as_through_pytorch(method, monkeypatch
     for fast, slow, ref in zip(fast_logits, slow_logits, oracle):
         assert (fast - ref).abs().max().item() <= 1e-4
         assert (slow - ref).abs().max().item() <= 1e-4
+
+
+@needs_compiler
+@pytest.mark.parametrize("method", ["none", "yarn"])
+def test_static_decoding_goes_through_the_kernel(method, monkeypatch):
+    # The same rule for static methods: every decoding step of every layer runs in the kernel
+    # (over keys rotated once, on arrival), and gives the full no-cache forward's logits.
+    calls = []
+    kernel = decode_kernel.decode_attention
+    monkeypatch.setattr(decode_kernel, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    model = tiny_model(rope_for(method, dynamic=False), n_layers=2)
+    tokens, logits = record(model, PROMPT, 2 * L)
+    assert len(calls) == 2 * (2 * L - 1)
+    seq = list(PROMPT)
+    for step_logits, token in zip(logits, tokens):
+        assert (step_logits - full_forward_last(model, seq)).abs().max().item() <= 1e-4
+        seq.append(token)
 
 
 def test_a_bad_switch_value_is_one_line():

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import yarn_minimal
+from yarn_minimal import training
 from hf_oracle import hf_model
 from test_model import L, tiny_model
 from yarn_minimal import cli, eval_report as report, evaluation as ev
@@ -365,7 +366,7 @@ def ckpt(tmp_path_factory, tokenizer_path):
                      rope=RopeConfig(original_length=64))
     torch.manual_seed(0)
     model = Transformer(args)
-    model.init_weights(std=0.1)
+    training.init_weights(model, std=0.1)
     return yarn_minimal.save(model, tok, tmp_path_factory.mktemp("ckpt") / "tiny")
 
 

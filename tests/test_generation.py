@@ -19,7 +19,9 @@ import torch
 
 from hf_oracle import hf_model
 from test_model import tiny_model
+import yarn_minimal.attention as attention_module
 import yarn_minimal.model as model_module
+from yarn_minimal import training
 from yarn_minimal.model import KVCache
 from yarn_minimal.generation import GenerationStats, generate, sample, stream, top_p_filter
 from yarn_minimal.rope import RopeConfig, effective_scale, rope_tables
@@ -389,7 +391,7 @@ def saved_checkpoint(tmp_path_factory, tokenizer_path):
                      rope=RopeConfig(original_length=L))
     torch.manual_seed(0)
     model = Transformer(args)
-    model.init_weights(std=0.1, seed=0)
+    training.init_weights(model, std=0.1, seed=0)
     return ym.save(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "tiny"), tokenizer
 
 
@@ -521,11 +523,11 @@ def test_flash_attn_contract_stand_in_matches_sdpa(rope, monkeypatch):
     tokens = torch.randint(0, 96, (3 * L,), generator=torch.Generator().manual_seed(6)).tolist()
     sdpa = cached_logits(model, tokens, 2 * L + 3, 7)
     a = model.args
-    monkeypatch.setattr(model_module, "FLASH_DEVICES", {"cpu"})
+    monkeypatch.setattr(attention_module, "FLASH_DEVICES", {"cpu"})
     errors = {}
     for aligned in ("bottom-right", "top-left"):
         stand_in = flash_attn_stand_in(a.n_heads, a.n_kv_heads, a.head_dim, aligned)
-        monkeypatch.setattr(model_module, "flash_attn_func", stand_in)
+        monkeypatch.setattr(attention_module, "flash_attn_func", stand_in)
         errors[aligned] = (cached_logits(model, tokens, 2 * L + 3, 7) - sdpa).abs().max().item()
         assert any(Tq > 1 and Tk > Tq and causal for Tq, Tk, causal, _ in stand_in.calls)
         assert any(lse for *_, lse in stand_in.calls) == rope.dynamic
@@ -545,7 +547,7 @@ def test_flash_attn_before_2_1_is_refused_with_one_line(monkeypatch):
                                                                              flash_attn_func=flash_attn_func))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            loaded = model_module.load_flash_attn()
+            loaded = attention_module.load_flash_attn()
         assert (loaded is flash_attn_func) == usable, version
         assert len(caught) == (0 if usable else 1), version
         if not usable:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import yarn_minimal
+from yarn_minimal import training
 from conftest import smollm2_gguf as smollm_path
 from hf_oracle import hf_rope_parameters
 from yarn_minimal import CheckpointError, RopeConfig
@@ -856,7 +857,7 @@ def plain_gguf(tokenizer_path, tmp_path_factory):
             torch.manual_seed(0)
             model = Transformer(ModelArgs(dim=2 * head_dim, n_layers=1, n_heads=2, vocab_size=tok.vocab_size,
                                           multiple_of=32, rope=RopeConfig(base=500000.0, original_length=8192)))
-            model.init_weights(std=0.1, seed=0)
+            training.init_weights(model, std=0.1, seed=0)
             made[head_dim] = yarn_minimal.save(model, tok, folder / f"plain-{head_dim}.gguf", format="gguf")
         return made[head_dim]
     return make

@@ -1,4 +1,4 @@
-"""The chunked loss (model.py: chunked_cross_entropy) against the plain full cross-entropy, which
+"""The chunked loss (loss.py: cross_entropy) against the plain full cross-entropy, which
 builds every logit at once and lets autograd differentiate it: the loss and the gradients of h and
 of the output weight must be equal, and no tokens x vocab float32 tensor may exist beyond a chunk."""
 import pytest
@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from yarn_minimal.model import ModelArgs, Transformer, chunked_cross_entropy
+from yarn_minimal.loss import cross_entropy
+from yarn_minimal.model import ModelArgs, Transformer
 
 B, T, DIM, VOCAB = 3, 11, 16, 50
 
@@ -40,13 +41,13 @@ def test_loss_and_gradients_equal_full_cross_entropy(chunk_size):
     ref_loss, ref_dh, ref_dw = full_loss_and_grads(output, h, targets, scale=0.25)
     h = h.clone().requires_grad_()
     output.weight.grad = None
-    loss = chunked_cross_entropy(output, h, targets, chunk_size=chunk_size)
+    loss = cross_entropy(output, h, targets, chunk_size=chunk_size)
     (loss * 0.25).backward()  # an upstream gradient other than 1 (train.py divides by accumulation steps)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(h.grad, ref_dh, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(output.weight.grad, ref_dw, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # the path without gradients
-        torch.testing.assert_close(chunked_cross_entropy(output, h, targets, chunk_size), ref_loss, rtol=1e-6, atol=0)
+        torch.testing.assert_close(cross_entropy(output, h, targets, chunk_size), ref_loss, rtol=1e-6, atol=0)
 
 
 def test_gradient_of_one_input_only():
@@ -54,18 +55,18 @@ def test_gradient_of_one_input_only():
     _, ref_dh, ref_dw = full_loss_and_grads(output, h, targets)
     output.weight.requires_grad_(False)  # frozen output projection: only dL/dh
     h1 = h.clone().requires_grad_()
-    chunked_cross_entropy(output, h1, targets, chunk_size=5).backward()
+    cross_entropy(output, h1, targets, chunk_size=5).backward()
     torch.testing.assert_close(h1.grad, ref_dh, rtol=1e-5, atol=1e-6)
     output.weight.requires_grad_(True)
     output.weight.grad = None
-    chunked_cross_entropy(output, h, targets, chunk_size=5).backward()  # h without grad: only dL/dW
+    cross_entropy(output, h, targets, chunk_size=5).backward()  # h without grad: only dL/dW
     torch.testing.assert_close(output.weight.grad, ref_dw, rtol=1e-5, atol=1e-6)
 
 
 def test_all_targets_ignored_gives_zero_loss_and_gradients():
     output, h, targets = problem()
     h.requires_grad_()
-    loss = chunked_cross_entropy(output, h, torch.full_like(targets, -100), chunk_size=4)
+    loss = cross_entropy(output, h, torch.full_like(targets, -100), chunk_size=4)
     loss.backward()
     assert loss.item() == 0.0 and not h.grad.any() and not output.weight.grad.any()
 
@@ -94,7 +95,7 @@ def test_autocast_bfloat16_matches_float32():
     h.requires_grad_()
     output.weight.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = chunked_cross_entropy(output, h, targets, chunk_size=7)
+        loss = cross_entropy(output, h, targets, chunk_size=7)
     loss.backward()
     assert loss.dtype == torch.float32 and h.grad.dtype == output.weight.grad.dtype == torch.float32
     torch.testing.assert_close(loss, ref.detach(), rtol=2e-2, atol=0)
@@ -129,4 +130,4 @@ def test_no_tokens_x_vocab_float32_tensor_beyond_a_chunk():
     tokens, vocab, chunk = 16384, 1000, 512
     full = lambda o, h, t: F.cross_entropy(o(h).float().flatten(0, 1), t.flatten())
     assert largest_float32(full, tokens, vocab) == 2 * tokens * vocab  # the mode sees what a plain loss builds
-    assert largest_float32(lambda o, h, t: chunked_cross_entropy(o, h, t, chunk), tokens, vocab) == chunk * vocab
+    assert largest_float32(lambda o, h, t: cross_entropy(o, h, t, chunk), tokens, vocab) == chunk * vocab

@@ -4,8 +4,13 @@ import torch
 import torch.nn.functional as F
 
 from hf_oracle import hf_model
+import yarn_minimal.attention as attention_module
 import yarn_minimal.model as m
-from yarn_minimal.model import KVCache, ModelArgs, Transformer, attention
+from yarn_minimal import fast, training
+from yarn_minimal.attention import attention
+from yarn_minimal.fast import rope_op
+from yarn_minimal.loss import cross_entropy
+from yarn_minimal.model import KVCache, ModelArgs, Transformer
 from yarn_minimal.rope import RopeConfig, yarn_attention_factor
 
 L = 16  # a tiny original context, so that short test sequences go well beyond it
@@ -16,7 +21,7 @@ def tiny_model(rope=RopeConfig(original_length=L), n_layers=2, seed=0, **kw) -> 
                      rope=rope, **kw)
     torch.manual_seed(seed)
     model = Transformer(args)
-    model.init_weights(std=0.1)
+    training.init_weights(model, std=0.1)
     with torch.no_grad():  # random norm weights, so that a swapped norm would show
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -69,7 +74,7 @@ def test_loss_equals_full_cross_entropy():
     targets[0, :5] = -100
     with torch.no_grad():
         ref = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten(), ignore_index=-100)
-    loss = m.chunked_cross_entropy(model.output, model.hidden_states(tokens), targets, chunk_size=7)
+    loss = cross_entropy(model.output, model.hidden_states(tokens), targets, chunk_size=7)
     torch.testing.assert_close(loss, ref)
     # gradients flow through the chunked loss (tests/test_loss.py checks their values)
     model.train()
@@ -115,12 +120,12 @@ def test_both_log_sum_exp_kernels_against_scores_written_out(Tq, Tk, tile_scores
     # One causal block, aligned bottom-right: ATen's CPU flash kernel (attention_with_lse on the
     # CPU) and the tiles that GPUs without flash-attn use, against explicit scores. A small
     # tile_scores splits the queries into tiles.
-    monkeypatch.setattr(m, "SCORES_PER_TILE", tile_scores)
+    monkeypatch.setattr(attention_module, "SCORES_PER_TILE", tile_scores)
     g = torch.Generator().manual_seed(3)
     q, k, v = 3 * torch.randn(2, Tq, 4, 8, generator=g), torch.randn(2, Tk, 2, 8, generator=g), torch.randn(2, Tk, 2, 8, generator=g)
     scores = torch.einsum("bqhd,bkhd->bqhk", q, k.repeat_interleave(2, dim=2)) / 8 ** 0.5
     scores = scores.masked_fill(torch.arange(Tk) > torch.arange(Tk - Tq, Tk)[:, None, None], float("-inf"))
-    for kernel in (m.attention_with_lse, m.attention_with_lse_tiles):
+    for kernel in (attention_module.attention_with_lse, attention_module.attention_with_lse_tiles):
         out, lse = kernel(q, k, v, causal=True)
         torch.testing.assert_close(out, naive_causal_attention(q, k, v), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, scores.logsumexp(-1), rtol=1e-5, atol=1e-5)
@@ -161,31 +166,32 @@ def test_dynamic_pre_rope_cache_is_exact_and_rotated_cache_is_stale(method):
 
 
 def test_rope_op_and_its_gradient():
-    # rope_op is one custom op with its own backward (the opposite rotation); against autograd
-    # through Eq. 5 written as a complex product
+    # model.rotate_pairs' fused twin is one custom op with its own backward (the opposite
+    # rotation); against autograd through Eq. 5 written as a complex product
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 5, 3, 8, generator=g, requires_grad=True)
     angles = torch.rand(5, 4, generator=g) * 6
     rot = torch.polar(torch.full_like(angles, 1.2), angles)
     upstream = torch.randn(2, 5, 3, 8, generator=g)
-    (grad,) = torch.autograd.grad((m.rope_op(x, rot) * upstream).sum(), x)
+    (grad,) = torch.autograd.grad((m.rotate_pairs.op(x, rot) * upstream).sum(), x)
     ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * rot[:, None]).flatten(-2)
     (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), x)
-    torch.testing.assert_close(m.rope_op(x, rot), ref)
+    torch.testing.assert_close(m.rotate_pairs.op(x, rot), ref)
     torch.testing.assert_close(grad, ref_grad)
     # the real-valued form compiled for CUDA, run eagerly here, and bf16 in / bf16 out
-    torch.testing.assert_close(m._rotate_pairs_real(x, rot), ref.detach())
+    torch.testing.assert_close(rope_op._rotate_pairs_real(x, rot), ref.detach())
     xb = x.detach().bfloat16()
-    assert m.rope_op(xb, rot).dtype == torch.bfloat16
-    torch.testing.assert_close(m.rope_op(xb, rot), m._rotate_pairs_real(xb, rot), atol=0, rtol=2 ** -7)  # 1 bf16 ulp
+    assert m.rotate_pairs.op(xb, rot).dtype == torch.bfloat16
+    torch.testing.assert_close(m.rotate_pairs.op(xb, rot), rope_op._rotate_pairs_real(xb, rot), atol=0, rtol=2 ** -7)  # 1 bf16 ulp
 
 
 @pytest.mark.parametrize("end", [1, 63, 64, 6001, 131072])
 def test_rotation_table_equals_cos_sin_of_every_position(end):
-    # rotation_table factors e^{i m h} into two small tables; against rope_tables' cos and sin of
-    # every position (float64 angles), the direct computation
+    # fast.rotation_table factors e^{i m h} into two small tables; against rope_tables' cos and
+    # sin of every position (float64 angles), the direct computation (model.rotation_table)
     rope = RopeConfig(method="yarn", scale=32.0, original_length=4096)
     cos, sin = m.rope_tables(rope, 128, torch.arange(end), 32.0)
-    table = m.rotation_table(rope, 128, end, 32.0)
+    assert torch.equal(m.rotation_table(rope, 128, end, 32.0), torch.complex(cos, sin))
+    table = fast.rotation_table(rope, 128, end, 32.0)
     assert table.shape == (end, 64) and table.dtype == torch.complex64
     assert (table - torch.complex(cos, sin)).abs().max().item() <= 4e-7 * yarn_attention_factor(32.0)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import yarn_minimal
+from yarn_minimal import training
 from conftest import make_corpus
 from test_evaluation import check_passkey_prompts, load_script
 from yarn_minimal.checkpoint import CheckpointError
@@ -159,7 +160,7 @@ def tiny_hf_folder(folder: Path, vocab_size: int) -> Path:
     """A tiny random model saved in HF's layout beside the BPE tokenizer of `folder`."""
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=vocab_size, multiple_of=16,
                                   rope=RopeConfig(original_length=64)))
-    model.init_weights(seed=0)
+    training.init_weights(model, seed=0)
     tok = open_tokenizer(folder)
     out = folder / "model"
     yarn_minimal.save(model, tok, out, format="hf")

@@ -44,7 +44,7 @@ def setup(tmp_path_factory, tokenizer_path):
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, multiple_of=32,
                      rope=RopeConfig(original_length=16))
     model = Transformer(args)
-    model.init_weights(seed=0)
+    training.init_weights(model, seed=0)
     yarn_minimal.save(model, tok, tmp / "ckpt")
     segs = np.random.default_rng(0).integers(3, tok.vocab_size, size=(4, SEQ))
     write_segments(tmp / "data", segs, dict(vocab_size=tok.vocab_size, bos_id=1, eos_id=2))
@@ -391,7 +391,7 @@ def test_random_init_on_the_meta_device_gives_init_weights_values():
     each block is sharded before the next is made) with the values init_weights gives."""
     args = ModelArgs(dim=64, n_layers=3, n_heads=4, vocab_size=100, multiple_of=32)
     full = Transformer(args)
-    full.init_weights(seed=5)
+    training.init_weights(full, seed=5)
     with torch.device("meta"):
         lazy = Transformer(args)
     placed = []

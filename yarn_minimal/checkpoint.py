@@ -48,7 +48,7 @@ from .rope import RopeConfig
 from .tokenizer import Tokenizer, TokenizerNotFound, open_tokenizer
 
 # Names tests, scripts and training import from here; each is defined in the module named above.
-__all__ = ["CHECKSUMS", "CheckpointError", "SHARD_DIM", "hf_rope_scaling", "load", "load_tokenizer", "main",
+__all__ = ["CHECKSUMS", "CheckpointError", "SHARD_DIM", "hf_rope_scaling", "load", "load_tokenizer", "convert", "record_checksums", "verify",
            "permute_to_hf", "read_config", "rope_from_hf", "save", "verify_checksums", "write_checksums"]
 
 

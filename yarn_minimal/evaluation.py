@@ -37,11 +37,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import data
 from .generation import generate
+from .loss import token_nll
 from .model import Transformer
 from .rope import yarn_attention_factor
 from .tokenizer import Tokenizer
@@ -90,7 +90,6 @@ def tokenize_documents(tokenizer: Tokenizer, documents: Sequence[str], min_token
 # Sliding-window perplexity
 # ---------------------------------------------------------------------------------------
 
-LOGIT_CHUNK = 1024  # scored positions per float32 log-softmax: never a T x vocab float32 tensor
 
 
 def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -128,8 +127,7 @@ def window_nll(model: Transformer, tokens: torch.Tensor, bos_id: Optional[int], 
         # input position j holds [BOS] + tokens[begin:begin+j] and predicts tokens[begin + j]
         h = h[score_from - begin:end - begin]
     targets = tokens[score_from:end]
-    return torch.cat([F.cross_entropy(model.output(hc).float(), tc, reduction="none")
-                      for hc, tc in zip(h.split(LOGIT_CHUNK), targets.split(LOGIT_CHUNK))])
+    return token_nll(model.output, h, targets)  # in chunks: never a T x vocab float32 tensor
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from . import sizing
+from .fast import decode_kernel
 from .model import KVCache, Transformer
 from .rope import effective_scale, is_int, is_number, warn_beyond_window
 
@@ -282,6 +283,8 @@ def _run(model: Transformer, prompt_tokens: list[int], total: int, config: Gener
             on_logits(logits)
         return sample(logits, config.temperature, config.top_p, generator)  # int(): waits for the device
 
+    if weights.device.type == "cpu" and weights.dtype == torch.float32:
+        decode_kernel.library()  # the CPU decoding steps' C kernel, built once per process before any clock starts
     t0 = time.perf_counter()
     logits = prefill(model, prompt_tokens, cache, config.prefill_chunk, progress)
     if weights.device.type == "cuda":

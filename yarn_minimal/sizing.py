@@ -14,7 +14,8 @@ from typing import Optional
 
 import torch
 
-from .model import LOSS_CHUNK, ModelArgs, Transformer
+from .loss import LOSS_CHUNK
+from .model import ModelArgs, Transformer
 
 # Llama 2's shapes (params.json), for train.py --model-size (--init random, --estimate-memory)
 LLAMA2_SIZES = {

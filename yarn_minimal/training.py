@@ -162,7 +162,9 @@ def shard_model(model: Transformer, env: DistEnv, compute_dtype: torch.dtype, in
     Masters, gradients and AdamW states stay float32 and sharded; each unit is all-gathered in
     the compute dtype for its forward/backward, and gradients are reduce-scattered in float32.
     Blocks are moved to the device one at a time, so the full float32 model never has to fit;
-    a meta-device model (--init random) is initialized block by block the same way (init_seed)."""
+    a meta-device model (--init random) is initialized block by block the same way (init_seed).
+    FSDP2's mixed precision rebuilds every dataclass argument of a block with
+    dataclasses.replace(), which refuses init=False fields: so model.Rotation has none."""
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
                               reduce_dtype=torch.float32)
@@ -242,6 +244,28 @@ def model_from_scratch(tokenizer_path: str, shape: dict) -> tuple[Transformer, T
         return Transformer(args), tokenizer
 
 
+def init_weights(model: Transformer, std: float = 0.02, seed: Optional[int] = None) -> None:
+    """GPT-2 style initialization for training from scratch: N(0, std), with residual
+    output projections scaled by 1/sqrt(2 n_layers)."""
+    # the generator lives where the weights do (normal_ on CUDA refuses a CPU generator);
+    # weights on the meta device have no values to draw
+    device = next(model.parameters()).device
+    gen = None if seed is None or device.type == "meta" else torch.Generator(device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        init_parameter(model, name, p, std, gen)
+
+
+def init_parameter(model: Transformer, name: str, p: torch.Tensor, std: float = 0.02,
+                   generator: Optional[torch.Generator] = None) -> None:
+    """init_weights' rule for one parameter (named as in named_parameters)."""
+    if name.endswith("norm.weight"):
+        torch.nn.init.ones_(p)
+    else:
+        out_proj = name.endswith(("wo.weight", "w2.weight"))
+        std = std / math.sqrt(2 * model.args.n_layers) if out_proj else std
+        torch.nn.init.normal_(p, 0.0, std, generator=generator)
+
+
 def materialize_random(model: Transformer, seed: int,
                        place: Callable[[torch.nn.Module], None] = lambda unit: None) -> Transformer:
     """A model built on the meta device (train.py --init random) made real one unit at a time
@@ -255,7 +279,7 @@ def materialize_random(model: Transformer, seed: int,
         unit.to_empty(device="cpu")
         for name, p in unit.named_parameters():
             with torch.no_grad():
-                model.init_parameter(f"{prefix}.{name}", p, generator=gen)
+                init_parameter(model, f"{prefix}.{name}", p, generator=gen)
         place(unit)
     return model
 

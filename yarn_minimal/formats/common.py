@@ -76,9 +76,18 @@ def read_tokenizer(folder: Path) -> Tokenizer:
         raise CheckpointError(str(e)) from None
 
 
+PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+                 "norm_eps", "sliding_window")  # the ModelArgs fields a params.json holds
+
+
 def model_args(params: dict, rope: Optional[RopeConfig], source: Path) -> ModelArgs:
+    """ModelArgs from a params.json-shaped dict (every format builds one; a null value is the
+    field's default). Without a rope, a rope_theta there (Code Llama) sets the base."""
+    kwargs = {k: v for k, v in params.items() if k in PARAMS_FIELDS and v is not None}
     try:
-        return ModelArgs.from_params(params, rope=rope)
+        if rope is None:
+            rope = RopeConfig(base=float(params.get("rope_theta") or 10000.0))
+        return ModelArgs(**kwargs, rope=rope)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: {e}") from None
 

@@ -172,10 +172,22 @@ def load_meta(folder: Path, rope: Optional[RopeConfig], device: torch.device | s
     return model, tokenizer
 
 
+def params_json(args: ModelArgs) -> dict:
+    """The params.json Meta's loader expects (plus rope_theta when it is not 10000)."""
+    params = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                  vocab_size=args.vocab_size, multiple_of=args.multiple_of,
+                  ffn_dim_multiplier=args.ffn_dim_multiplier, norm_eps=args.norm_eps)
+    if args.rope.base != 10000.0:
+        params["rope_theta"] = args.rope.base
+    if args.sliding_window is not None:
+        params["sliding_window"] = args.sliding_window  # the key Mistral's own params.json uses
+    return params
+
+
 def save_meta(model: Transformer, state: dict[str, torch.Tensor], folder: Path) -> None:
     """consolidated.00.pth (one shard), params.json and rope.json: Meta's loader reads the first
     two, and any RopeConfig round-trips exactly through the third."""
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "consolidated.00.pth", lambda tmp: torch.save(state, tmp))
-    write_json(folder / "params.json", model.args.to_params())
+    write_json(folder / "params.json", params_json(model.args))
     write_json(folder / "rope.json", asdict(model.rope))

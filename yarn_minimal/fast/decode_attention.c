@@ -1,18 +1,21 @@
-/* One decoding step of attention over a pre-RoPE KV cache (Sec. 3.3), reading each key once.
+/* One decoding step of attention (Eq. 2) over a KV cache on the CPU, reading each key once.
  *
- * Under Dynamic Scaling s changes at every step, so the cache keeps keys before RoPE and every
- * step must rotate all of them at the new s (Eq. 5) before attention (Eq. 2) reads them. Written
- * in PyTorch that is a rotation that reads the keys and writes rotated ones, then attention that
- * reads those back: three passes over the keys where a static cache makes one. Here each key is
- * rotated in registers as attention reads it, so the keys are read once, as a static cache's are.
- * The PyTorch code it stands in for, and must equal, is PreRopeKeys + attention in model.py;
- * yarn_minimal/decode_kernel.py builds and calls this file.
+ * With a static method the cache holds keys already rotated, and this is plain attention for
+ * one query. Under Dynamic Scaling (Sec. 3.3) s changes at every step, so the cache keeps keys
+ * before RoPE and every step must rotate all of them at the new s (Eq. 5) before attention reads
+ * them. Written in PyTorch that is a rotation that reads the keys and writes rotated ones, then
+ * attention that reads those back: three passes over the keys where a static cache makes one.
+ * Here each key is rotated in registers as attention reads it, so the keys are read once, as a
+ * static cache's are. The PyTorch code it stands in for, and must equal, is model.CachedKeys +
+ * attention.attention; fast/decode_kernel.py builds and calls this file.
  *
  * float32, row-major:
  *   q       (B, H, D)          the new token's queries, already rotated
- *   k, v    (B, T, Hkv, D)     keys before RoPE, values; batch rows `batch_stride` floats apart
- *                              (the first T positions of a preallocated cache)
- *   table   (T, D/2, 2)        cos and sin of m theta_d at this step's s, times sqrt(1/t) (Eq. 22)
+ *   k, v    (B, T, Hkv, D)     keys (before RoPE when `table` is given, else rotated), values;
+ *                              batch rows `batch_stride` floats apart (the first T positions of
+ *                              a preallocated cache)
+ *   table   (T, D/2, 2)        cos and sin of m theta_d at this step's s, times sqrt(1/t) (Eq. 22);
+ *                              NULL: the keys are rotated already (a static method)
  *   out     (B, H, D)
  *   scores  (H, T)             work space, one batch row at a time
  *   partial (n_chunks, H, D+2) work space: per chunk of positions and head, the largest score,
@@ -22,6 +25,7 @@
  * h / (H / Hkv) (grouped-query attention).
  */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #if defined(__x86_64__) && defined(__GLIBC__) /* glibc's libmvec has it: exp of 16 floats at once */
@@ -42,16 +46,19 @@ INLINE void attend_chunk(const float *q, const float *k, const float *v, const f
   float rotated[D];
   /* scores q . R_t k_t / sqrt(D), position by position, so that the keys are read in memory order */
   for (int64_t t = t0; t < t1; t++) {
-    const float *turn = table + t * D;
     for (int64_t g = 0; g < Hkv; g++) {
       const float *key = k + t * row + g * D;
-      for (int64_t i = 0; i < D; i += 2) { /* Eq. 5: (k_2d + i k_2d+1) (cos + i sin) */
-        rotated[i] = key[i] * turn[i] - key[i + 1] * turn[i + 1];
-        rotated[i + 1] = key[i] * turn[i + 1] + key[i + 1] * turn[i];
+      if (table != NULL) {
+        const float *turn = table + t * D;
+        for (int64_t i = 0; i < D; i += 2) { /* Eq. 5: (k_2d + i k_2d+1) (cos + i sin) */
+          rotated[i] = key[i] * turn[i] - key[i + 1] * turn[i + 1];
+          rotated[i + 1] = key[i] * turn[i + 1] + key[i + 1] * turn[i];
+        }
+        key = rotated;
       }
       for (int64_t h = g * group; h < (g + 1) * group; h++) {
         float dot = 0.0f;
-        for (int64_t d = 0; d < D; d++) dot += q[h * D + d] * rotated[d];
+        for (int64_t d = 0; d < D; d++) dot += q[h * D + d] * key[d];
         scores[h * T + t] = dot * scale;
       }
     }
@@ -85,7 +92,7 @@ INLINE void attend_chunk(const float *q, const float *k, const float *v, const f
 }
 
 /* attend_chunk with the head size a constant where it is a common one, so that the compiler
- * unrolls the loops over it (1.2-1.4x faster on this project's CPU) */
+ * unrolls the loops over it */
 static void attend_chunk_of(const float *q, const float *k, const float *v, const float *table, int64_t t0,
                             int64_t t1, int64_t T, int64_t H, int64_t Hkv, int64_t D, float *scores,
                             float *partial) {
