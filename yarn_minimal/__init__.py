@@ -16,12 +16,10 @@ Public API:
     GenerationConfig, GenerationStats   a request's options (checked when made); what a run measured
 """
 import importlib
-import sys
-
-from . import ctrl_c
 
 # The API is imported on first use (PEP 562): `import yarn_minimal` itself loads no torch, so that
-# a script can make Ctrl-C quiet (ctrl_c.py) before the seconds that torch takes to load.
+# a script (and `python -m yarn_minimal`) can make Ctrl-C quiet (ctrl_c.py) before the seconds
+# that torch takes to load.
 _API = {"RopeConfig": "rope", "ModelArgs": "model", "Transformer": "model", "KVCache": "model",
         "Tokenizer": "tokenizer", "SentencePieceTokenizer": "tokenizer", "HFTokenizer": "tokenizer",
         "open_tokenizer": "tokenizer", "load": "checkpoint", "load_tokenizer": "checkpoint", "save": "checkpoint",
@@ -38,16 +36,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
-
-
-def _runpy_is_starting_one_of_our_modules() -> bool:
-    """`python -m yarn_minimal.rope` (likewise .checkpoint, .data, and `python -m yarn_minimal`)
-    imports this package, then runs the module's file as __main__. sys.argv[0] is "-m" only while runpy imports the package
-    of the module it is about to run; sys.orig_argv says which one."""
-    argv = sys.orig_argv
-    target = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
-    return sys.argv[:1] == ["-m"] and (target == __name__ or target.startswith(f"{__name__}."))
-
-
-if _runpy_is_starting_one_of_our_modules():
-    ctrl_c.exit_quietly()  # before the module's own imports (torch)

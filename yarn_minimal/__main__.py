@@ -14,11 +14,134 @@ from yarn_minimal import ctrl_c
 ctrl_c.exit_quietly(__name__)  # before torch loads: Ctrl-C during the imports is one line, exit 130
 
 import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
 from yarn_minimal import cli  # noqa: E402
+from yarn_minimal.rope import METHODS, RAMPS, RopeConfig, dimension_table, effective_scale, frequencies  # noqa: E402
+
+
+def add_rope(sub) -> None:
+    p = sub.add_parser("rope", help="what a RoPE setting or a checkpoint's config computes, dimension by dimension",
+                       description="Print, for each RoPE frequency pair d, what an extension method does to it: "
+                    "theta_d (Eq. 5), wavelength lambda_d (Eq. 13), r(d) = L/lambda_d (Eq. 17), the "
+                    "ramp gamma (Eq. 18), the new frequency h(theta_d) and the ratio h/theta "
+                    "(1 = extrapolated, 1/s = interpolated, in between = blended).")
+    # defaults are None here so that --config can tell the flags given from the ones left out
+    p.add_argument("--method", choices=METHODS, default=None, help="default yarn")
+    p.add_argument("--scale", type=float, default=None,
+                   help="s (Eq. 11); default 16, or with --dynamic (or --method none) the floor s0 of s = max(s0, N/L), default 1")
+    p.add_argument("--original-length", type=int, default=None, help="L; default 4096 (Llama 2)")
+    p.add_argument("--head-dim", type=int, default=None, help="|D|; default 128 (Llama 2)")
+    p.add_argument("--base", type=float, default=None, help="b; default 10000")
+    p.add_argument("--alpha", type=float, default=None, help="Eq. 18 lower bound; default 1")
+    p.add_argument("--beta", type=float, default=None, help="Eq. 18 upper bound; default 32")
+    p.add_argument("--ramp", default=None, choices=RAMPS, help="ramp form (see README); default code")
+    p.add_argument("--dynamic", action="store_true", help="Dynamic Scaling (Sec. 3.3): s = max(1, N/L) for --seq-len N")
+    p.add_argument("--seq-len", type=int, default=None, help="current length l' for --dynamic (or a --config that is dynamic)")
+    p.add_argument("--json", action="store_true", help='print {"inv_freq": [...], "attention_factor": x, "scale": s}')
+    p.add_argument("--config", metavar="PATH",
+                   help="read the RoPE setting of a checkpoint instead of the flags above (which it refuses): a "
+                        "config.json, a params.json or a model folder. Prints each value with the config key it came "
+                        "from and flags what is ambiguous (defaults used, a factor that disagrees with "
+                        "max_position_embeddings, constants that live in remote code)")
+    p.set_defaults(parser=p)
+
+
+def run_rope(args: argparse.Namespace) -> None:
+    p = args.parser
+    setting = ("method", "scale", "original_length", "head_dim", "base", "alpha", "beta", "ramp", "dynamic")
+    given = [flag(name) for name in setting if getattr(args, name) not in (None, False)]
+    if args.seq_len is not None and args.seq_len < 1:
+        p.error(f"--seq-len: expected a positive integer, got {args.seq_len}")
+    if args.config:
+        if given:  # the file states the setting: flags beside it would be silently ignored
+            p.error(f"--config reads the RoPE setting from {args.config}; {', '.join(given)} cannot be combined "
+                    "with it (to run a checkpoint with another setting, give these flags to generate.py or the eval scripts)")
+        return print_checkpoint_rope(args.config, args.seq_len, args.json, p)
+    method = args.method or "yarn"
+    defaults = dict(scale=1.0 if args.dynamic or method == "none" else 16.0, original_length=4096, head_dim=128,
+                    base=10000.0, alpha=1.0, beta=32.0, ramp="code")
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    try:
+        cfg = RopeConfig(method=method, scale=args.scale, original_length=args.original_length, base=args.base,
+                         dynamic=args.dynamic, alpha=args.alpha, beta=args.beta, ramp=args.ramp)
+    except ValueError as e:  # "RopeConfig.scale: ..." names the field; say the flag
+        p.error(re.sub(r"RopeConfig\.([\w/]+)", lambda m: "/".join(map(flag, m[1].split("/"))), str(e)))
+    if args.head_dim <= 0 or args.head_dim % 2:
+        p.error(f"--head-dim: RoPE rotates pairs of dimensions, so it must be a positive even number, got {args.head_dim}")
+    if args.dynamic and args.seq_len is None:
+        p.error("--dynamic needs --seq-len N (the current sequence length l')")
+    s = effective_scale(cfg, args.seq_len or 0)
+    inv_freq, factor = frequencies(cfg, args.head_dim, s)
+    if args.json:
+        print(json.dumps({"inv_freq": inv_freq.tolist(), "attention_factor": factor, "scale": s}))
+        return
+    print(f"# {cfg.describe()}  |D|={args.head_dim} b={args.base:g} L={args.original_length} "
+          f"effective s={s:g}  ramp={args.ramp} alpha={args.alpha:g} beta={args.beta:g}  "
+          f"attention factor sqrt(1/t)={factor:.4f}")
+    print_table(cfg, args.head_dim, s)
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a RopeConfig field (or of --head-dim, --seq-len)."""
+    return "--" + field.replace("_", "-")
+
+
+def print_table(cfg: RopeConfig, head_dim: int, scale: float) -> None:
+    print(f"{'d':>3} {'theta_d':>11} {'lambda_d':>11} {'r(d)':>10} {'gamma':>7} {'h(theta_d)':>11} {'h/theta':>8}")
+    for row in dimension_table(cfg, head_dim, scale):
+        print(f"{row['d']:>3} {row['theta']:>11.4e} {row['wavelength']:>11.1f} {row['r']:>10.3f} "
+              f"{row['gamma']:>7.3f} {row['h']:>11.4e} {row['h_over_theta']:>8.4f}")
+
+
+def print_checkpoint_rope(path: str, seq_len: Optional[int], as_json: bool, p: argparse.ArgumentParser) -> None:
+    """--config: a checkpoint's RoPE as this project reads it, key by key."""
+    from yarn_minimal.checkpoint import CheckpointError, read_config
+
+    try:
+        args, provenance, notes = read_config(path)
+    except CheckpointError as e:
+        p.error(str(e))
+    cfg = args.rope
+    s = effective_scale(cfg, seq_len or 0)
+    inv_freq, factor = frequencies(cfg, args.head_dim, s)
+    if as_json:
+        print(json.dumps({"inv_freq": inv_freq.tolist(), "attention_factor": factor, "scale": s}))
+        return
+    src = lambda field: provenance.get(field, "default")
+    print(f"# {path}: {cfg.describe()}")
+    rows = [("method", f"{cfg.method}{' (dynamic)' if cfg.dynamic else ''}", src("method")),
+            ("s (scale)", f"{cfg.scale:g}", src("scale")),
+            ("L (original_length)", f"{cfg.original_length}", src("original_length")),
+            ("b (base)", f"{cfg.base:g}", src("base")),
+            ("|D| (head_dim)", f"{args.head_dim}", provenance.get("head_dim", "dim / n_heads"))]
+    if cfg.method in ("ntk-by-parts", "yarn"):
+        rows += [("alpha", f"{cfg.alpha:g}", src("alpha")), ("beta", f"{cfg.beta:g}", src("beta")),
+                 ("ramp", cfg.ramp, src("ramp"))]
+    if cfg.method == "yarn":
+        how = (f"attention_factor {cfg.attention_factor:g}" if cfg.attention_factor is not None
+               else f"Eq. 22: {cfg.attention_coefficient:g} ln(s) + 1")
+        rows.append(("sqrt(1/t)", f"{factor:.4f} ({how})", src("attention_factor") if cfg.attention_factor is not None
+                     else src("attention_coefficient")))
+    else:
+        rows.append(("sqrt(1/t)", "1 (no temperature)", "method"))
+    window = "none: s follows the length (Dynamic Scaling)" if cfg.window is None else f"{cfg.window} (L x s)"
+    rows.append(("intended window", window, "derived"))
+    if args.sliding_window is not None:
+        rows.append(("sliding_window", f"{args.sliding_window} (longer sequences are refused)", "sliding_window"))
+    width = max(len(r[0]) for r in rows)
+    for name, value, key in rows:
+        print(f"{name:<{width}}  {value:<40}  from: {key}")
+    for note in notes:
+        print(f"! {note}")
+    print(f"# per-dimension table at s = {s:g}" + (f" (--seq-len {seq_len})" if cfg.dynamic else ""))
+    print_table(cfg, args.head_dim, s)
 
 
 def add_convert(sub) -> None:
@@ -93,7 +216,9 @@ def add_data(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> Optional[int]:
-    if args.command == "convert":
+    if args.command == "rope":
+        run_rope(args)
+    elif args.command == "convert":
         from yarn_minimal.checkpoint import convert
         convert(Path(args.src), Path(args.dst), args.format, cli.DTYPES[args.dtype] if args.dtype else None,
                 args.overwrite)
@@ -118,7 +243,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m yarn_minimal", description=__doc__.split("\n\n")[0],
                                 epilog="`python -m yarn_minimal COMMAND --help` says more about each.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_convert, add_checksums, add_verify, add_data):
+    for add in (add_rope, add_convert, add_checksums, add_verify, add_data):
         add(sub)
     status = run(p.parse_args(argv))
     if status:

@@ -110,7 +110,7 @@ def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, str], lis
     rope_from_hf). `path`: a config.json, a params.json, a model folder holding one of them, or
     a .gguf file.
 
-    `python -m yarn_minimal.rope --config PATH` prints this. It lives here, not in rope.py,
+    `python -m yarn_minimal rope --config PATH` prints this. It lives here, not in rope.py,
     because only the checkpoint code knows file formats and rope.py imports nothing from the
     package: rope.py's command line imports this function inside main(), when --config is given."""
     path = Path(path)

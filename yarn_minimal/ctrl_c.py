@@ -2,7 +2,7 @@
 
 Importing torch takes seconds, and Python's own Ctrl-C during an import is a KeyboardInterrupt
 with a traceback as long as the import chain. So every script calls `exit_quietly(__name__)`
-before its first heavy import, and `python -m yarn_minimal.<module>` gets it from __init__.py;
+before its first heavy import (so does `python -m yarn_minimal`, in __main__.py);
 cli.run_main hands Ctrl-C back to Python (`restore`) before main() runs, and turns the
 KeyboardInterrupt into the same line. Standard library only: this module loads in milliseconds.
 """

@@ -699,7 +699,7 @@ def rope_from_freq_factors(factors: torch.Tensor, base: float, head_dim: int, wh
 
 
 def rope_config(path: str | os.PathLike) -> tuple[RopeConfig, dict, list[str]]:
-    """(RopeConfig, provenance, warnings) of a .gguf file, for `python -m yarn_minimal.rope --config`."""
+    """(RopeConfig, provenance, warnings) of a .gguf file, for `python -m yarn_minimal rope --config`."""
     meta = Metadata(open_gguf(Path(path)), Path(path))
     _check_arch(meta)
     return rope_from_metadata(meta)

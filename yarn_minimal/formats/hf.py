@@ -106,7 +106,7 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
     with where each value came from (RopeConfig field -> config key, or "default") and the
     ambiguities worth a reader's attention (defaults used, a factor that disagrees with
     max_position_embeddings / original_max_position_embeddings, constants that live in remote
-    code). The loader and `python -m yarn_minimal.rope --config` both read configs with it.
+    code). The loader and `python -m yarn_minimal rope --config` both read configs with it.
 
     default -> plain RoPE, L = max_position_embeddings.
     linear  -> PI (Eq. 10), s = factor.
