@@ -227,8 +227,8 @@ def file_crc32(path: Path) -> int:
 def check_zip_crcs(path: Path) -> None:
     """torch.save writes a zip archive that stores a CRC-32 for every entry (the pickle and each
     tensor's bytes), but torch.load(mmap=True) never verifies them: a shard with overwritten
-    bytes loads silently. Reading every entry through zipfile checks them (0.8-2.3 GB/s on one
-    core, docs/checkpoints.md). Legacy (pre-zip) files carry no checksum: torch.load decides."""
+    bytes loads silently. Reading every entry through zipfile checks them (one sequential pass;
+    its cost is measured in docs/checkpoints.md). Legacy (pre-zip) files carry no checksum: torch.load decides."""
     if not zipfile.is_zipfile(path):
         return
     try:

@@ -286,7 +286,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     manifests = sorted(f.name for f in path.glob("checksums-rank*.json"))
     if "checksums-rank0.json" not in manifests:
         raise CheckpointError(f"{path}: no checksums-rank0.json; not a complete checkpoint")
-    for manifest in manifests:  # every rank's files: a few GB/s, small next to the load itself
+    for manifest in manifests:  # every rank's files: one read, small next to the load itself
         verify_checksums(path, manifest, required=True)
     state = json.loads((path / "trainer.json").read_text())
     for key in ("step", "scheduler", "world_size"):

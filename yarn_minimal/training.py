@@ -138,7 +138,7 @@ class DistEnv:
 
 # Rank 0 alone writes the final model (13.5 GB for 7B in bf16, twice with --export-hf) and deletes
 # old checkpoints while the other ranks wait in a barrier: NCCL's default 10 minutes is too short
-# on a slow shared disk (200 MB/s: 27 GB in 2.3 minutes, 13 B or 70 B far longer).
+# for 13B or 70B on a slow disk (27 GB at 200 MB/s is 2.3 minutes already).
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=90)
 
 

@@ -80,8 +80,8 @@ from ..tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 from .common import check_finite, check_keys, check_shape, empty_model, model_args
 from .meta import meta_ffn_params
 
-# The gguf package takes 0.4 s to import: it is imported inside the functions that read or write a
-# GGUF file, so that loading any other layout does not pay for it.
+# The gguf package is imported inside the functions that read or write a GGUF file, so that
+# loading any other layout does not pay for its import.
 
 ARCH = "llama"
 
