@@ -20,7 +20,7 @@ import torch
 from . import ctrl_c
 from .rope import METHODS, RAMPS, RopeConfig
 
-# The embedded demo model shipped with the repository (see demo/README.md).
+# The embedded demo model shipped with the repository (see its card, demo/yarn-demo/README.md).
 DEFAULT_CKPT = Path(__file__).resolve().parent.parent / "demo" / "yarn-demo"
 DEMO_PROMPT = DEFAULT_CKPT.parent / "heldout-sample.txt"  # a document the demo model never saw
 

@@ -215,8 +215,8 @@ class TrainConfig:
     """What a run must keep to be resumed: the data order (batch, seed, sequence length, the
     data's size), the rope it trains under, and the rate schedule (its peak rate and warmup too:
     the scheduler's restored state carries the old rate, so a new --lr would be silently
-    ignored). Written to every
-    checkpoint's trainer.json as asdict(cfg), and compared field by field on --resume."""
+    ignored). Written to every checkpoint's trainer.json as asdict(cfg), and compared field by
+    field on --resume."""
 
     global_batch_size: int
     seed: int
