@@ -37,7 +37,9 @@ def attention(q: torch.Tensor, blocks: Iterable[KeysValues]) -> torch.Tensor:
     merged through their log-sum-exp (as flash-decoding does), so that only one block needs to
     exist at a time: the pre-RoPE cache rotates its keys a block at a time (model.CachedKeys).
     Never builds a Tq x Tk score or mask tensor at long context."""
-    if decode_kernel.applies(q, blocks):  # a float32 decoding step on the CPU: the C kernel's rule is there
+    # a float32 decoding step on the CPU over a cache: the C kernel reads the cache's keys, values
+    # and rotation table directly (the rule, and why, are in fast/decode_kernel.py)
+    if decode_kernel.applies(q, blocks):
         return decode_kernel.decode_attention(q, blocks.keys, blocks.values, blocks.table)
     blocks = iter(blocks)
     k, v = next(blocks)

@@ -177,7 +177,11 @@ class CachedKeys:
     """Every key and value so far, as `attention` reads them. Under Dynamic Scaling the keys are
     kept BEFORE RoPE with the table that rotates them at this pass's s (Sec. 3.3), and iterating
     rotates them block by block: first the block holding the new tokens (from `start`), then the
-    earlier ones. With a static method they are rotated already (table None): one block."""
+    earlier ones. With a static method they are rotated already (table None): one block.
+
+    A float32 decoding step on the CPU reads keys, values and table directly instead, in one C
+    kernel that rotates each key as it reads it (fast/decode_kernel.py; the same numbers within
+    float32 rounding). To step through this reference there, set YARN_MINIMAL_CPU_KERNEL=0."""
 
     keys: torch.Tensor    # (B, end, Hkv, |D|)
     values: torch.Tensor
@@ -193,6 +197,55 @@ class CachedKeys:
         spans = [(last, end)] + [(a, min(a + ROTATE_BLOCK, last)) for a in range(0, last, ROTATE_BLOCK)]
         for a, b in spans:
             yield rotate_pairs(self.keys[:, a:b], self.table[a:b]), self.values[:, a:b]
+
+
+CACHE_CHUNK = 4096  # positions a KV cache first makes room for; it doubles from there as the sequence grows
+
+
+class KVCache:
+    """The KV cache of a whole model (one LayerCache per layer) and how far they are filled.
+
+    It holds at most max_len positions, but makes room only as the sequence grows (make_room),
+    so memory follows the tokens that exist, not the most that were asked for: a request for
+    300000 new tokens that stops at EOS after 255 costs what 255 cost."""
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32, mode: str = "pre-rope"):
+        if mode not in ("pre-rope", "rotated"):
+            raise ValueError(f"cache mode: {mode!r}; allowed: pre-rope, rotated")
+        pre_rope = mode == "pre-rope" and args.rope.dynamic  # static methods: rotated keys are exact
+        self.layers = [LayerCache(batch_size, args.n_kv_heads, args.head_dim, pre_rope, device, dtype)
+                       for _ in range(args.n_layers)]
+        self.max_len = max_len
+        self.capacity = 0    # positions the layers have room for
+        self.length = 0      # positions filled
+        self.scale = None    # s of the last forward pass
+        self._s0_table = None  # (RopeConfig, rotation_table at its s0 for `capacity` positions)
+
+    def reset(self) -> None:
+        self.length, self.scale = 0, None
+
+    def make_room(self, end: int) -> None:
+        """Room for positions 0..end-1. The capacity at least doubles each time it grows (from
+        CACHE_CHUNK, up to max_len), so a sequence of n tokens copies the cache about
+        log2(n / CACHE_CHUNK) times, and holds at most twice the room it uses."""
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} used, "
+                             f"{end - self.length} more requested")
+        if end > self.capacity:
+            self.capacity = min(self.max_len, max(end, 2 * self.capacity, CACHE_CHUNK))
+            for layer in self.layers:
+                layer.grow(self.capacity)
+
+    def s0_table(self, rope: RopeConfig, head_dim: int, device: torch.device | str | None) -> torch.Tensor:
+        """rotation_table of the cache's positions at s0 = rope.scale, the s of every static
+        method (and of Dynamic Scaling up to L s0): computed once per RoPE setting and capacity,
+        then sliced by each forward pass instead of recomputing cos/sin for every new token."""
+        made_for = self._s0_table[0] if self._s0_table is not None else None
+        if (made_for is not rope and made_for != rope) or len(self._s0_table[1]) < self.capacity:
+            # `is` first: the common case, and torch.compile-friendly
+            self._s0_table = (rope, rotation_table(rope, head_dim, self.capacity, rope.scale, device))
+        return self._s0_table[1]
 
 
 class Attention(nn.Module):
@@ -243,55 +296,6 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-CACHE_CHUNK = 4096  # positions a KV cache first makes room for; it doubles from there as the sequence grows
-
-
-class KVCache:
-    """The KV cache of a whole model (one LayerCache per layer) and how far they are filled.
-
-    It holds at most max_len positions, but makes room only as the sequence grows (make_room),
-    so memory follows the tokens that exist, not the most that were asked for: a request for
-    300000 new tokens that stops at EOS after 255 costs what 255 cost."""
-
-    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32, mode: str = "pre-rope"):
-        if mode not in ("pre-rope", "rotated"):
-            raise ValueError(f"cache mode: {mode!r}; allowed: pre-rope, rotated")
-        pre_rope = mode == "pre-rope" and args.rope.dynamic  # static methods: rotated keys are exact
-        self.layers = [LayerCache(batch_size, args.n_kv_heads, args.head_dim, pre_rope, device, dtype)
-                       for _ in range(args.n_layers)]
-        self.max_len = max_len
-        self.capacity = 0    # positions the layers have room for
-        self.length = 0      # positions filled
-        self.scale = None    # s of the last forward pass
-        self._s0_table = None  # (RopeConfig, rotation_table at its s0 for `capacity` positions)
-
-    def reset(self) -> None:
-        self.length, self.scale = 0, None
-
-    def make_room(self, end: int) -> None:
-        """Room for positions 0..end-1. The capacity at least doubles each time it grows (from
-        CACHE_CHUNK, up to max_len), so a sequence of n tokens copies the cache about
-        log2(n / CACHE_CHUNK) times, and holds at most twice the room it uses."""
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} used, "
-                             f"{end - self.length} more requested")
-        if end > self.capacity:
-            self.capacity = min(self.max_len, max(end, 2 * self.capacity, CACHE_CHUNK))
-            for layer in self.layers:
-                layer.grow(self.capacity)
-
-    def s0_table(self, rope: RopeConfig, head_dim: int, device: torch.device | str | None) -> torch.Tensor:
-        """rotation_table of the cache's positions at s0 = rope.scale, the s of every static
-        method (and of Dynamic Scaling up to L s0): computed once per RoPE setting and capacity,
-        then sliced by each forward pass instead of recomputing cos/sin for every new token."""
-        made_for = self._s0_table[0] if self._s0_table is not None else None
-        if made_for is not rope and made_for != rope or len(self._s0_table[1]) < self.capacity:
-            # `is` first: the common case, and torch.compile-friendly
-            self._s0_table = (rope, rotation_table(rope, head_dim, self.capacity, rope.scale, device))
-        return self._s0_table[1]
-
-
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -331,7 +335,7 @@ class Transformer(nn.Module):
         device = self.tok_embeddings.weight.device
         if cache is not None and s == self.rope.scale:  # s at its floor: one table for the whole cache
             return Rotation(s, start, cache.s0_table(self.rope, self.args.head_dim, device)[:end])
-        if cache is not None:  # Dynamic Scaling past L s0: a new table at every decoding step, built fast
+        if cache is not None:  # Dynamic Scaling past L s0 with a cache: a new table every step, built fast
             return Rotation(s, start, fast.rotation_table(self.rope, self.args.head_dim, end, s, device))
         return Rotation(s, start, rotation_table(self.rope, self.args.head_dim, end, s, device))
 

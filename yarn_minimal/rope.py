@@ -5,16 +5,15 @@ Models" (Peng et al., arXiv 2309.00071). Notation follows the paper:
 
     |D|  head_dim (rotary dimension)     b   base (10000 for Llama 2)
     L    original_length (4096)          s   scale = L'/L (Eq. 11)
-    d    frequency-pair index 0..|D|/2-1 theta_d = b^(-2d/|D|)   (Eq. 5)
+    d    frequency-pair index, counted from 0 here (0..|D|/2-1; the paper's Eq. 5 counts from 1)
+    theta_d = b^(-2d/|D|) (Eq. 5)        h(theta_d)  the frequencies a method uses: `inv_freq`
+    sqrt(1/t)  `attention_factor`        l'  the current length: `seq_len` (Sec. 3.3)
 
 Every method is a function h(theta_d) that returns the frequencies actually used (Eq. 12),
 plus an attention factor sqrt(1/t) that multiplies cos and sin (Sec. 3.4). One function,
 `rope_tables`, turns them into the float32 cos/sin tables the model uses; the model never
-knows which method made them.
-
-This module imports nothing from the rest of the package. (Its command line's --config reads
-a checkpoint's files, which only checkpoint.py knows; main() imports that one function when
-the flag is given.)
+knows which method made them. This module imports nothing from the rest of the package;
+`python -m yarn_minimal rope` prints what it computes, dimension by dimension.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@ decoding step (Sec. 3.3: s, and with it every theta_d, changes with the length).
 
 e^{i m h} = e^{i 64a h} e^{i r h} for m = 64a + r: cos/sin of end/64 + 64 positions and one
 complex product instead of cos/sin of every position. Equal to model.rotation_table within
-float32 rounding of the two factors (4e-7; tests/test_model.py), and used only where a table is
-made per decoding step (Transformer.rotation); everything else uses the plain form.
+float32 rounding of the two factors (4e-7; tests/test_model.py), and used only where a cached
+forward pass (a decoding step, or a prefill chunk) runs past L s0 under Dynamic Scaling
+(Transformer.rotation); everything else uses the plain form.
 """
 from __future__ import annotations
 
