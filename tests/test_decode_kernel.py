@@ -184,14 +184,20 @@ def test_a_kernel_built_but_not_loadable_falls_back(monkeypatch):
         decode_kernel.library.cache_clear()
 
 
+def count_kernel_calls(monkeypatch) -> list:
+    """A list that grows by one at every call of the kernel (which still runs)."""
+    calls = []
+    kernel = decode_kernel.decode_attention
+    monkeypatch.setattr(decode_kernel, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    return calls
+
+
 @needs_compiler
 @pytest.mark.parametrize("method", ["yarn", "ntk-by-parts"])
 def test_model_decodes_through_the_kernel_as_through_pytorch(method, monkeypatch):
     # The model's decoding steps really go through the kernel (counted), and give the brute
     # force's logits (two layers: test_generation.per_step_scale_oracle), as the PyTorch path does.
-    calls = []
-    kernel = decode_kernel.decode_attention
-    monkeypatch.setattr(decode_kernel, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    calls = count_kernel_calls(monkeypatch)
     model = tiny_model(rope_for(method, dynamic=True), n_layers=2)
     fast_tokens, fast_logits = record(model, PROMPT, 3 * L)
     assert len(calls) == 2 * (3 * L - 1)  # every decoding step (not the prefill), both layers
@@ -210,9 +216,7 @@ def test_model_decodes_through_the_kernel_as_through_pytorch(method, monkeypatch
 def test_static_decoding_goes_through_the_kernel(method, monkeypatch):
     # The same rule for static methods: every decoding step of every layer runs in the kernel
     # (over keys rotated once, on arrival), and gives the full no-cache forward's logits.
-    calls = []
-    kernel = decode_kernel.decode_attention
-    monkeypatch.setattr(decode_kernel, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    calls = count_kernel_calls(monkeypatch)
     model = tiny_model(rope_for(method, dynamic=False), n_layers=2)
     tokens, logits = record(model, PROMPT, 2 * L)
     assert len(calls) == 2 * (2 * L - 1)

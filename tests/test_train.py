@@ -138,7 +138,7 @@ def test_grad_clip_runs():
 def test_two_processes_match_one_and_an_independent_loss(setup, tokenizer_path):
     tmp, segs = setup
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(ROOT / "train.py"), *flags(tmp, tmp / "two", "--steps", "3", "--activation-checkpointing")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -176,7 +176,7 @@ def test_two_processes_bfloat16(setup):
     bf16 precision."""
     tmp, _ = setup
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(ROOT / "train.py"), *flags(tmp, tmp / "two-bf16", "--steps", "1", "--dtype", "bfloat16")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -314,7 +314,7 @@ def test_two_process_resume_matches_uninterrupted(setup):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
     def torchrun(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                str(ROOT / "train.py"), *flags(tmp, out, *extra)]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -425,7 +425,7 @@ def test_two_process_random_init_matches_one(setup, tokenizer_path):
                "--multiple-of", "32", "--method", "none", "--original-length", "32", "--data", str(tmp / "data"),
                "--steps", "1", "--global-batch-size", "4", "--lr", "1e-3", "--save-every", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(ROOT / "train.py"), *scratch, "--out", str(tmp / "scratch2")]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
