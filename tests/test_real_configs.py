@@ -52,8 +52,11 @@ def test_llama3_is_paper_ramp_ntk_by_parts_as_transformers_computes_it(factor, l
                "original_max_position_embeddings": L}
     cfg = {"model_type": "llama", "rope_theta": theta, "max_position_embeddings": max_pos, "rope_scaling": scaling}
     rope, provenance, notes = rope_from_hf(cfg, CONFIG)
+    # the window is max_position_embeddings where it is not s L (Llama 3.1: 131072, not 65536)
+    extended = None if max_pos == factor * L else max_pos
     assert rope == RopeConfig(method="ntk-by-parts", ramp="paper", scale=factor, original_length=L, base=theta,
-                              alpha=low, beta=high)
+                              alpha=low, beta=high, extended_length=extended)
+    assert rope.window == max_pos
     assert provenance["alpha"] == "rope_scaling.low_freq_factor" and provenance["beta"] == "rope_scaling.high_freq_factor"
     hf = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim, max_position_embeddings=max_pos,
                      rope_parameters={"rope_theta": theta, **scaling})
@@ -63,7 +66,7 @@ def test_llama3_is_paper_ramp_ntk_by_parts_as_transformers_computes_it(factor, l
     # transformers computes in float32; ours is float64: agreement to float32 rounding
     torch.testing.assert_close(inv.float(), ref_inv.float(), rtol=1e-6, atol=0)
     # and it is written back out as "llama3"
-    assert hf_rope_scaling(rope, head_dim)[1] == {"rope_type": "llama3", "type": "llama3", **scaling}
+    assert hf_rope_scaling(rope, head_dim)[1:] == ({"rope_type": "llama3", "type": "llama3", **scaling}, max_pos)
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,7 +229,7 @@ def test_rope_cli_flags_missing_keys(capsys, tmp_path):
     out = rope_cli(capsys, tmp_path)
     assert "! rope_scaling.rope_theta / rope_theta not set: using 10000 (LlamaConfig's default)" in out
     assert "! max_position_embeddings not set: using 2048 (llama config default)" in out
-    assert "! rope_scaling.original_max_position_embeddings not set: using 2048" in out
+    assert "! original_max_position_embeddings / rope_scaling.original_max_position_embeddings not set: using 2048" in out
     assert "! rope_scaling.beta_fast not set: using 32" in out
     assert "b (base)             10000" in out and "from: default" in out
 

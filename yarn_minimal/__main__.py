@@ -15,6 +15,7 @@ ctrl_c.exit_quietly(__name__)  # before torch loads: Ctrl-C during the imports i
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -101,47 +102,29 @@ def print_table(cfg: RopeConfig, head_dim: int, scale: float) -> None:
 
 
 def print_checkpoint_rope(path: str, seq_len: Optional[int], as_json: bool, p: argparse.ArgumentParser) -> None:
-    """--config: a checkpoint's RoPE as this project reads it, key by key."""
-    from yarn_minimal.checkpoint import CheckpointError, read_config
+    """--config: what a checkpoint's RoPE computes (checkpoint.explain_config), key by key."""
+    from yarn_minimal.checkpoint import CheckpointError, explain_config
 
     try:
-        args, provenance, notes = read_config(path)
+        ex = explain_config(path, seq_len)
     except CheckpointError as e:
         p.error(str(e))
-    cfg = args.rope
-    s = effective_scale(cfg, seq_len or 0)
-    inv_freq, factor = frequencies(cfg, args.head_dim, s)
     if as_json:
-        print(json.dumps({"inv_freq": inv_freq.tolist(), "attention_factor": factor, "scale": s}))
+        print(json.dumps(ex.as_json()))
         return
-    src = lambda field: provenance.get(field, "default")
-    print(f"# {path}: {cfg.describe()}")
-    rows = [("method", f"{cfg.method}{' (dynamic)' if cfg.dynamic else ''}", src("method")),
-            ("s (scale)", f"{cfg.scale:g}", src("scale")),
-            ("L (original_length)", f"{cfg.original_length}", src("original_length")),
-            ("b (base)", f"{cfg.base:g}", src("base")),
-            ("|D| (head_dim)", f"{args.head_dim}", provenance.get("head_dim", "dim / n_heads"))]
-    if cfg.method in ("ntk-by-parts", "yarn"):
-        rows += [("alpha", f"{cfg.alpha:g}", src("alpha")), ("beta", f"{cfg.beta:g}", src("beta")),
-                 ("ramp", cfg.ramp, src("ramp"))]
-    if cfg.method == "yarn":
-        how = (f"attention_factor {cfg.attention_factor:g}" if cfg.attention_factor is not None
-               else f"Eq. 22: {cfg.attention_coefficient:g} ln(s) + 1")
-        rows.append(("sqrt(1/t)", f"{factor:.4f} ({how})", src("attention_factor") if cfg.attention_factor is not None
-                     else src("attention_coefficient")))
-    else:
-        rows.append(("sqrt(1/t)", "1 (no temperature)", "method"))
-    window = "none: s follows the length (Dynamic Scaling)" if cfg.window is None else f"{cfg.window} (L x s)"
-    rows.append(("intended window", window, "derived"))
-    if args.sliding_window is not None:
-        rows.append(("sliding_window", f"{args.sliding_window} (longer sequences are refused)", "sliding_window"))
-    width = max(len(r[0]) for r in rows)
-    for name, value, key in rows:
+    print(f"# {path}: {ex.title}")
+    width = max(len(r[0]) for r in ex.rows)
+    for name, value, key in ex.rows:
         print(f"{name:<{width}}  {value:<40}  from: {key}")
-    for note in notes:
+    for note in ex.notes:
         print(f"! {note}")
-    print(f"# per-dimension table at s = {s:g}" + (f" (--seq-len {seq_len})" if cfg.dynamic else ""))
-    print_table(cfg, args.head_dim, s)
+    print(f"# per-dimension table at s = {ex.scale:g}" + (f" (--seq-len {seq_len})" if seq_len else ""))
+    if ex.rope is not None:
+        print_table(ex.rope, ex.head_dim, ex.scale)
+    else:  # no paper form (LongRoPE): the frequencies alone
+        print(f"{'d':>3} {'h(theta_d)':>11} {'wavelength':>11}")
+        for d, h in enumerate(ex.inv_freq.tolist()):
+            print(f"{d:>3} {h:>11.4e} {2 * math.pi / h:>11.1f}")
 
 
 def add_convert(sub) -> None:

@@ -38,17 +38,18 @@ from typing import Optional
 
 import torch
 
-from .files import (CHECKSUMS, CheckpointError, Output, check_output, check_sha256, holds, json_with, publish, starts_with,
-                    verify_checksums, write_checksums, write_json)
+from .files import (CHECKSUMS, CheckpointError, Output, check_output, check_sha256, holds, json_with, publish, read_json,
+                    starts_with, verify_checksums, write_checksums, write_json)
 from .formats.gguf import load_gguf, open_gguf, read_gguf_config, read_gguf_tokenizer, save_gguf
-from .formats.hf import hf_rope_scaling, load_hf, permute_to_hf, read_hf_config, rope_from_hf, save_hf
+from .formats.common import RopeExplanation, explain_rope
+from .formats.hf import explain_hf, hf_rope_scaling, load_hf, permute_to_hf, read_hf_config, rope_from_hf, save_hf
 from .formats.meta import SHARD_DIM, load_meta, read_meta_config, save_meta
 from .model import ModelArgs, Transformer
 from .rope import RopeConfig
 from .tokenizer import Tokenizer, TokenizerNotFound, open_tokenizer
 
 # Names tests, scripts and training import from here; each is defined in the module named above.
-__all__ = ["CHECKSUMS", "CheckpointError", "SHARD_DIM", "hf_rope_scaling", "load", "load_tokenizer", "convert", "record_checksums", "verify",
+__all__ = ["CHECKSUMS", "CheckpointError", "SHARD_DIM", "explain_config", "hf_rope_scaling", "load", "load_tokenizer", "convert", "record_checksums", "verify",
            "permute_to_hf", "read_config", "rope_from_hf", "save", "verify_checksums", "write_checksums"]
 
 
@@ -113,15 +114,35 @@ def read_config(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, str], lis
     `python -m yarn_minimal rope --config PATH` prints this. It lives here, not in rope.py,
     because only the checkpoint code knows file formats and rope.py imports nothing from the
     package: rope.py's command line imports this function inside main(), when --config is given."""
-    path = Path(path)
+    path = _config_file(path)
     if path.suffix.lower() == ".gguf":
         return read_gguf_config(path)
+    return read_meta_config(path) if path.name == "params.json" else read_hf_config(path)
+
+
+def explain_config(path: str | os.PathLike, seq_len: Optional[int] = None) -> RopeExplanation:
+    """What a checkpoint's RoPE computes at length seq_len, key by key (`rope --config`). A
+    config.json of any architecture is explained from its RoPE keys alone (formats/hf.py's
+    explain_hf: qwen2, deepseek, gpt_oss, HF's dynamic and Phi-3's longrope too); a params.json or
+    a .gguf file from the RopeConfig read_config builds."""
+    path = _config_file(path)
+    if path.suffix.lower() != ".gguf" and path.name != "params.json":
+        return explain_hf(read_json(path), path, seq_len)
+    args, provenance, notes = read_config(path)
+    return explain_rope(args.rope, args.head_dim, provenance, notes, seq_len)
+
+
+def _config_file(path: str | os.PathLike) -> Path:
+    """The file read_config reads: a .gguf, or a folder's params.json or config.json."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return path
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
         path = next((folder / n for n in ("params.json", "config.json") if (folder / n).is_file()), folder / "config.json")
     if not path.is_file():
         raise CheckpointError(f"{path}: not found (give a config.json, a params.json or a model folder holding one)")
-    return read_meta_config(path) if path.name == "params.json" else read_hf_config(path)
+    return path
 
 
 # What save() writes, and what it may replace: a checkpoint folder that holds checksums.json

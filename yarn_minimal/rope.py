@@ -58,6 +58,9 @@ class RopeConfig:
                     c in Eq. 22: 0.1 as the paper fits it for Llama 2. The released
                     Yarn-Mistral checkpoints were trained with 0.07 (see yarn_attention_factor).
     truncate        ramp="code" only: round the correction dims to integers (HF's `truncate`).
+    extended_length L' (Eq. 11), the context a static setting is for, where a checkpoint states
+                    it apart from s L: Llama 3.1 says max_position_embeddings 131072 with s = 8 and
+                    L = 8192 (transformers, vLLM and llama.cpp all take 131072). None: L' = s L.
 
     Llama 3.1's rope_type "llama3" is not a method of its own: it is NTK-by-parts (Eq. 17 to Eq. 20)
     with the paper's ramp (Eq. 18, linear in r = L/lambda), alpha = low_freq_factor,
@@ -78,6 +81,7 @@ class RopeConfig:
     attention_factor: Optional[float] = None
     attention_coefficient: float = 0.1
     truncate: bool = True
+    extended_length: Optional[int] = None
 
     def __post_init__(self) -> None:
         # every value is checked for its type too: a config file or a flag can hold "big", inf or NaN
@@ -94,6 +98,14 @@ class RopeConfig:
                              f"scale={self.scale:g}, dynamic={self.dynamic}")
         if not (is_int(self.original_length) and self.original_length > 0):
             raise ValueError(f"RopeConfig.original_length: expected a positive integer, got {self.original_length!r}")
+        if not math.isfinite(self.scale * self.original_length):  # e.g. a config's factor 1e308
+            raise ValueError(f"RopeConfig.scale: s L = {self.scale:g} x {self.original_length} is not a finite number of "
+                             "tokens; expected a finite number >= 1 small enough for s L to be finite")
+        if self.extended_length is not None and not (
+                is_int(self.extended_length) and self.extended_length >= self.original_length and not self.dynamic):
+            raise ValueError(f"RopeConfig.extended_length: expected an integer >= original_length "
+                             f"({self.original_length}) for a static setting, got {self.extended_length!r}"
+                             + (" with dynamic=True" if self.dynamic else ""))
         if not (is_number(self.base) and self.base > 1.0):
             raise ValueError(f"RopeConfig.base: must be > 1 and finite, got {self.base!r}")
         if not (is_number(self.alpha) and is_number(self.beta) and 0 < self.alpha < self.beta):
@@ -109,9 +121,12 @@ class RopeConfig:
 
     @property
     def window(self) -> Optional[int]:
-        """L' = s L (Eq. 11), the context a static setting is meant for; None under Dynamic
-        Scaling, where s grows with the sequence and there is no fixed window."""
-        return None if self.dynamic else int(round(self.original_length * self.scale))
+        """L' = s L (Eq. 11), the context a static setting is meant for (or the extended_length
+        the checkpoint states); None under Dynamic Scaling, where s grows with the sequence and
+        there is no fixed window."""
+        if self.dynamic:
+            return None
+        return self.extended_length or int(round(self.original_length * self.scale))
 
     def describe(self) -> str:
         name = {"none": "RoPE", "pi": "PI", "ntk": "NTK-aware", "ntk-by-parts": "NTK-by-parts", "yarn": "YaRN"}[self.method]
@@ -246,7 +261,9 @@ def warn_beyond_window(cfg: RopeConfig, length: int, what: str, stacklevel: int 
     evaluation both say it this way. `what` names the length, e.g. "window"."""
     if cfg.window is None or length <= cfg.window:
         return False
-    warnings.warn(f"{what} {length} exceeds the window {cfg.describe()} supports, L x s = {cfg.window} tokens; "
+    stated = "" if cfg.extended_length is None else " the checkpoint states (its L x s is smaller)"
+    warnings.warn(f"{what} {length} exceeds the window {cfg.describe()} supports, "
+                  f"{'L x s = ' if not stated else ''}{cfg.window} tokens{stated}; "
                   f"expect perplexity to rise and output to degrade past it. Use --dynamic, or a --yarn-scale of "
                   f"at least {length / cfg.original_length:.3g}.", stacklevel=stacklevel + 1)
     return True

@@ -1,10 +1,12 @@
 """What every format module checks the same way before a byte of weights is used: the keys,
 the shapes, the tokenizer against the embedding, finite values; and the empty model on the
-meta device that the weights are assigned into."""
+meta device that the weights are assigned into; and RopeExplanation, what a checkpoint's RoPE
+computes, for `python -m yarn_minimal rope --config`."""
 from __future__ import annotations
 
 import json
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +14,7 @@ import torch
 
 from ..files import CheckpointError, check_zip_crcs
 from ..model import ModelArgs, Transformer
-from ..rope import RopeConfig, is_int, is_number
+from ..rope import RopeConfig, effective_scale, frequencies, is_int, is_number
 from ..tokenizer import Tokenizer, open_tokenizer
 
 
@@ -144,3 +146,62 @@ def check_finite(key: str, tensor: torch.Tensor, path) -> None:
     if bad:
         raise CheckpointError(f"{path}: tensor {key} holds {bad} NaN/inf values of {tensor.numel()}; "
                               "the file is corrupt")
+
+
+# ---------------------------------------------------------------------------------------
+# What a checkpoint's RoPE computes, for `python -m yarn_minimal rope --config`
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class RopeExplanation:
+    """A config's RoPE at one length, as the command prints it: the frequencies h(theta_d), the
+    factor on cos and sin, and each value with the key it came from. `rope` is the paper's form
+    (a RopeConfig) where there is one; LongRoPE has none. softmax_factor: what the model's
+    attention multiplies its softmax scale 1/sqrt(d) by besides (DeepSeek's mscale^2)."""
+    title: str
+    head_dim: int
+    scale: float                    # s at this length
+    inv_freq: torch.Tensor          # h(theta_d), d = 0..head_dim/2 - 1, float64
+    attention_factor: float         # sqrt(1/t), on cos and sin
+    rows: list[tuple[str, str, str]]  # (what, value, from: key)
+    notes: list[str] = field(default_factory=list)
+    rope: Optional[RopeConfig] = None
+    softmax_factor: float = 1.0
+    window: Optional[int] = None
+
+    def as_json(self) -> dict:
+        return {"inv_freq": self.inv_freq.tolist(), "attention_factor": self.attention_factor, "scale": self.scale,
+                "softmax_factor": self.softmax_factor, "head_dim": self.head_dim, "window": self.window}
+
+
+def explain_rope(rope: RopeConfig, head_dim: int, provenance: dict[str, str], notes: list[str],
+                 seq_len: Optional[int], title: str = "") -> RopeExplanation:
+    """The explanation of a RopeConfig read from a file: the per-key rows of `rope --config`."""
+    src = lambda name: provenance.get(name, "default")
+    s = effective_scale(rope, seq_len or 0)
+    inv_freq, factor = frequencies(rope, head_dim, s)
+    rows = [("method", f"{rope.method}{' (dynamic)' if rope.dynamic else ''}", src("method")),
+            ("s (scale)", f"{rope.scale:g}", src("scale")),
+            ("L (original_length)", f"{rope.original_length}", src("original_length")),
+            ("b (base)", f"{rope.base:g}", src("base")),
+            ("|D| (head_dim)", f"{head_dim}", provenance.get("head_dim", "dim / n_heads"))]
+    if rope.method in ("ntk-by-parts", "yarn"):
+        rows += [("alpha", f"{rope.alpha:g}", src("alpha")), ("beta", f"{rope.beta:g}", src("beta")),
+                 ("ramp", rope.ramp + ("" if rope.truncate or rope.ramp == "paper" else ", correction dims not rounded"),
+                  src("truncate") if not rope.truncate else src("ramp"))]
+    if rope.method == "yarn":
+        how = ("mscale ratio" if "mscale" in src("attention_factor") else f"attention_factor {rope.attention_factor:g}"
+               if rope.attention_factor is not None else f"Eq. 22: {rope.attention_coefficient:g} ln(s) + 1")
+        rows.append(("sqrt(1/t)", f"{factor:.4f} ({how})", src("attention_factor") if rope.attention_factor is not None
+                     else src("attention_coefficient")))
+    else:
+        rows.append(("sqrt(1/t)", "1 (no temperature)", "method"))
+    if rope.window is None:
+        rows.append(("intended window", "none: s follows the length (Dynamic Scaling)", "derived"))
+    elif rope.extended_length is not None:
+        rows.append(("intended window", f"{rope.window} (stated; L x s = {int(round(rope.original_length * rope.scale))})",
+                     src("extended_length")))
+    else:
+        rows.append(("intended window", f"{rope.window} (L x s)", "derived"))
+    return RopeExplanation(title or rope.describe(), head_dim, s, inv_freq, factor, rows, list(notes), rope,
+                           window=rope.window)

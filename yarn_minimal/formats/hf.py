@@ -15,7 +15,9 @@ hf_rope_scaling and hf_config write config.json, save_hf model.safetensors.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,10 +28,12 @@ from tqdm import tqdm
 
 from ..files import CheckpointError, atomic_write, read_json, write_json
 from ..model import ModelArgs, Transformer
-from ..rope import RopeConfig, attention_factor, ntk_aware_base, yarn_attention_factor
+from ..rope import (RopeConfig, attention_factor, is_number, ntk_aware_base, ntk_aware_frequencies, pi_frequencies,
+                    rope_frequencies, yarn_attention_factor)
 from ..tokenizer import Tokenizer
-from .common import (check_finite, check_key, check_keys, check_shape, check_sliding_window, check_tokenizer,
-                     empty_model, first_line, json_text, model_args, read_key, read_tokenizer, torch_load)
+from .common import (RopeExplanation, check_finite, check_key, check_keys, check_shape, check_sliding_window,
+                     check_tokenizer, empty_model, explain_rope, first_line, json_text, model_args, read_key,
+                     read_tokenizer, torch_load)
 from .meta import meta_ffn_params
 
 
@@ -106,18 +110,22 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
     with where each value came from (RopeConfig field -> config key, or "default") and the
     ambiguities worth a reader's attention (defaults used, a factor that disagrees with
     max_position_embeddings / original_max_position_embeddings, constants that live in remote
-    code). The loader and `python -m yarn_minimal rope --config` both read configs with it.
+    code; a LoudNote when two keys of the file contradict each other). The loader and
+    `python -m yarn_minimal rope --config` (through explain_hf) both read configs with it.
+    It reads the RoPE keys of any architecture; load() refuses non-Llama weights elsewhere.
 
     default -> plain RoPE, L = max_position_embeddings.
     linear  -> PI (Eq. 10), s = factor.
     dynamic -> Dynamic NTK-aware (Sec. 3.1 + 3.3) with L = max_position_embeddings. HF computes
                b' = b (a l/L - (a - 1))^(D/(D-2)) with its factor a; for a = 1 that is the
                paper's s = max(1, l/L). For a != 1 there is no RopeConfig equivalent, so we stop
-               and ask for an explicit rope= rather than silently change the model.
+               and ask for an explicit rope= rather than silently change the model
+               (explain_hf explains it at a given length).
     yarn    -> YaRN (Eq. 17 to Eq. 22) with the public code's ramp: alpha = beta_slow, beta = beta_fast,
-               L = original_max_position_embeddings, s = factor (default max_position_embeddings/L,
-               as transformers), sqrt(1/t) = attention_factor, or HF's 0.1 mscale ln(s) + 1 over
-               0.1 mscale_all_dim ln(s) + 1 when both are set, or else Eq. 22.
+               L = original_max_position_embeddings, s = factor (required, as transformers requires it),
+               sqrt(1/t) = attention_factor, or HF's 0.1 mscale ln(s) + 1 over
+               0.1 mscale_all_dim ln(s) + 1 when both are set, or else Eq. 22; truncate: false keeps
+               the correction dims fractional.
                The released Yarn-Llama-2 configs add "finetuned": true; it only matters to the
                authors' dynamic variant, so a static "yarn" accepts and ignores it.
                Yarn-Mistral (auto_map -> modeling_mistral_yarn): the remote code's 128 / 2 / 0.07
@@ -127,15 +135,18 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
                L = original_max_position_embeddings, s = factor, no temperature. transformers
                keeps theta where lambda < L/high_freq_factor (r > beta: gamma = 1), uses
                theta/factor where lambda > L/low_freq_factor (r < alpha: gamma = 0) and blends
-               with smooth = (L/lambda - low)/(high - low) = gamma(r) in between.
+               with smooth = (L/lambda - low)/(high - low) = gamma(r) in between. The window is
+               max_position_embeddings (Llama 3.1: 131072, not s L = 65536), as transformers,
+               vLLM and llama.cpp's converter take it: RopeConfig.extended_length.
+
+    For llama3, yarn and longrope, L is read as transformers reads it: a top-level
+    original_max_position_embeddings (Phi-3 keeps it there) wins over the one in rope_scaling.
     """
     r = _ConfigReading(cfg, source)
     key, kind = r.key, r.kind
     model_type = read_key(cfg, "model_type", "a string", source, "llama")
     base = float(r.read("base", [f"{key}.rope_theta", "rope_theta"], 10000.0, "LlamaConfig's default"))
-    max_pos = int(r.read("max_position_embeddings", ["max_position_embeddings"],
-                         DEFAULT_MAX_POSITIONS.get(model_type, 2048), f"{model_type} config default",
-                         expected="a positive integer"))
+    max_pos = r.max_positions(model_type)
     r.provenance["original_length"] = r.provenance["max_position_embeddings"]  # L, unless the method states another
     r.provenance["method"] = f"{key}.{'rope_type' if 'rope_type' in r.scaling else 'type'}" if r.scaling else "default"
 
@@ -155,16 +166,26 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
             r.provenance["dynamic"] = r.provenance["method"]
             rope = RopeConfig(method="ntk", dynamic=True, original_length=max_pos, base=base)
         elif kind == "llama3":
-            rope = RopeConfig(method="ntk-by-parts", ramp="paper", scale=float(r.need("factor")),
-                              original_length=r.need("original_max_position_embeddings", "a positive integer"), base=base,
-                              alpha=float(r.need("low_freq_factor")), beta=float(r.need("high_freq_factor")))
+            scale, original = float(r.need("factor")), r.original_length(max_pos)
+            # the checkpoint's stated context, where it is not s L (Llama 3.1: 131072 vs 8 x 8192)
+            extended = max_pos if max_pos != int(round(original * scale)) else None
+            if extended is not None:
+                r.provenance["extended_length"] = r.provenance["max_position_embeddings"]
+            rope = RopeConfig(method="ntk-by-parts", ramp="paper", scale=scale, original_length=original, base=base,
+                              alpha=float(r.need("low_freq_factor")), beta=float(r.need("high_freq_factor")),
+                              extended_length=extended)
             r.provenance["ramp"] = r.provenance["method"]
             r.check_factor(rope, max_pos)
         elif kind == "yarn":
             rope = _yarn_from_hf(r, max_pos, base, model_type)
+        elif kind in ("longrope", "su"):
+            raise CheckpointError(f"{source}: {key} type {kind!r} (LongRoPE, Phi-3): one searched factor per frequency "
+                                  "pair, switched from short_factor to long_factor past original_max_position_embeddings; "
+                                  "it is no method of the paper and this model cannot run it (`python -m yarn_minimal "
+                                  "rope --config` explains it)")
         else:
             raise CheckpointError(f"{source}: {key} type {kind!r} is not supported; supported: default, linear, "
-                                  "dynamic, yarn, llama3")
+                                  "dynamic, yarn, llama3 (and longrope, explained by `rope --config` only)")
     except ValueError as e:
         if isinstance(e, CheckpointError):
             raise
@@ -175,6 +196,10 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
             raise CheckpointError(f"{source}: {_shown(where)}: {str(e)[field.end():]}") from None
         raise CheckpointError(f"{source}: {key}: {e}") from None
     return rope, r.provenance, r.notes
+
+
+class LoudNote(str):
+    """A note that load() also gives as a UserWarning: two keys of the file contradict each other."""
 
 
 def _shown(key: str) -> str:
@@ -218,7 +243,9 @@ class _ConfigReading:
     def need(self, name: str, expected: str = "a positive number"):
         """A rope_scaling key the method cannot do without, checked to be `expected`."""
         if self.scaling.get(name) is None:
-            raise CheckpointError(f"{self.source}: {self.key} of type {self.kind!r} has no {name!r}")
+            why = (f"; transformers refuses it too, and s cannot be inferred: max_position_embeddings / "
+                   f"original_max_position_embeddings is a guess" if (self.kind, name) == ("yarn", "factor") else "")
+            raise CheckpointError(f"{self.source}: {self.key} of type {self.kind!r} has no {name!r}{why}")
         self.provenance[self.FIELD_OF.get(name, name)] = f"{self.key}.{name}"
         return check_key(self.scaling[name], f"{self.key}: {name}", expected, self.source)
 
@@ -226,21 +253,53 @@ class _ConfigReading:
         """An optional rope_scaling key, checked to be `expected`."""
         return read_key(self.scaling, name, expected, f"{self.source}: {self.key}", default)
 
+    def max_positions(self, model_type: str) -> int:
+        return int(self.read("max_position_embeddings", ["max_position_embeddings"],
+                             DEFAULT_MAX_POSITIONS.get(model_type, 2048),
+                             f"{model_type} config default" if model_type in DEFAULT_MAX_POSITIONS
+                             else f"LlamaConfig's default; {model_type}'s own is not known here",
+                             expected="a positive integer"))
+
+    def original_length(self, max_pos: int) -> int:
+        """L for llama3 / yarn / longrope as transformers reads it (PreTrainedConfig.standardize_rope_params):
+        a top-level original_max_position_embeddings wins over the one in rope_scaling; neither:
+        max_position_embeddings. Two different values are a LoudNote naming both; L larger than
+        max_position_embeddings is an error."""
+        inner_key = f"{self.key}.original_max_position_embeddings"
+        top = read_key(self.cfg, "original_max_position_embeddings", "a positive integer", self.source, None)
+        inner = read_key(self.scaling, "original_max_position_embeddings", "a positive integer",
+                         f"{self.source}: {self.key}", None)
+        if top is not None and inner is not None and top != inner:
+            self.notes.append(LoudNote(
+                f"original_max_position_embeddings is {top} at the top level of config.json and {inner} in "
+                f"{self.key}: L = {top} (the top-level value, as transformers reads it)"))
+        original = int(self.read("original_length", ["original_max_position_embeddings", inner_key], max_pos,
+                                 "max_position_embeddings, as transformers", expected="a positive integer"))
+        if original > max_pos:
+            raise CheckpointError(f"{self.source}: {_shown(self.provenance['original_length'])} is {original}, larger "
+                                  f"than max_position_embeddings {max_pos}; expected at most max_position_embeddings "
+                                  "(L is the pre-training context, max_position_embeddings the model's)")
+        return original
+
     def check_factor(self, rope: RopeConfig, max_pos: int) -> None:
         """Two keys state the extension ratio; say so when they disagree (transformers issue 38224)."""
-        if max_pos != rope.window:
-            self.notes.append(f"{self.key}.factor {rope.scale:g} disagrees with max_position_embeddings / "
-                              f"original_max_position_embeddings = {max_pos} / {rope.original_length} = "
-                              f"{max_pos / rope.original_length:g}; s = factor is used (as transformers does), "
-                              f"so the intended window L x s is {rope.window}, not {max_pos}")
+        if max_pos == int(round(rope.original_length * rope.scale)):
+            return
+        ratio = (f"{self.key}.factor {rope.scale:g} disagrees with max_position_embeddings / "
+                 f"original_max_position_embeddings = {max_pos} / {rope.original_length} = "
+                 f"{max_pos / rope.original_length:g}; s = factor is used (as transformers does)")
+        if rope.extended_length is not None:
+            self.notes.append(f"{ratio} for the frequencies, and the window is max_position_embeddings {max_pos} "
+                              f"(as transformers, vLLM and llama.cpp's converter take it), not L x s = "
+                              f"{int(round(rope.original_length * rope.scale))}")
+        else:
+            self.notes.append(f"{ratio}, so the intended window L x s is {rope.window}, not {max_pos}")
 
 
 def _yarn_from_hf(r: _ConfigReading, max_pos: int, base: float, model_type: str) -> RopeConfig:
-    key, scaling = r.key, r.scaling
-    original = int(r.read("original_length", [f"{key}.original_max_position_embeddings"], max_pos,
-                          "max_position_embeddings", expected="a positive integer"))
-    scale = float(r.read("scale", [f"{key}.factor"], max_pos / original,
-                         "max_position_embeddings / original_max_position_embeddings"))
+    key = r.key
+    original = r.original_length(max_pos)
+    scale = float(r.need("factor"))
     r.provenance["ramp"] = r.provenance["method"]  # "yarn" means the public code's ramp
     remote = _remote_code(r.cfg, r.source) if model_type == "mistral" else None
     fallback = f"remote code ({remote})" if remote else "default"
@@ -267,11 +326,16 @@ def _yarn_from_hf(r: _ConfigReading, max_pos: int, base: float, model_type: str)
         r.provenance["attention_factor"] = f"{key}.mscale / {key}.mscale_all_dim"
     else:
         r.provenance["attention_coefficient"] = fallback
+        if mscale or mscale_all_dim:
+            r.notes.append(f"{key}.{'mscale' if mscale else 'mscale_all_dim'} alone changes no frequency and no cos/sin "
+                           "factor: transformers uses the ratio only when both mscale and mscale_all_dim are set")
+    truncate = r.get("truncate", "true or false", True)
+    if not truncate:
+        r.provenance["truncate"] = f"{key}.truncate"
     rope = RopeConfig(method="yarn", scale=scale, original_length=original, base=base, alpha=alpha, beta=beta,
                       attention_factor=None if factor is None else float(factor),
-                      attention_coefficient=constants["attention_coefficient"],
-                      truncate=r.get("truncate", "true or false", True))
-    if "original_max_position_embeddings" in scaling and "factor" in scaling:
+                      attention_coefficient=constants["attention_coefficient"], truncate=truncate)
+    if r.provenance["original_length"] != "default":
         r.check_factor(rope, max_pos)
     return rope
 
@@ -320,6 +384,154 @@ def read_hf_config(path: Path) -> tuple[ModelArgs, dict, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------
+# config.json of any architecture -> what its RoPE computes (`rope --config`)
+# ---------------------------------------------------------------------------------------
+
+DEEPSEEK = ("deepseek_v2", "deepseek_v3")  # attention that multiplies its softmax scale by mscale^2
+
+
+def explain_hf(cfg: dict, source: Path, seq_len: Optional[int] = None) -> RopeExplanation:
+    """What the RoPE of any config.json computes at length seq_len (None: as transformers builds it
+    at init), whatever the architecture: the weights need not be Llama's, since nothing is run.
+    llama, mistral, qwen2, gpt_oss, deepseek_v2/v3 and others with default / linear / yarn /
+    llama3 read through rope_from_hf, the loader's own reading; the rotary dim is
+    qk_rope_head_dim (DeepSeek), or head_dim, or hidden_size / num_attention_heads, times
+    partial_rotary_factor, as transformers takes it. HF's dynamic and Phi-3's longrope, which
+    have no RopeConfig, are explained with the paper's formulas where they use them."""
+    model_type = read_key(cfg, "model_type", "a string", source, "llama")
+    head_dim, head_from = _rotary_dim(cfg, source)
+    r = _ConfigReading(cfg, source)
+    if r.kind in ("longrope", "su"):
+        ex = _explain_longrope(r, model_type, head_dim, head_from, seq_len)
+    elif r.kind == "dynamic":
+        ex = _explain_dynamic(r, model_type, head_dim, head_from, seq_len)
+    else:
+        rope, provenance, notes = rope_from_hf(cfg, source)
+        ex = explain_rope(rope, head_dim, {**provenance, "head_dim": head_from}, notes, seq_len)
+        mscale_all_dim = r.get("mscale_all_dim", "a positive number")
+        if model_type in DEEPSEEK and rope.method == "yarn" and mscale_all_dim:
+            _deepseek_softmax(ex, rope, r.get("mscale", "a positive number"), mscale_all_dim, r.key)
+    window = read_key(cfg, "sliding_window", "a positive integer", source, None)
+    if window is not None:
+        ex.rows.append(("sliding_window", f"{window} (longer sequences are refused)", "sliding_window"))
+    if model_type not in DEFAULT_MAX_POSITIONS:
+        ex.notes.append(f"model_type {model_type}: this explains its RoPE only; load() runs Llama-architecture "
+                        "weights (llama, mistral)")
+    return ex
+
+
+def _rotary_dim(cfg: dict, source: Path) -> tuple[int, str]:
+    """|D| as transformers' RoPE init takes it, and the keys it came from."""
+    if cfg.get("qk_rope_head_dim") is not None:  # DeepSeek's MLA: only these dims of q and k rotate
+        dim, where = read_key(cfg, "qk_rope_head_dim", "a positive integer", source), "qk_rope_head_dim"
+    elif cfg.get("head_dim") is not None:  # gpt-oss, Llama 3.2: not hidden_size / num_attention_heads
+        dim, where = read_key(cfg, "head_dim", "a positive integer", source), "head_dim"
+    else:
+        hidden = read_key(cfg, "hidden_size", "a positive integer", source)
+        dim, where = hidden // read_key(cfg, "num_attention_heads", "a positive integer", source), \
+            "hidden_size / num_attention_heads"
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    for name, holder in (("partial_rotary_factor", cfg), ("partial_rotary_factor", scaling)):
+        if isinstance(holder, dict) and holder.get(name) is not None:
+            part = check_key(holder[name], name, "a positive number", source)
+            if part > 1:
+                raise CheckpointError(f"{source}: {name} is {json_text(part)}; expected a number in (0, 1]")
+            dim, where = int(dim * part), f"{where} x {name}"
+            break
+    if dim % 2:
+        raise CheckpointError(f"{source}: {where} gives a rotary dimension of {dim}; expected an even number "
+                              "(RoPE rotates pairs of dimensions)")
+    return dim, where
+
+
+def _deepseek_softmax(ex: RopeExplanation, rope: RopeConfig, mscale, mscale_all_dim, key: str) -> None:
+    """DeepSeek-V2/V3's attention (transformers' yarn_apply_mscale) multiplies its softmax scale by
+    mscale^2, mscale = 0.1 mscale_all_dim ln(s) + 1, on top of the cos/sin factor."""
+    m = yarn_attention_factor(rope.scale, 0.1 * mscale_all_dim)
+    ex.softmax_factor = m * m
+    total = (ex.attention_factor * m) ** 2
+    ex.rows.append(("softmax scale", f"x {ex.softmax_factor:.4f} ((0.1 x {mscale_all_dim:g} ln(s) + 1)^2)",
+                    f"{key}.mscale_all_dim (DeepSeek's attention)"))
+    ex.notes.append(f"DeepSeek's attention also multiplies its softmax scale by (0.1 mscale_all_dim ln(s) + 1)^2 = "
+                    f"{ex.softmax_factor:.4f}; with the cos/sin factor {ex.attention_factor:.4f} on q and k, q.k is scaled "
+                    f"by {total:.4f}" + (f" = (0.1 x {mscale:g} ln(s) + 1)^2: Eq. 22's 1/t with c = 0.1 mscale"
+                                         if mscale else ""))
+
+
+def _explain_dynamic(r: _ConfigReading, model_type: str, head_dim: int, head_from: str,
+                     seq_len: Optional[int]) -> RopeExplanation:
+    """transformers' "dynamic": NTK-aware (Eq. 14 to Eq. 16) at s = a l/L - (a - 1), with a = factor,
+    L = max_position_embeddings and l = max(seq_len, L) (_compute_dynamic_ntk_parameters). Sec. 3.3
+    says s = max(1, l/L): the same for a = 1 only."""
+    base = float(r.read("base", [f"{r.key}.rope_theta", "rope_theta"], 10000.0, "LlamaConfig's default"))
+    max_pos = r.max_positions(model_type)
+    a = float(r.need("factor"))
+    length = max(seq_len or max_pos, max_pos)
+    s = a * length / max_pos - (a - 1)
+    rope = RopeConfig(method="ntk", dynamic=True, original_length=max_pos, base=base)
+    inv_freq = ntk_aware_frequencies(head_dim, base, s)
+    paper = max(1.0, length / max_pos)
+    rows = [("method", "transformers' dynamic: NTK-aware (Eq. 14-16) at a length-dependent s", f"{r.key}.type"),
+            ("a (factor)", f"{a:g}", f"{r.key}.factor"),
+            ("s at this length", f"{s:g} = a l/L - (a - 1), l = {length}", "transformers' formula"),
+            ("L (original_length)", f"{max_pos}", r.provenance["max_position_embeddings"]),
+            ("b (base)", f"{base:g}; b' = b s^(|D|/(|D|-2)) = {ntk_aware_base(base, s, head_dim):.6g}", r.provenance["base"]),
+            ("|D| (head_dim)", f"{head_dim}", head_from),
+            ("sqrt(1/t)", "1 (no temperature)", "method"),
+            ("intended window", "none: s follows the length", "derived")]
+    notes = r.notes + [f"transformers' dynamic uses s = a l/L - (a - 1) (a = factor = {a:g}); the paper's Dynamic "
+                       f"Scaling (Sec. 3.3) uses s = max(1, l/L): at l = {length} that is {s:g} against {paper:g}"
+                       + (" (the same: a = 1)" if a == 1 else "") + "; load() runs it only for a = 1"]
+    if seq_len is None:
+        notes.append(f"no --seq-len: l = max_position_embeddings = {max_pos}, as transformers builds it at init "
+                     "(plain RoPE); give --seq-len N to see it at N tokens")
+    return RopeExplanation(f"HF dynamic NTK (a={a:g}, L={max_pos}) at l={length}", head_dim, s, inv_freq, 1.0, rows,
+                           notes, rope=RopeConfig(method="ntk", scale=s, original_length=max_pos, base=base))
+
+
+def _explain_longrope(r: _ConfigReading, model_type: str, head_dim: int, head_from: str,
+                      seq_len: Optional[int]) -> RopeExplanation:
+    """Phi-3's LongRoPE as transformers computes it (_compute_longrope_parameters): per-pair PI,
+    h(theta_d) = theta_d / s_d (Eq. 10 with one searched s_d per pair), short_factor up to L and
+    long_factor past it; cos and sin times sqrt(1 + ln(s) / ln(L)) with s = factor or
+    max_position_embeddings / L. Not a method of the paper (no ramp, no Eq. 22)."""
+    base = float(r.read("base", [f"{r.key}.rope_theta", "rope_theta"], 10000.0, "LlamaConfig's default"))
+    max_pos = r.max_positions(model_type)
+    original = r.original_length(max_pos)
+    factors = {}
+    for name in ("short_factor", "long_factor"):
+        values = r.scaling.get(name)
+        if not (isinstance(values, list) and len(values) == head_dim // 2 and all(is_number(v) and v > 0 for v in values)):
+            raise CheckpointError(f"{r.source}: {r.key}: {name} is {json_text(values)}; expected a list of {head_dim // 2} "
+                                  f"positive numbers (one per frequency pair of |D| = {head_dim}, from {head_from})")
+        factors[name] = torch.tensor(values, dtype=torch.float64)
+    s = r.get("factor", "a positive number") or max_pos / original
+    factor = r.get("attention_factor", "a positive number")
+    if factor is None:  # LongRoPE's (Phi-3's) own temperature, not Eq. 22
+        factor = 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(original))
+    use = "long_factor" if seq_len and seq_len > original else "short_factor"
+    inv_freq = pi_frequencies(rope_frequencies(head_dim, base), factors[use])
+    rows = [("method", "longrope: per-pair PI, theta_d / s_d", f"{r.key}.type"),
+            ("s_d", f"{use} ({factors[use].min():.4g} .. {factors[use].max():.4g})",
+             f"{r.key}.{use} ({'--seq-len > L' if use == 'long_factor' else 'no --seq-len, or --seq-len <= L'})"),
+            ("s (scale)", f"{s:g}", f"{r.key}.factor" if r.get("factor", "a positive number") else
+             "max_position_embeddings / original_max_position_embeddings"),
+            ("L (original_length)", f"{original}", r.provenance["original_length"]),
+            ("b (base)", f"{base:g}", r.provenance["base"]),
+            ("|D| (head_dim)", f"{head_dim}", head_from),
+            ("sqrt(1/t)", f"{factor:.4f}" + ("" if r.get("attention_factor", "a positive number")
+                                              else " (sqrt(1 + ln(s) / ln(L)), LongRoPE's, not Eq. 22)"),
+             f"{r.key}.attention_factor" if r.get("attention_factor", "a positive number") else "derived"),
+            ("intended window", f"{max_pos}", "max_position_embeddings")]
+    notes = r.notes + ["LongRoPE is no method of the paper: one searched factor per pair, no ramp; transformers "
+                       f"switches the whole table from short_factor to long_factor once the sequence passes L = "
+                       f"{original} (give --seq-len to choose); load() cannot run it"]
+    return RopeExplanation(f"LongRoPE (s={s:g}, L={original}, {use})", head_dim, float(s), inv_freq, float(factor),
+                           rows, notes, window=max_pos)
+
+
+
+# ---------------------------------------------------------------------------------------
 # Reading the tensors
 # ---------------------------------------------------------------------------------------
 
@@ -365,7 +577,10 @@ def load_hf(folder: Path, rope: Optional[RopeConfig], device: torch.device | str
             dtype: torch.dtype, progress: bool = False) -> tuple[Transformer, Tokenizer]:
     config_path = folder / "config.json"
     cfg = read_json(config_path)
-    args, _, _ = args_from_hf(cfg, rope, config_path)
+    args, _, notes = args_from_hf(cfg, rope, config_path)
+    for note in notes:
+        if isinstance(note, LoudNote):
+            warnings.warn(f"{config_path}: {note}", stacklevel=3)
     tokenizer = read_tokenizer(folder)
     check_tokenizer(tokenizer, args, config_path)
     check_sliding_window(args, rope, config_path)
@@ -426,11 +641,11 @@ def hf_rope_scaling(rope: RopeConfig, head_dim: int) -> tuple[float, Optional[di
         if rope.attention_factor is not None or rope.attention_coefficient != 0.1:
             # transformers' key (replaces Eq. 22); a coefficient other than 0.1 has no key of its own
             scaling["attention_factor"] = attention_factor(rope, s)
-        return rope.base, scaling, int(round(L * s))
+        return rope.base, scaling, rope.window
     if rope.method == "ntk-by-parts" and not rope.dynamic and rope.ramp == "paper":
         # Llama 3.1's "llama3" is exactly this (see rope_from_hf)
         return rope.base, entry("llama3", factor=s, original_max_position_embeddings=L, low_freq_factor=rope.alpha,
-                                high_freq_factor=rope.beta), int(round(L * s))
+                                high_freq_factor=rope.beta), rope.window  # Llama 3.1: 131072, the stated window
     raise CheckpointError(
         f"format='hf': {rope.describe()} (ramp={rope.ramp}) has no Hugging Face rope_scaling equivalent "
         "(transformers knows static PI 'linear', Dynamic NTK 'dynamic' with s0 = 1, static YaRN 'yarn' with the "
