@@ -35,8 +35,10 @@ permutes them back to HF's order.
 
 RoPE. llama.cpp has no Dynamic Scaling, so a GGUF file states a static method: "none", "linear"
 (PI, Eq. 10) or "yarn" (Eq. 17 to Eq. 22, the code's ramp, floored/ceiled as ggml_rope_yarn_corr_dims
-does). Its YaRN multiplies cos/sin by attn_factor * (0.1 ln s + 1), i.e. Eq. 22 times
-rope.scaling.attn_factor (1 by default).
+does, with beta_fast/slow 32/1 whatever the file says). Its YaRN multiplies cos/sin by
+attn_factor * (0.1 ln s + 1), i.e. Eq. 22 times rope.scaling.attn_factor (1 by default); with any
+other type it multiplies them by attn_factor alone. Any other static per-pair RoPE is written as
+rope_freqs.weight (below) plus attn_factor, with the RopeConfig under ROPE_KEY (gguf_rope).
 
 Llama 3.1/3.2/3.3 carry no rope.scaling.* keys. llama.cpp's converter (convert_hf_to_gguf.py,
 LlamaModel.generate_extra_tensors, for rope_type "llama3") writes instead one F32 tensor
@@ -384,7 +386,7 @@ class GGUFFile:
     def verify(self, part: str) -> None:
         """Check DIGESTS[part] when the file has one (every file save() wrote); a file from
         elsewhere has none, and the checks in load_gguf are all there is."""
-        ours = {k for k in self.fields if k.startswith("yarn_minimal.")}
+        ours = {k for k in self.fields if k.startswith("yarn_minimal.sha256.")}  # not ROPE_KEY
         if not ours:
             return
         if ours != set(DIGESTS.values()):
@@ -482,25 +484,40 @@ def _check_arch(meta: Metadata) -> None:
 
 def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
     """(RopeConfig, provenance: field -> metadata key, tensor or "default", warnings): the
-    rope.* keys (rope_from_keys), or Llama 3's rope_freqs.weight tensor (rope_from_freq_factors)
-    when the file has one. A table of ones is plain RoPE; factors together with a scaling type
+    rope.* keys (rope_from_keys), or the rope_freqs.weight tensor when the file has one: read
+    as the RopeConfig under ROPE_KEY when this project wrote it (rope_from_project_key, checked
+    against the table), else as Llama 3's llama3 (rope_from_freq_factors), with attn_factor as
+    its temperature. A table of ones is plain RoPE; factors together with a scaling type
     (llama.cpp would apply both, one after the other) are refused."""
     rope, prov, notes = rope_from_keys(meta)
     tensor = next((t for t in meta.gguf.tensors if t.name == ROPE_FREQS), None)
     if tensor is None:
+        if ROPE_KEY in meta:
+            raise CheckpointError(f"{meta.path}: {ROPE_KEY} is set but the file has no tensor {ROPE_FREQS}, which is "
+                                  "what llama.cpp would run it with")
         return rope, prov, notes
     head_dim = head_dim_from_metadata(meta)
     if math.prod(tensor.shape) != head_dim // 2:  # checked before |D| sizes anything
         raise CheckpointError(f"{meta.path}: tensor {ROPE_FREQS} has {math.prod(tensor.shape)} factors; expected "
                               f"|D|/2 = {head_dim // 2}, one per pair")
     factors = _to_torch(tensor, torch.float64, "cpu")  # |D|/2 numbers: cheap even for read_gguf_config
-    if bool((factors == 1).all()):
+    if bool((factors == 1).all()) and ROPE_KEY not in meta:
         return rope, prov, notes
     a = meta.arch
-    if rope.method != "none":
+    if not (rope.method == "none" or (rope.method == "yarn" and rope.scale == 1.0)):  # a temperature alone is fine
         raise CheckpointError(f"{meta.path}: tensor {ROPE_FREQS} (Llama 3's per-pair RoPE factors) and "
                               f"{a}.rope.scaling.* ({rope.describe()}) are both set; llama.cpp would apply one after "
                               "the other, which no RopeConfig expresses")
+    temperature = attention_factor(rope, rope.scale)  # rope.scaling.attn_factor, 1 when absent
+    if ROPE_KEY in meta:
+        rope = rope_from_project_key(meta, factors, rope.base, temperature, head_dim)
+        prov.update({field: f"{ROPE_KEY} (checked against {ROPE_FREQS} and {a}.rope.scaling.attn_factor)"
+                     for field in ("method", "scale", "original_length", "alpha", "beta", "ramp", "truncate",
+                                   "attention_factor", "attention_coefficient")})
+        if rope.window is not None and meta.number(f"{a}.context_length", least=1) != rope.window:
+            notes.append(f"{a}.context_length = {meta.get(f'{a}.context_length')}, but the window of "
+                         f"{rope.describe()} is {rope.window}")
+        return rope, prov, notes
     rope = rope_from_freq_factors(factors, rope.base, head_dim, f"{meta.path}: tensor {ROPE_FREQS}")
     L, s = rope.original_length, rope.scale
     prov.update(method=f"{ROPE_FREQS} (per-pair factors f_d: Llama 3's llama3, as llama.cpp stores it)",
@@ -509,10 +526,47 @@ def rope_from_metadata(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
                 beta=f"{ROPE_FREQS}: L/beta = the wavelength where f_d reaches 1 (fit)",
                 alpha=f"an assumption (Llama 3's low_freq_factor): {ROPE_FREQS} fixes only L/alpha and L/beta, "
                       "and every alpha with those two gives the same frequencies")
+    if temperature != 1.0:  # llama.cpp multiplies cos/sin by attn_factor whatever the scaling type (tested)
+        rope = dataclasses.replace(rope, method="yarn", attention_factor=temperature)
     context = meta.number(f"{a}.context_length", least=1)
     if context != round(s * L):
-        notes.append(f"{a}.context_length = {context}, but s L = {s:g} x {L} = {s * L:g}")
+        if context < L:
+            notes.append(f"{a}.context_length = {context} is shorter than L = {L}, read from {ROPE_FREQS}")
+        else:  # the window the file states (Llama 3.1: 131072, not s L = 65536), as formats/hf.py reads llama3
+            rope = dataclasses.replace(rope, extended_length=context)
+            prov["extended_length"] = f"{a}.context_length"
     return rope, prov, notes
+
+
+def rope_from_project_key(meta: Metadata, factors: torch.Tensor, base: float, temperature: float,
+                          head_dim: int) -> RopeConfig:
+    """The RopeConfig save() wrote under ROPE_KEY beside a rope_freqs.weight table, accepted only
+    if it is what llama.cpp runs: its f_d = theta_d / h(theta_d) equal the table's (relative
+    FACTOR_TOLERANCE), its sqrt(1/t) equals rope.scaling.attn_factor and its base rope.freq_base."""
+    where = f"{meta.path}: metadata key {ROPE_KEY!r}"
+    text = meta.get(ROPE_KEY)
+    try:
+        fields = json.loads(text) if isinstance(text, str) else None
+        if not isinstance(fields, dict):
+            raise ValueError(f"expected a JSON object of RopeConfig fields, found {_short(text)}")
+        rope = RopeConfig(**fields)
+    except (ValueError, TypeError) as e:  # json's errors are ValueErrors
+        raise CheckpointError(f"{where}: {e}") from None
+    if rope.dynamic:
+        raise CheckpointError(f"{where}: says {rope.describe()}; a GGUF file is static (llama.cpp has no Dynamic Scaling)")
+    if abs(rope.base - base) > 1e-6 * base:
+        raise CheckpointError(f"{where}: says base {rope.base:g}, but {meta.arch}.rope.freq_base is {base:g}")
+    want = freq_factors(rope, head_dim).double()
+    mismatch = ((factors.flatten() - want).abs() / want)
+    if mismatch.max().item() > FACTOR_TOLERANCE:
+        d = int(mismatch.argmax())
+        raise CheckpointError(f"{where}: says {rope.describe()}, which needs f_{d} = {want[d].item():.7g} at pair "
+                              f"d={d}, but tensor {ROPE_FREQS} (what llama.cpp runs) has {factors.flatten()[d].item():.7g}")
+    wanted = attention_factor(rope, rope.scale)
+    if abs(wanted - temperature) > 1e-6 * wanted:
+        raise CheckpointError(f"{where}: says {rope.describe()} with sqrt(1/t) = {wanted:.7g}, but llama.cpp "
+                              f"multiplies cos/sin by {meta.arch}.rope.scaling.attn_factor = {temperature:.7g}")
+    return rope
 
 
 def rope_from_keys(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
@@ -523,7 +577,9 @@ def rope_from_keys(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
     scaling.type              "none" | "linear" | "yarn"; absent means "linear" with factor 1
     scaling.factor            s (the older key rope.scale_linear too); 0 or absent means 1
     scaling.original_context_length   L for YaRN; default context_length
-    scaling.attn_factor       multiplies Eq. 22: sqrt(1/t) = attn_factor * (0.1 ln s + 1)
+    scaling.attn_factor       multiplies cos/sin whatever the type: for "yarn" sqrt(1/t) = attn_factor *
+                              (0.1 ln s + 1); with no scaling, sqrt(1/t) itself (YaRN at s = 1);
+                              with "linear" refused (PI has no temperature)
     scaling.yarn_beta_fast/slow       not read by llama.cpp for "llama" (it uses 32/1), nor here;
                               a note says so when the file sets them
     """
@@ -557,13 +613,22 @@ def rope_from_keys(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
         if f"{a}.{key}" in meta:
             raise CheckpointError(f"{meta.path}: {a}.{key} = {_short(meta.get(f'{a}.{key}'))} is set; that llama.cpp "
                                   "YaRN variant (DeepSeek's mscale / a partial ramp) has no RopeConfig equivalent")
+    # llama.cpp multiplies cos/sin by attn_factor whatever the scaling type (tested); for "yarn" it
+    # multiplies Eq. 22 (0.1 ln s + 1), for the others it is sqrt(1/t) itself
+    attn = read("attention_factor", "rope.scaling.attn_factor", 1.0)
     try:
         if kind == "none" or (scale == 1.0 and kind in ("linear", "yarn")):
             if kind == "yarn":
                 notes.append(f"{a}.rope.scaling.type is 'yarn' with factor 1: llama.cpp then applies plain RoPE")
-            prov = {k: v for k, v in prov.items() if k in ("base", "method", "original_length")}
+            prov = {k: v for k, v in prov.items() if k in ("base", "method", "original_length", "attention_factor")}
+            if attn != 1.0:  # plain RoPE with a temperature: YaRN at s = 1 with its sqrt(1/t) set
+                return RopeConfig(method="yarn", base=base, original_length=original, attention_factor=attn), prov, notes
             return RopeConfig(base=base, original_length=original), prov, notes
         if kind == "linear":
+            if attn != 1.0:
+                raise CheckpointError(f"{meta.path}: {a}.rope.scaling.attn_factor = {attn:g} with linear scaling: "
+                                      "llama.cpp multiplies PI's cos/sin by it, which no RopeConfig expresses "
+                                      "(only YaRN has a temperature)")
             if original * scale != context and prov["original_length"] == f"{a}.context_length":
                 notes.append(f"linear scaling s = {scale:g} with L = {a}.context_length = {context}: the file does "
                              f"not say whether context_length is L or L' = s L")
@@ -572,9 +637,8 @@ def rope_from_keys(meta: Metadata) -> tuple[RopeConfig, dict, list[str]]:
             if prov["original_length"] == f"{a}.context_length":
                 notes.append(f"no {a}.rope.scaling.original_context_length: L = context_length = {context} "
                              "(llama.cpp's fallback)")
-            if original * scale != context:
+            if original * scale != context and context != meta.get(f"{a}.attention.sliding_window"):  # save()'s min
                 notes.append(f"{a}.context_length = {context}, but s L = {scale:g} x {original} = {original * scale:g}")
-            attn = read("attention_factor", "rope.scaling.attn_factor", 1.0)
             alpha, beta = 1.0, 32.0  # Eq. 18's bounds as llama.cpp applies them to "llama" files
             for key, used in (("rope.scaling.yarn_beta_slow", alpha), ("rope.scaling.yarn_beta_fast", beta)):
                 if f"{a}.{key}" in meta:
@@ -626,6 +690,8 @@ def args_from_metadata(meta: Metadata, rope: Optional[RopeConfig], vocab_size: i
     params = dict(dim=dim, n_layers=meta.number(f"{a}.block_count", least=1), n_heads=n_heads,
                   n_kv_heads=meta.number(f"{a}.attention.head_count_kv", n_heads, least=1), vocab_size=vocab_size,
                   multiple_of=multiple_of, ffn_dim_multiplier=multiplier, norm_eps=eps)
+    if f"{a}.attention.sliding_window" in meta:  # save() writes it for a Mistral; llama.cpp ignores it for "llama"
+        params["sliding_window"] = meta.number(f"{a}.attention.sliding_window", least=1)
     if rope is None:
         rope, _, notes = rope_from_metadata(meta)
         for note in notes:
@@ -988,54 +1054,61 @@ def read_gguf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
 # Writing
 # ---------------------------------------------------------------------------------------
 
-def gguf_rope(rope: RopeConfig, head_dim: int) -> tuple[float, dict, int, Optional[torch.Tensor]]:
-    """(freq_base, {metadata key suffix: value}, context_length, rope_freqs or None) that make
-    llama.cpp apply `rope`.
+# The RopeConfig a rope_freqs.weight table was written from, as JSON (dataclasses.asdict): llama.cpp
+# skips the key and runs the table; the reader checks that the two agree and reads the config back
+ROPE_KEY = "yarn_minimal.rope"
 
+
+def gguf_rope(rope: RopeConfig, head_dim: int) -> tuple[float, dict, Optional[torch.Tensor]]:
+    """(freq_base, {metadata key suffix: value}, rope_freqs or None) with which llama.cpp applies
+    `rope` exactly, or a CheckpointError saying why it cannot. llama.cpp (arch "llama") honours
+    rope.freq_base, rope.scaling.type/factor/original_context_length, rope.scaling.attn_factor
+    (cos/sin are multiplied by it whatever the type) and the tensor rope_freqs.weight (pair d's
+    angle divided by f_d); it ignores rope.scaling.yarn_beta_fast/slow for "llama" (tested).
+
+    RoPE, or any method at s = 1 -> no scaling keys (+ attn_factor = sqrt(1/t) when YaRN's is set).
     PI      -> scaling.type "linear", factor s (Eq. 10).
     NTK     -> plain RoPE with freq_base b' (Eq. 16), as Code Llama's rope_theta.
-    YaRN    -> scaling.type "yarn", factor s, original_context_length L; llama.cpp multiplies
-               cos/sin by attn_factor * (0.1 ln s + 1), so an explicit sqrt(1/t) is written as
-               attn_factor = sqrt(1/t) / (0.1 ln s + 1).
-    NTK-by-parts -> the same YaRN entry with sqrt(1/t) = 1 (Eq. 17 to Eq. 20 without Sec. 3.4).
-    NTK-by-parts with the paper's ramp (what an HF "llama3" config loads as) -> no scaling keys and
-    the tensor rope_freqs.weight, as llama.cpp's converter writes Llama 3.1.
-    context_length is the extended window L' = s L (what llama.cpp and Ollama use as the
-    model's context). What llama.cpp cannot run is refused, never written approximately."""
+    YaRN / NTK-by-parts with llama.cpp's own ramp (the code's, floored/ceiled, alpha/beta = 1/32)
+            -> scaling.type "yarn", factor s, original_context_length L; llama.cpp multiplies
+               cos/sin by attn_factor * (0.1 ln s + 1), so attn_factor = sqrt(1/t) / (0.1 ln s + 1)
+               (1 / (0.1 ln s + 1) for NTK-by-parts, which has no temperature).
+    Any other static per-pair form (the paper's ramp, i.e. HF's llama3; truncate=False; other
+    alpha/beta such as Yarn-Mistral's 2/128; c = 0.07) -> no scaling type, the tensor
+            rope_freqs.weight f_d = theta_d / h(theta_d), attn_factor = sqrt(1/t), and the
+            RopeConfig itself under ROPE_KEY (for reading back; llama.cpp skips it).
+    Dynamic Scaling is refused: llama.cpp's RoPE is static."""
     L, s = rope.original_length, rope.scale
     where = f"format='gguf': {rope.describe()}"
     if rope.dynamic:
-        raise CheckpointError(f"{where}: llama.cpp has no Dynamic Scaling (Sec. 3.3); its RoPE is static. "
-                              "Save a static setting (e.g. the s you fine-tuned with), or use format='meta'")
-    if rope.method == "none" or (s == 1 and rope.method != "ntk" and rope.attention_factor is None):
-        return rope.base, {}, L, None
+        raise CheckpointError(f"{where}: llama.cpp has no Dynamic Scaling (Sec. 3.3; no dynamic rope.scaling.type), "
+                              "its RoPE is static; save a static setting (e.g. the s you fine-tuned with), or use "
+                              "format='meta'")
+    target = attention_factor(rope, s)  # the sqrt(1/t) this model multiplies cos/sin by (1 but for YaRN)
+    temperature = {} if abs(target - 1.0) <= 1e-7 else {"rope.scaling.attn_factor": target}
+    if rope.method == "none" or (s == 1 and rope.method != "ntk"):  # every method is plain RoPE at s = 1
+        return rope.base, temperature, None
     if rope.method == "pi":
         return rope.base, {"rope.scaling.type": "linear", "rope.scaling.factor": float(s),
-                           "rope.scaling.original_context_length": L}, int(round(L * s)), None
+                           "rope.scaling.original_context_length": L}, None
     if rope.method == "ntk":
-        return ntk_aware_base(rope.base, s, head_dim), {}, int(round(L * s)), None
-    if rope.method == "ntk-by-parts" and rope.ramp == "paper":  # Llama 3's form: per-pair factors
-        factors = freq_factors(rope, head_dim)
-        try:  # only what this project reads back is written
-            rope_from_freq_factors(factors, rope.base, head_dim, ROPE_FREQS)
-        except CheckpointError as e:
-            raise CheckpointError(f"{where} with ramp='paper' as {ROPE_FREQS}: it would not read back ({e})") from None
-        return rope.base, {}, int(round(L * s)), factors
-    # "yarn" and "ntk-by-parts": llama.cpp's ggml_rope_yarn_corr_dims is the code's ramp, floored/ceiled
-    if rope.ramp != "code" or not rope.truncate:
-        raise CheckpointError(f"{where} with ramp={rope.ramp!r}, truncate={rope.truncate}: llama.cpp's YaRN ramp is "
-                              "the public code's, with floor/ceil correction dims (ramp='code', truncate=True); "
-                              "only NTK-by-parts without a temperature can take the paper's ramp (as rope_freqs.weight)")
-    if (rope.alpha, rope.beta) != (1.0, 32.0):
-        raise CheckpointError(f"{where}: alpha={rope.alpha:g}, beta={rope.beta:g}; llama.cpp reads "
-                              "rope.scaling.yarn_beta_fast/slow only for a few other architectures and uses 32/1 "
-                              "for 'llama'")
-    target = attention_factor(rope, s)  # the sqrt(1/t) this model runs with (1 for NTK-by-parts)
-    scaling = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(s), "rope.scaling.original_context_length": L}
-    attn = target / yarn_attention_factor(s)  # llama.cpp's own Eq. 22 (0.1 ln s + 1) is divided out
-    if abs(attn - 1.0) > 1e-7:
-        scaling["rope.scaling.attn_factor"] = attn
-    return rope.base, scaling, int(round(L * s)), None
+        return ntk_aware_base(rope.base, s, head_dim), {}, None
+    # "yarn" and "ntk-by-parts"
+    if rope.ramp == "code" and rope.truncate and (rope.alpha, rope.beta) == (1.0, 32.0):  # ggml_rope_yarn_corr_dims
+        scaling = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(s),
+                   "rope.scaling.original_context_length": L}
+        attn = target / yarn_attention_factor(s)  # llama.cpp's own Eq. 22 (0.1 ln s + 1) is divided out
+        if abs(attn - 1.0) > 1e-7:
+            scaling["rope.scaling.attn_factor"] = attn
+        return rope.base, scaling, None
+    return rope.base, temperature, freq_factors(rope, head_dim)
+
+
+def gguf_context_length(args: ModelArgs) -> int:
+    """llama.context_length: the window the model is meant for (RopeConfig.window, s L for a
+    static extension), no longer than a sliding window this model cannot run past."""
+    window = args.rope.window
+    return window if args.sliding_window is None else min(window, args.sliding_window)
 
 
 def _sentencepiece_vocab(tok: SentencePieceTokenizer) -> dict:
@@ -1172,7 +1245,8 @@ def save_gguf(model: Transformer, tokenizer: Optional[Tokenizer], path: Path) ->
         raise CheckpointError(f"format='gguf': weights in {dtype}; llama.cpp's float files are F32, F16 and BF16")
     if tokenizer is None:
         raise CheckpointError("format='gguf': a GGUF file carries its tokenizer; pass the tokenizer to save()")
-    base, scaling, context, factors = gguf_rope(args.rope, args.head_dim)  # refuses before anything is written
+    base, scaling, factors = gguf_rope(args.rope, args.head_dim)  # refuses before anything is written
+    context = gguf_context_length(args)
     vocab = tokenizer_metadata(tokenizer)
     n_tokens = len(vocab["tokenizer.ggml.tokens"][0])
     if n_tokens != args.vocab_size:
@@ -1204,7 +1278,10 @@ def save_gguf(model: Transformer, tokenizer: Optional[Tokenizer], path: Path) ->
             w.add_key_value(key, value, vtype, sub_type)
         for key in DIGESTS.values():
             w.add_string(key, "0" * 64)  # filled in by seal() once the file is written
+        if args.sliding_window is not None:  # llama.cpp ignores it for "llama"; read back into ModelArgs
+            w.add_uint32(f"{a}.attention.sliding_window", args.sliding_window)
         if factors is not None:
+            w.add_string(ROPE_KEY, json.dumps(dataclasses.asdict(args.rope)))
             w.add_tensor(ROPE_FREQS, factors.numpy())  # F32, one for all layers, as llama.cpp's converter writes it
         for key, t in state.items():
             if key == "output.weight" and tied:
