@@ -130,7 +130,7 @@ def test_dynamic_and_longrope_say_how_they_differ_from_the_paper(capsys, tmp_pat
     rope_command(["--config", str(tmp_path / "config.json"), "--seq-len", "5000"])
     out = capsys.readouterr().out
     assert "LongRoPE is no method of the paper" in out and "long_factor" in out
-    with pytest.raises(CheckpointError, match="LongRoPE, Phi-3.*cannot run it"):
+    with pytest.raises(CheckpointError, match="type 'longrope' is not supported: LongRoPE.*cannot run it"):
         rope_from_hf(BY_NAME["Phi-3.5-mini-instruct-longrope"], CONFIG)
 
 

@@ -179,10 +179,10 @@ def rope_from_hf(cfg: dict, source: Path) -> tuple[RopeConfig, dict[str, str], l
         elif kind == "yarn":
             rope = _yarn_from_hf(r, max_pos, base, model_type)
         elif kind in ("longrope", "su"):
-            raise CheckpointError(f"{source}: {key} type {kind!r} (LongRoPE, Phi-3): one searched factor per frequency "
-                                  "pair, switched from short_factor to long_factor past original_max_position_embeddings; "
-                                  "it is no method of the paper and this model cannot run it (`python -m yarn_minimal "
-                                  "rope --config` explains it)")
+            raise CheckpointError(f"{source}: {key} type {kind!r} is not supported: LongRoPE (Phi-3) uses one searched "
+                                  "factor per frequency pair, switched from short_factor to long_factor past "
+                                  "original_max_position_embeddings; it is no method of the paper and this model cannot "
+                                  "run it (`python -m yarn_minimal rope --config` explains it)")
         else:
             raise CheckpointError(f"{source}: {key} type {kind!r} is not supported; supported: default, linear, "
                                   "dynamic, yarn, llama3 (and longrope, explained by `rope --config` only)")
