@@ -42,11 +42,12 @@ def add_rope(sub) -> None:
     p.add_argument("--beta", type=float, default=None, help="Eq. 18 upper bound; default 32")
     p.add_argument("--ramp", default=None, choices=RAMPS, help="ramp form (see README); default code")
     p.add_argument("--dynamic", action="store_true", help="Dynamic Scaling (Sec. 3.3): s = max(1, N/L) for --seq-len N")
-    p.add_argument("--seq-len", type=int, default=None, help="current length l' for --dynamic (or a --config that is dynamic)")
+    p.add_argument("--seq-len", type=int, default=None, help="current length l' for --dynamic (or a --config whose RoPE depends on it: dynamic, longrope)")
     p.add_argument("--json", action="store_true", help='print {"inv_freq": [...], "attention_factor": x, "scale": s}')
     p.add_argument("--config", metavar="PATH",
                    help="read the RoPE setting of a checkpoint instead of the flags above (which it refuses): a "
-                        "config.json, a params.json or a model folder. Prints each value with the config key it came "
+                        "config.json of any architecture (llama, mistral, qwen2, deepseek, gpt_oss, phi3), a params.json, "
+                        "a .gguf file or a model folder. Prints each value with the config key it came "
                         "from and flags what is ambiguous (defaults used, a factor that disagrees with "
                         "max_position_embeddings, constants that live in remote code)")
     p.set_defaults(parser=p)
