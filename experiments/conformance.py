@@ -21,8 +21,8 @@ The configs are tests/conformance_configs.py's (name, config.json dict, source).
                 llama.cpp's own converter writes for the config (see gguf_rope_keys)
 
 Per config: inv_freq's largest relative difference from the authors' formulas, the cos/sin factor,
-and, on a tiny random-weight Llama (1 layer, 1 head of the config's rotary dimension, a 259-token
-vocabulary) run past the original context, the largest logit difference of each tool from the
+and, on a tiny random-weight Llama (1 layer, 1 head of the config's rotary dimension, the demo's
+4096-token vocabulary) run past the original context, the largest logit difference of each tool from the
 authors' model over the last 64 positions, beside that pair's noise floor (the same comparison
 with plain RoPE at the config's rope_theta) and the effect (how far the config's RoPE moves the
 logits from plain RoPE at all). A difference within 10 x floor + 1e-4 agrees.
@@ -67,7 +67,8 @@ QUICK_CONFIGS = ("Yarn-Llama-2-7b-64k", "gpt-oss-20b", "Linear-PI-factor-4")
 TOOLS = ("project", "transformers", "llama.cpp")
 TAIL = 64          # logits compared at the last TAIL positions
 PAST = 128         # tokens past the original context
-VOCAB = 259        # <unk> <s> </s> and 256 byte tokens: a sentencepiece-like vocabulary llama.cpp loads
+TOKENIZER = ROOT / "demo" / "yarn-demo" / "tokenizer.model"  # the demo's sentencepiece model (for the project's export)
+VOCAB = 4096       # its size
 AGREE = lambda diff, floor: diff <= 10 * floor + 1e-4
 
 # A config that no publisher wrote but users meet (issue 21): the original length only at the top level
@@ -188,6 +189,23 @@ def authors(cfg: dict, seq_len: int) -> dict:
         how += " (truncate: false, no floor/ceil)"
     return dict(inv_freq=inv, factor=float(factor), how=how,
                 paper_ramp_rel=rel_diff(paper * th / s + (1 - paper) * th, inv))
+
+
+def llama_cpp_rule(cfg: dict, seq_len: int) -> dict:
+    """What llama.cpp is documented to run (shared notes, reference-implementations.md) from the keys
+    gguf_rope_keys writes, for arch llama: YaRN with beta 32 / 1 whatever the yarn_beta_* keys say,
+    the ramp bounds always floored / ceiled, cos/sin x attn_factor (absent: 1) x (0.1 ln s + 1), the
+    yarn_attn_factor key ignored; no dynamic type (plain RoPE); llama3 through rope_freqs (the
+    authors' llama3 numbers); linear as PI. The run checks llama.cpp against it."""
+    t, rs = rope_type(cfg), rope_scaling(cfg)
+    if t == "dynamic":
+        return authors({**cfg, "rope_scaling": None}, seq_len)
+    if t != "yarn":
+        return authors(cfg, seq_len)
+    D, b, s = rotary_dim(cfg), float(cfg.get("rope_theta", 10000.0)), float(rs["factor"])
+    th, interp = theta(D, b), code_ramp(D, b, original_length(cfg), 32.0, 1.0, True)
+    return dict(inv_freq=interp * th / s + (1 - interp) * th, factor=0.1 * math.log(s) + 1,
+                how="beta 32 / 1, floor / ceil, 0.1 ln s + 1")
 
 
 def rel_diff(a, b) -> float:
@@ -335,19 +353,20 @@ def tiny_weights(D: int, seed: int = 0) -> dict:
 
 
 def vocabulary() -> list[str]:
-    return ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    """The pieces of llama.cpp's vocabulary for the tiny GGUF (only ids are fed, never text)."""
+    return ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + [f"t{i}" for i in range(VOCAB - 259)]
 
 
 def write_folder(folder: Path, config: dict, weights: dict) -> Path:
-    """config.json + model.safetensors + tokenizer.json: a Hugging Face folder every tool loads."""
+    """config.json + model.safetensors + the demo's tokenizer.model: a Hugging Face folder every tool loads."""
+    import shutil
+
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
-    Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocabulary())}, unk_token="<unk>")).save(
-        str(folder / "tokenizer.json"))
+    shutil.copy(TOKENIZER, folder / "tokenizer.model")
     return folder
 
 
@@ -378,18 +397,28 @@ def hf_logits(folder: Path, ids: torch.Tensor, rotary: tuple | None = None) -> t
         return model(ids[None], logits_to_keep=TAIL).logits[0].double()
 
 
-def project_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor | str:
+def project_logits(folder: Path, ids: torch.Tensor, gguf: Path | None = None) -> tuple:
+    """(logits at the last TAIL positions, the window it reports, the GGUF it exports or its
+    refusal); a refusal to load is one line instead of the logits."""
     import yarn_minimal
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model, _ = yarn_minimal.load(folder)
+            model, tok = yarn_minimal.load(folder)
             with torch.no_grad():
-                h = model.hidden_states(ids[None])[:, -TAIL:]
-                return model.output(h)[0].double()
+                logits = model.output(model.hidden_states(ids[None])[:, -TAIL:])[0].double()
     except Exception as e:  # noqa: BLE001 -- a refusal is a result
-        return one_line(e)
+        return one_line(e), None, None
+    exported = None
+    if gguf is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                exported = yarn_minimal.save(model, tok, gguf, format="gguf")
+        except Exception as e:  # noqa: BLE001
+            exported = one_line(e)
+    return logits, model.rope.window, exported
 
 
 def llama_cpp_version() -> str | None:
@@ -486,7 +515,8 @@ def write_gguf(path: Path, config: dict, weights: dict, rope_cfg: dict) -> tuple
     w.add_tokenizer_model("llama")
     w.add_token_list(vocabulary())
     w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256)
+    w.add_token_types([TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+                      + [TokenType.NORMAL] * (VOCAB - 259))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
@@ -508,7 +538,7 @@ def llama_cpp_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
     import numpy as np
 
     n = len(ids)
-    llm = llama_cpp.Llama(str(path), n_ctx=n, n_batch=n, n_ubatch=512, logits_all=True, n_threads=2,
+    llm = llama_cpp.Llama(str(path), n_ctx=n, n_batch=512, n_ubatch=512, logits_all=True, n_threads=2,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
     try:
         llm.eval(ids.tolist())
@@ -533,9 +563,11 @@ def inv_cell(got: dict, ref: dict) -> dict:
         else:
             cell["inv_freq_rel"] = rel_diff(got["inv_freq"], ref["inv_freq"])
         cell["factor_diff"] = got["factor"] - ref["factor"]
-    for k in ("softmax_factor", "scale", "rope_type"):
-        if k in got:
-            cell[k] = got[k]
+    for k, v in got.items():  # what else the tool states (the project's JSON: scale, softmax_factor, ...)
+        if k not in ("inv_freq", "factor", "refused") and isinstance(v, (int, float, str, bool)):
+            cell[k] = v
+    if "softmax_factor" in got:  # q.k is scaled by factor^2 x softmax_factor: the sqrt(1/t) in total
+        cell["effective_factor"] = got["factor"] * math.sqrt(got["softmax_factor"])
     return cell
 
 
@@ -588,7 +620,10 @@ def run_config(name: str, cfg: dict, source: str, work: Path, quick: bool, use_l
     row["effect"] = float((ref_l - ref_p).abs().max()) if ref_l is not None else float((hf_l - hf_p).abs().max())
     logits = {"transformers": logit_cell(hf_l, hf_p, ref_l, ref_p)}
     tick()
-    logits["project"] = logit_cell(project_logits(f_tiny, ids), project_logits(f_plain, ids), ref_l, ref_p, hf_l, hf_p)
+    p_l, window, exported = project_logits(f_tiny, ids, folder / "project.gguf" if use_llama_cpp else None)
+    p_p, _, exported_plain = project_logits(f_plain, ids, folder / "project-plain.gguf" if use_llama_cpp else None)
+    logits["project"] = logit_cell(p_l, p_p, ref_l, ref_p, hf_l, hf_p)
+    row["window"] = {"project": window, "transformers": cfg.get("max_position_embeddings")}
     tick()
     if not use_llama_cpp:
         logits["llama.cpp"] = {"refused": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
@@ -598,9 +633,24 @@ def run_config(name: str, cfg: dict, source: str, work: Path, quick: bool, use_l
             logits["llama.cpp"] = {"refused": f"not expressible as a llama-arch GGUF: {why}"}
         else:
             g_plain, _ = write_gguf(folder / "plain.gguf", plain, weights, plain)
-            logits["llama.cpp"] = logit_cell(llama_cpp_logits(g_tiny, ids), llama_cpp_logits(g_plain, ids),
-                                             ref_l, ref_p, hf_l, hf_p)
+            got = llama_cpp_logits(g_tiny, ids)
+            logits["llama.cpp"] = logit_cell(got, llama_cpp_logits(g_plain, ids), ref_l, ref_p, hf_l, hf_p)
             logits["llama.cpp"]["gguf_keys"] = {k: v for k, v in gguf_rope_keys(tiny)[0].items()}
+            rule = llama_cpp_rule(cfg, n)
+            if rule["inv_freq"] is not None:  # is the difference the documented rule? (llama.cpp vs that model)
+                rule_l = hf_logits(f_tiny, ids, (rule["inv_freq"], rule["factor"]))
+                diff, floor = float((got - rule_l).abs().max()), logits["llama.cpp"]["floor"]
+                logits["llama.cpp"]["documented_rule"] = {"how": rule["how"], "diff": diff, "agrees": AGREE(diff, floor)}
+        # the project's own GGUF export, run by llama.cpp, against the project's logits
+        if isinstance(exported, Path) and isinstance(exported_plain, Path) and not isinstance(p_l, str):
+            logits["project GGUF in llama.cpp"] = logit_cell(llama_cpp_logits(exported, ids),
+                                                             llama_cpp_logits(exported_plain, ids), p_l, p_p)
+            from gguf import GGUFReader
+            meta = GGUFReader(str(exported)).fields
+            row["window"]["project GGUF"] = int(meta["llama.context_length"].contents())
+        elif isinstance(exported, str):
+            logits["project GGUF in llama.cpp"] = {"refused": f"save(format='gguf'): {exported}"}
+        row["window"]["llama.cpp GGUF"] = int(cfg["max_position_embeddings"])  # the converter's context_length
     tick()
     row["logits"] = logits
     # no temporary paths in the results: a message names the file relative to the config's folder
@@ -624,56 +674,80 @@ def inv_text(cell: dict) -> str:
         return "refused"
     rel = "-" if cell.get("inv_freq_rel", None) is None else fmt(cell["inv_freq_rel"])
     text = f"{rel} / {cell['factor']:.4f}"
-    if "softmax_factor" in cell:
-        text += f" (softmax x{cell['softmax_factor']:.4f})"
+    if cell.get("softmax_factor", 1.0) != 1.0:
+        text += f" (x softmax {cell['softmax_factor']:.4f}: {cell['effective_factor']:.4f} in all)"
     return text
 
 
-def logit_text(cell: dict) -> str:
+def logit_text(cell: dict | None, against="diff") -> str:
+    if cell is None:
+        return "-"
     if "refused" in cell:
-        return "refused" if "not installed" not in cell["refused"] else "not installed"
-    parts = []
-    if "diff" in cell:
-        parts.append(f"{fmt(cell['diff'])} ({fmt(cell['floor'])}){'' if cell['agrees'] else ' **differs**'}")
-    if "diff_transformers" in cell:
-        parts.append(f"vs tf {fmt(cell['diff_transformers'])} ({fmt(cell['floor_transformers'])})")
-    return "; ".join(parts) or "-"
+        return "not installed" if "not installed" in cell["refused"] else "refused"
+    floor_key, agree_key = {"diff": ("floor", "agrees"),
+                            "diff_transformers": ("floor_transformers", "agrees_transformers")}[against]
+    if against not in cell:
+        return "-"
+    return f"{fmt(cell[against])} ({fmt(cell[floor_key])}){'' if cell[agree_key] else ' **differs**'}"
 
 
 def summary(results: dict) -> str:
+    rows = results["configs"]
     lines = ["# Conformance: published RoPE configs in four tools\n",
              f"Command: `{results['command']}`  ",
              f"Machine: {results['machine']}; transformers {results['versions']['transformers']}, llama-cpp-python "
              f"{results['versions']['llama_cpp'] or 'not installed'}; this project at {results['versions']['project']}.  ",
              f"Wall time: {results['wall_s'] / 60:.1f} min.\n",
-             "inv_freq: largest relative difference from the authors' formulas / the cos/sin factor sqrt(1/t). "
-             "Logits: largest |difference| from the authors' model over the last "
-             f"{TAIL} positions of a tiny random-weight Llama run {PAST} tokens past the original context "
-             "(noise floor: the same pair with plain RoPE, in parentheses; **differs** = above 10 x floor + 1e-4); "
-             "'vs tf' is the same against transformers' model. Effect: how far the config moves the authors' "
-             "logits from plain RoPE.\n",
-             "| config | type | authors: factor | project inv_freq / factor | transformers inv_freq / factor | "
-             "effect | transformers logits | project logits | llama.cpp logits |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results["configs"]:
-        a = r["authors"]
-        lines.append(f"| {r['name']} | {r['rope_type']} | {fmt(a['factor'], 5) if a['factor'] is not None else 'none'} | "
-                     f"{inv_text(r['inv_freq']['project'])} | {inv_text(r['inv_freq']['transformers'])} | "
-                     f"{fmt(r['effect'])} | {logit_text(r['logits']['transformers'])} | "
-                     f"{logit_text(r['logits']['project'])} | {logit_text(r['logits']['llama.cpp'])} |")
-    lines += ["", "Refusals and notes, one line each:", ""]
-    for r in results["configs"]:
-        for tool, cell in [*((f"{t} rope", c) for t, c in r["inv_freq"].items()),
-                           *((f"{t} model", c) for t, c in r["logits"].items())]:
+             "## The RoPE each tool computes from the config\n",
+             "Largest relative inv_freq difference from the authors' formulas / the cos/sin factor sqrt(1/t) "
+             "(DeepSeek: x its softmax factor, and the sqrt(1/t) that makes in all). Project: `python -m yarn_minimal "
+             "rope --config X --json`; transformers: `ROPE_INIT_FUNCTIONS[rope_type](config)`.\n",
+             "| config | type | authors' sqrt(1/t) | project | transformers |", "|---|---|---|---|---|"]
+    for r in rows:
+        factor = "none" if r["authors"]["factor"] is None else f"{r['authors']['factor']:.4f}"
+        lines.append(f"| {r['name']} | {r['rope_type']} | {factor} | "
+                     f"{inv_text(r['inv_freq']['project'])} | {inv_text(r['inv_freq']['transformers'])} |")
+    lines += ["", "## The tiny model past the original context\n",
+              f"Largest |logit difference| over the last {TAIL} positions of a 1-layer, 1-head random-weight Llama "
+              f"with the config's rotary dim, run {PAST} tokens past the original context, from the authors' model "
+              "(transformers' network with the authors' inv_freq and factor), with the pair's noise floor in "
+              "parentheses (the same two tools with plain RoPE); **differs**: above 10 x floor + 1e-4. Effect: "
+              "the authors' model with the config against plain RoPE. 'llama.cpp vs tf': against transformers' "
+              "model. 'project GGUF': the project's own GGUF export run by llama.cpp, against the project's logits.\n",
+              "| config | tokens | effect | transformers | project | llama.cpp | llama.cpp vs tf | "
+              "llama.cpp vs its documented rule | project GGUF in llama.cpp |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lg = r["logits"]
+        lc = lg.get("llama.cpp", {})
+        rule = lc.get("documented_rule")
+        lines.append(f"| {r['name']} | {r['tokens']} | {fmt(r['effect'])} | {logit_text(lg['transformers'])} | "
+                     f"{logit_text(lg['project'])} | {logit_text(lc)} | {logit_text(lc, 'diff_transformers')} | "
+                     f"{'-' if rule is None else fmt(rule['diff']) + ('' if rule['agrees'] else ' **differs**')} | "
+                     f"{logit_text(lg.get('project GGUF in llama.cpp'))} |")
+    lines += ["", "## The window each tool takes the checkpoint to have\n",
+              "| config | transformers (max_position_embeddings) | project (warns past) | project's GGUF context_length | "
+              "llama.cpp converter's context_length |", "|---|---|---|---|---|"]
+    for r in rows:
+        w = r.get("window", {})
+        lines.append(f"| {r['name']} | {w.get('transformers', '-')} | {w.get('project') or '-'} | "
+                     f"{w.get('project GGUF', '-')} | {w.get('llama.cpp GGUF', '-')} |")
+    lines += ["", "Refusals, one line each:", ""]
+    for r in rows:
+        for tool, cell in [*((f"{t}, rope", c) for t, c in r["inv_freq"].items()),
+                           *((f"{t}, model", c) for t, c in r["logits"].items())]:
             if "refused" in cell:
                 lines.append(f"- {r['name']}, {tool}: {cell['refused']}")
-            elif cell.get("note"):
-                lines.append(f"- {r['name']}, {tool}: {cell['note']}")
     lines += ["", "The authors' formulas per config:", ""]
     lines += [f"- {r['name']}: {r['authors']['how']}"
               + (f"; Eq. 18's ramp in r would differ by {fmt(r['authors']['paper_ramp_rel'])} (relative inv_freq)"
-                 if 'paper_ramp_rel' in r['authors'] else "") for r in results["configs"]]
+                 if 'paper_ramp_rel' in r['authors'] else "") for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def shown_path(path: Path) -> str:
+    """A path as the results record it: relative to the repository, or only its name (no absolute paths)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else f"<{path.name}>"
 
 
 def machine_kind() -> str:
@@ -732,7 +806,7 @@ def main(argv=None) -> None:
         print("llama-cpp-python is not installed: the llama.cpp column is skipped (pip install llama-cpp-python)",
               file=sys.stderr)
     command = "python -m experiments.conformance" + (f" --configs {a.configs}" if a.configs else "") + \
-        (" --quick" if a.quick else "") + (f" --out {a.out}" if a.out else "")
+        (" --quick" if a.quick else "") + (f" --out {shown_path(out)}" if a.out else "")
     start = time.time()
     rows = []
     by_name = {n: (n, c, s) for n, c, s in CONFIGS + EXTRA}
@@ -748,8 +822,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
     write_summary(out / "SUMMARY.md", summary(results))
-    shown = out.relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out
-    print(f"wrote {shown}/results.json and SUMMARY.md ({results['wall_s']:.0f} s)")
+    print(f"wrote {out}/results.json and SUMMARY.md ({results['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":
