@@ -368,6 +368,9 @@ WRITTEN = {
                         {"rope.scaling.attn_factor": pytest.approx(EQ22, rel=1e-7)}, True),
     "ntk-by-parts-beta-16": (RopeConfig(method="ntk-by-parts", scale=8.0, original_length=256, beta=16.0), {}, True),
     "llama3-style": (LLAMA3_DEMO, {}, True),
+    # Llama 3.1's config states max_position_embeddings (131072) apart from s L (65536): context_length says it
+    "llama3-extended-length": (RopeConfig(method="ntk-by-parts", ramp="paper", alpha=1.0, beta=4.0, scale=8.0,
+                                          original_length=256, extended_length=4096), {}, True),
     "llama3-narrow-ramp": (RopeConfig(method="ntk-by-parts", ramp="paper", beta=1.2, scale=8.0, original_length=256),
                            {}, True),  # fewer than 2 pairs inside the ramp: only ROPE_KEY can say L and beta
 }
