@@ -14,10 +14,11 @@ A GGUF file is one file: metadata (key -> value) followed by tensors, each store
     llama.rope.freq_base / dimension_count      b / |D| (must be the whole head)
     llama.rope.scaling.*                        RopeConfig (rope_from_metadata)
     tokenizer.ggml.*                            the vocabulary (tokenizer_from_metadata)
-    rope_freqs.weight (a tensor, F32, |D|/2)    Llama 3.x's "llama3" RoPE: per-pair factors f_d,
+    rope_freqs.weight (a tensor, F32, |D|/2)    per-pair factors f_d (Llama 3.x's "llama3" RoPE):
                                                 read as NTK-by-parts with the paper's ramp
-                                                (rope_from_freq_factors) and written back so
-                                                (freq_factors)
+                                                (rope_from_freq_factors); written (freq_factors)
+                                                for every per-pair RoPE the "yarn" type cannot
+                                                say, with the RopeConfig under yarn_minimal.rope
 
     tensor                                      Meta's key
     token_embd                                  tok_embeddings
