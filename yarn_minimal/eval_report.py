@@ -60,7 +60,7 @@ def _comma_list(text: str, flag: str, read: Callable[[str], object], what: str) 
 # every RopeConfig field is here.
 CONFIG_TYPES = {"label": str, "ckpt": str, "method": str, "scale": float, "original_length": int, "base": float,
                 "dynamic": bool, "alpha": float, "beta": float, "ramp": str, "attention_factor": float,
-                "attention_coefficient": float, "truncate": bool}
+                "attention_coefficient": float, "truncate": bool, "extended_length": int}
 CONFIG_KEYS = tuple(CONFIG_TYPES)
 BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
