@@ -220,7 +220,7 @@ def rel_diff(a, b) -> float:
 def hf_config(cfg: dict):
     from transformers import AutoConfig
 
-    c = dict(cfg)
+    c = copy.deepcopy(cfg)  # transformers writes into the rope_scaling dict it is given (its standardisation)
     c.pop("auto_map", None)  # what transformers does without trust_remote_code
     with warnings.catch_warnings(), quiet():
         warnings.simplefilter("ignore")
@@ -587,6 +587,7 @@ def logit_cell(got, got_plain, ref, ref_plain, hf=None, hf_plain=None) -> dict:
 
 
 def run_config(name: str, cfg: dict, source: str, work: Path, quick: bool, use_llama_cpp: bool, tick) -> dict:
+    cfg = copy.deepcopy(cfg)
     n = test_length(cfg, quick)
     ids = token_ids(n)
     folder = work / name

@@ -74,3 +74,12 @@ def test_out_checked_before_any_work(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="nothing in it is replaced"):
         conformance.main(["--quick", "--out", str(tmp_path)])
+
+
+def test_published_dicts_left_as_published(quick_run):
+    """transformers standardises the rope_scaling dict it is handed in place; the run must copy it
+    first, or a later tool reads transformers' rewrite (a top-level original length moved inside)."""
+    from tests.conformance_configs import BY_NAME
+
+    assert BY_NAME["Yarn-Llama-2-7b-64k"]["rope_scaling"] == {"factor": 16.0, "finetuned": True,
+                                                              "original_max_position_embeddings": 4096, "type": "yarn"}
