@@ -40,7 +40,7 @@ import torch
 
 from .files import (CHECKSUMS, CheckpointError, Output, check_output, check_sha256, holds, json_with, publish, read_json,
                     starts_with, verify_checksums, write_checksums, write_json)
-from .formats.gguf import load_gguf, open_gguf, read_gguf_config, read_gguf_tokenizer, save_gguf
+from .formats.gguf import gguf_rope, load_gguf, open_gguf, read_gguf_config, read_gguf_tokenizer, save_gguf
 from .formats.common import RopeExplanation, explain_rope
 from .formats.hf import explain_hf, hf_rope_scaling, load_hf, permute_to_hf, read_hf_config, rope_from_hf, save_hf
 from .formats.meta import SHARD_DIM, load_meta, read_meta_config, save_meta
@@ -260,6 +260,11 @@ def convert(src: Path, dst: Path, format: str, dtype: Optional[torch.dtype] = No
     if format != "gguf" and dst.suffix.lower() == ".gguf":
         raise ValueError(f"{dst}: a .gguf name for a {format} folder; write a GGUF file with --format gguf")
     check_output(dst, output_kind(format), overwrite)  # before SRC is read, not after
+    args = read_config(src)[0]  # a RoPE setting the format cannot state is refused before the weights are read
+    if format == "gguf":
+        gguf_rope(args.rope, args.head_dim)
+    elif format == "hf":
+        hf_rope_scaling(args.rope, args.head_dim)
     dtype = dtype or stored_dtype(src)
     print(f"reading {src} ...", file=sys.stderr)
     model, tokenizer = load(src, dtype=dtype, progress=True)
