@@ -28,6 +28,50 @@ from yarn_minimal.tokenizer import Tokenizer
 DEFAULT_PROMPT = "Once upon a time,"
 
 
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
+    ckpt = cli.resolve_checkpoint(args.ckpt)
+    try:
+        model, tokenizer = load(ckpt, device=device, dtype=dtype)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --ckpt {ckpt}: {e}") from None
+    model.set_rope(cli.rope_from_args(args, model.rope))
+    bos = cli.resolve_bos(args.bos, tokenizer)
+
+    if args.prompt is not None:
+        prompt_tokens = tokenizer.encode(args.prompt, bos=bos)
+    elif ckpt.resolve() == cli.DEFAULT_CKPT:
+        # the demo model (L = 256): a long document it never saw, 12 x L tokens of it, so that
+        # `--yarn-scale 16` has a context far beyond L to work with
+        n = 12 * model.rope.original_length
+        prompt_tokens = tokenizer.encode(cli.DEMO_PROMPT.read_text(encoding="utf-8"), bos=bos)[:n]
+        print(f"# no --prompt: the first {n} tokens of {cli.DEMO_PROMPT.name}, a held-out document", file=sys.stderr)
+    else:
+        prompt_tokens = tokenizer.encode(DEFAULT_PROMPT, bos=bos)
+    stats = GenerationStats()
+    text = TextStream(tokenizer, prompt_tokens[-1:])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    print(f"# {model.rope.describe()}, {len(prompt_tokens)} prompt tokens, {device} {str(dtype).removeprefix('torch.')}",
+          file=sys.stderr)
+    try:
+        tokens = stream(model, prompt_tokens, **asdict(args.request), stats=stats, progress=True)
+    except ValueError as e:  # a request the checkpoint cannot run (past a sliding window, or its memory)
+        raise SystemExit(f"error: {as_flag(e)}") from None
+    for token in tokens:
+        print(text.push(token), end="", flush=True)
+    print(text.flush())
+    print(f"prompt: {stats.prompt_tokens} tokens | generated: {stats.new_tokens} tokens"
+          f"{' (stopped at EOS)' if stats.stopped_at_eos else ''} | effective scale s at the end: "
+          f"{'none (no forward pass ran)' if stats.final_scale is None else format(stats.final_scale, 'g')}\n"
+          f"{speed_line(stats, args.compile)}\n"
+          f"peak memory: {peak_memory(device)}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+# What main calls: the flags, the streamed text, the summary lines
+
 class TextStream:
     """Turns token ids into text as they come. Decoding each token alone would drop
     sentencepiece's leading spaces and split multi-byte characters made of byte-fallback
@@ -134,47 +178,6 @@ def speed_line(stats: GenerationStats, compiled: bool) -> str:
         return line + f"decode: no timed step{compile_note(stats) if compiled and stats.compiled_steps else ''}"
     return (line + f"decode: {stats.decode_tokens_per_s:.1f} tokens/s ({stats.decode_steps} steps, "
             f"{stats.decode_seconds:.2f} s{compile_note(stats) if compiled else ''})")
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    args = parse_args(argv)
-    device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
-    ckpt = cli.resolve_checkpoint(args.ckpt)
-    try:
-        model, tokenizer = load(ckpt, device=device, dtype=dtype)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: --ckpt {ckpt}: {e}") from None
-    model.set_rope(cli.rope_from_args(args, model.rope))
-    bos = cli.resolve_bos(args.bos, tokenizer)
-
-    if args.prompt is not None:
-        prompt_tokens = tokenizer.encode(args.prompt, bos=bos)
-    elif ckpt.resolve() == cli.DEFAULT_CKPT:
-        # the demo model (L = 256): a long document it never saw, 12 x L tokens of it, so that
-        # `--yarn-scale 16` has a context far beyond L to work with
-        n = 12 * model.rope.original_length
-        prompt_tokens = tokenizer.encode(cli.DEMO_PROMPT.read_text(encoding="utf-8"), bos=bos)[:n]
-        print(f"# no --prompt: the first {n} tokens of {cli.DEMO_PROMPT.name}, a held-out document", file=sys.stderr)
-    else:
-        prompt_tokens = tokenizer.encode(DEFAULT_PROMPT, bos=bos)
-    stats = GenerationStats()
-    text = TextStream(tokenizer, prompt_tokens[-1:])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    print(f"# {model.rope.describe()}, {len(prompt_tokens)} prompt tokens, {device} {str(dtype).removeprefix('torch.')}",
-          file=sys.stderr)
-    try:
-        tokens = stream(model, prompt_tokens, **asdict(args.request), stats=stats, progress=True)
-    except ValueError as e:  # a request the checkpoint cannot run (past a sliding window, or its memory)
-        raise SystemExit(f"error: {as_flag(e)}") from None
-    for token in tokens:
-        print(text.push(token), end="", flush=True)
-    print(text.flush())
-    print(f"prompt: {stats.prompt_tokens} tokens | generated: {stats.new_tokens} tokens"
-          f"{' (stopped at EOS)' if stats.stopped_at_eos else ''} | effective scale s at the end: "
-          f"{'none (no forward pass ran)' if stats.final_scale is None else format(stats.final_scale, 'g')}\n"
-          f"{speed_line(stats, args.compile)}\n"
-          f"peak memory: {peak_memory(device)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

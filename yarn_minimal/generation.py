@@ -34,6 +34,178 @@ from .rope import effective_scale, is_int, is_number, warn_beyond_window
 CACHE_MODES = ("pre-rope", "rotated")
 
 
+# ---------------------------------------------------------------------------------------
+# Prefill, decode step, decode loop
+# ---------------------------------------------------------------------------------------
+
+def prefill(model: Transformer, prompt_tokens: Sequence[int], cache: KVCache, chunk: int,
+            progress: bool = False) -> torch.Tensor:
+    """Run the prompt through the model into the cache, `chunk` tokens per forward pass; the
+    logits (vocab,) of its last position. Every chunk rotates with the s of one forward pass
+    over the whole sequence (scale_length, Sec. 3.3), so chunking changes nothing but memory."""
+    device = model.tok_embeddings.weight.device
+    prompt = torch.tensor([list(prompt_tokens)], dtype=torch.long, device=device)
+    length = cache.length + prompt.shape[1]
+    starts = range(0, prompt.shape[1], chunk)
+    for a in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 2, leave=False):
+        logits = model(prompt[:, a:a + chunk], cache=cache, last_only=True, scale_length=length)[0, -1]
+    return logits
+
+
+def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One new token (1, 1) through the model after the cached ones: its logits (vocab,).
+    s follows the length, l' = tokens so far + 1 (Sec. 3.3)."""
+    return model(token, cache=cache, last_only=True)[0, -1]
+
+
+DecodeStep = Callable[[Transformer, torch.Tensor, KVCache], torch.Tensor]
+
+
+def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, max_new_tokens: int,
+           choose: Callable[[torch.Tensor], int], stop_ids: Collection[int],
+           step: DecodeStep = decode_step) -> Iterator[int]:
+    """The decode loop: a token chosen from the logits, then fed back for the next logits;
+    stops before a token in stop_ids (not yielded) or after max_new_tokens tokens."""
+    for i in range(max_new_tokens):
+        token = choose(logits)
+        if token in stop_ids:
+            return
+        yield token
+        if i + 1 < max_new_tokens:  # the last token needs no logits after it
+            logits = step(model, torch.tensor([[token]], device=logits.device), cache)
+
+
+# ---------------------------------------------------------------------------------------
+# The public entry points, and the timing around the loop
+# ---------------------------------------------------------------------------------------
+
+def stream(model: Transformer, prompt_tokens: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+           top_p: float = 1.0, seed: Optional[int] = None, *, stats: Optional[GenerationStats] = None,
+           on_logits: Optional[Callable[[torch.Tensor], None]] = None, progress: bool = False,
+           **options) -> Iterator[int]:
+    """Yield up to max_new_tokens new token ids, one at a time, as they are produced.
+
+    options    the other fields of GenerationConfig: eos_id, ignore_eos, max_length, cache,
+               prefill_chunk, compile
+    stats      a GenerationStats to fill in (timings, final s)
+    on_logits  called with the logits (vocab,) that every new token is sampled from
+    progress   a tqdm bar (stderr) over the prefill chunks
+    """
+    config = GenerationConfig(max_new_tokens, temperature, top_p, seed, **options)
+    total = check_request(model, prompt_tokens, config)  # here, so that bad input fails at the call
+    return _run(model, list(prompt_tokens), total, config, GenerationStats() if stats is None else stats,
+                on_logits, progress)
+
+
+def generate(model: Transformer, prompt_tokens: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: Optional[int] = None, **options) -> list[int]:
+    """The new tokens (not the prompt) as a list; see `stream` for the options."""
+    return list(stream(model, prompt_tokens, max_new_tokens, temperature, top_p, seed, **options))
+
+
+@torch.inference_mode()
+def _run(model: Transformer, prompt_tokens: list[int], total: int, config: GenerationConfig,
+         stats: GenerationStats, on_logits: Optional[Callable[[torch.Tensor], None]],
+         progress: bool) -> Iterator[int]:
+    """stream's body: prefill, then the decode loop, each timed from outside."""
+    stats.prompt_tokens = len(prompt_tokens)
+    n_new = total - len(prompt_tokens)
+    if n_new == 0:
+        return
+    weights = next(model.parameters())
+    cache = KVCache(model.args, 1, total, device=weights.device, dtype=weights.dtype, mode=config.cache)
+    generator = None if config.seed is None else torch.Generator(weights.device).manual_seed(config.seed)
+
+    def choose(logits: torch.Tensor) -> int:
+        if on_logits is not None:
+            on_logits(logits)
+        return sample(logits, config.temperature, config.top_p, generator)  # int(): waits for the device
+
+    if weights.device.type == "cpu" and weights.dtype == torch.float32:
+        decode_kernel.library()  # the CPU decoding steps' C kernel, built once per process before any clock starts
+    t0 = time.perf_counter()
+    logits = prefill(model, prompt_tokens, cache, config.prefill_chunk, progress)
+    if weights.device.type == "cuda":
+        torch.cuda.synchronize(weights.device)
+    stats.prefill_seconds, stats.final_scale = time.perf_counter() - t0, cache.scale
+    step = compiled_decode_step(stats) if config.compile else decode_step
+    yield from timed(decode(model, cache, logits, n_new, choose, config.stop_ids(model), step), cache, stats)
+    stats.stopped_at_eos = stats.new_tokens < n_new
+
+
+def timed(tokens: Iterator[int], cache: KVCache, stats: GenerationStats) -> Iterator[int]:
+    """The tokens of the decode loop, passed on, with the time of each decode step (its forward
+    pass and the sampling after it) added to stats. The consumer's time between tokens
+    (printing) is not counted, and the first compiled step, mostly compilation, is kept apart."""
+    while True:
+        length, compiled_before = cache.length, stats.compiled_steps
+        t0 = time.perf_counter()
+        token = next(tokens, None)
+        if cache.length > length:  # a forward pass ran: every token but the first, and a final EOS
+            seconds = time.perf_counter() - t0
+            if compiled_before == 0 and stats.compiled_steps == 1:
+                stats.compile_seconds = seconds
+            else:
+                stats.decode_seconds += seconds
+                stats.decode_steps += 1
+            stats.final_scale = cache.scale  # s of this step: l' = tokens so far (Sec. 3.3)
+        if token is None:
+            return
+        stats.new_tokens += 1
+        yield token
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus sampling: keep the smallest set of most likely tokens whose mass reaches top_p,
+    renormalized. probs is (..., vocab)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    sorted_probs = sorted_probs * (mass_before < top_p)  # the most likely token is always kept
+    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return kept / kept.sum(-1, keepdim=True)
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: Optional[torch.Generator] = None) -> int:
+    """One token id from the logits (vocab,): argmax when temperature is 0, otherwise a draw
+    from softmax(logits / temperature) restricted to the top-p nucleus."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = top_p_filter(probs, top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile of the decode step (--compile)
+# ---------------------------------------------------------------------------------------
+
+def compiled_decode_step(stats: GenerationStats) -> DecodeStep:
+    """decode_step under torch.compile while s stays at its floor (every step of a static method,
+    Dynamic Scaling's up to L s0), counted in stats.compiled_steps. s enters the graph as a
+    constant, so past L s0, where s changes with every token, a compiled step would compile
+    again at every token: those steps run eagerly."""
+    compiled = torch.compile(decode_step, dynamic=True)  # the cache grows every step
+
+    def step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if effective_scale(model.rope, cache.length + 1) != model.rope.scale:
+            return decode_step(model, token, cache)
+        stats.compiled_steps += 1
+        return compiled(model, token, cache)
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------
+# The request: its options, what a run measured, and the checks before anything runs
+# ---------------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """One request: how many tokens, how each is chosen, when to stop, how the model runs.
@@ -151,167 +323,3 @@ def check_memory(model: Transformer, prompt_length: int, total: int, field: str)
                          f"beside the model's {sizing.format_bytes(model_bytes)}, more than the "
                          f"{sizing.format_bytes(have)} of {weights.device} memory; at most {fit} new tokens fit "
                          "after this prompt")
-
-
-# ---------------------------------------------------------------------------------------
-# Sampling
-# ---------------------------------------------------------------------------------------
-
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus sampling: keep the smallest set of most likely tokens whose mass reaches top_p,
-    renormalized. probs is (..., vocab)."""
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(-1) - sorted_probs
-    sorted_probs = sorted_probs * (mass_before < top_p)  # the most likely token is always kept
-    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return kept / kept.sum(-1, keepdim=True)
-
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: Optional[torch.Generator] = None) -> int:
-    """One token id from the logits (vocab,): argmax when temperature is 0, otherwise a draw
-    from softmax(logits / temperature) restricted to the top-p nucleus."""
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    probs = top_p_filter(probs, top_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-# ---------------------------------------------------------------------------------------
-# Prefill, decode step, decode loop
-# ---------------------------------------------------------------------------------------
-
-def prefill(model: Transformer, prompt_tokens: Sequence[int], cache: KVCache, chunk: int,
-            progress: bool = False) -> torch.Tensor:
-    """Run the prompt through the model into the cache, `chunk` tokens per forward pass; the
-    logits (vocab,) of its last position. Every chunk rotates with the s of one forward pass
-    over the whole sequence (scale_length, Sec. 3.3), so chunking changes nothing but memory."""
-    device = model.tok_embeddings.weight.device
-    prompt = torch.tensor([list(prompt_tokens)], dtype=torch.long, device=device)
-    length = cache.length + prompt.shape[1]
-    starts = range(0, prompt.shape[1], chunk)
-    for a in tqdm(starts, desc="prefill", unit="chunk", disable=not progress or len(starts) < 2, leave=False):
-        logits = model(prompt[:, a:a + chunk], cache=cache, last_only=True, scale_length=length)[0, -1]
-    return logits
-
-
-def decode_step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One new token (1, 1) through the model after the cached ones: its logits (vocab,).
-    s follows the length, l' = tokens so far + 1 (Sec. 3.3)."""
-    return model(token, cache=cache, last_only=True)[0, -1]
-
-
-DecodeStep = Callable[[Transformer, torch.Tensor, KVCache], torch.Tensor]
-
-
-def decode(model: Transformer, cache: KVCache, logits: torch.Tensor, max_new_tokens: int,
-           choose: Callable[[torch.Tensor], int], stop_ids: Collection[int],
-           step: DecodeStep = decode_step) -> Iterator[int]:
-    """The decode loop: a token chosen from the logits, then fed back for the next logits;
-    stops before a token in stop_ids (not yielded) or after max_new_tokens tokens."""
-    for i in range(max_new_tokens):
-        token = choose(logits)
-        if token in stop_ids:
-            return
-        yield token
-        if i + 1 < max_new_tokens:  # the last token needs no logits after it
-            logits = step(model, torch.tensor([[token]], device=logits.device), cache)
-
-
-def compiled_decode_step(stats: GenerationStats) -> DecodeStep:
-    """decode_step under torch.compile while s stays at its floor (every step of a static method,
-    Dynamic Scaling's up to L s0), counted in stats.compiled_steps. s enters the graph as a
-    constant, so past L s0, where s changes with every token, a compiled step would compile
-    again at every token: those steps run eagerly."""
-    compiled = torch.compile(decode_step, dynamic=True)  # the cache grows every step
-
-    def step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if effective_scale(model.rope, cache.length + 1) != model.rope.scale:
-            return decode_step(model, token, cache)
-        stats.compiled_steps += 1
-        return compiled(model, token, cache)
-
-    return step
-
-
-# ---------------------------------------------------------------------------------------
-# The public entry points, and the timing around the loop
-# ---------------------------------------------------------------------------------------
-
-def stream(model: Transformer, prompt_tokens: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
-           top_p: float = 1.0, seed: Optional[int] = None, *, stats: Optional[GenerationStats] = None,
-           on_logits: Optional[Callable[[torch.Tensor], None]] = None, progress: bool = False,
-           **options) -> Iterator[int]:
-    """Yield up to max_new_tokens new token ids, one at a time, as they are produced.
-
-    options    the other fields of GenerationConfig: eos_id, ignore_eos, max_length, cache,
-               prefill_chunk, compile
-    stats      a GenerationStats to fill in (timings, final s)
-    on_logits  called with the logits (vocab,) that every new token is sampled from
-    progress   a tqdm bar (stderr) over the prefill chunks
-    """
-    config = GenerationConfig(max_new_tokens, temperature, top_p, seed, **options)
-    total = check_request(model, prompt_tokens, config)  # here, so that bad input fails at the call
-    return _run(model, list(prompt_tokens), total, config, GenerationStats() if stats is None else stats,
-                on_logits, progress)
-
-
-def generate(model: Transformer, prompt_tokens: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: Optional[int] = None, **options) -> list[int]:
-    """The new tokens (not the prompt) as a list; see `stream` for the options."""
-    return list(stream(model, prompt_tokens, max_new_tokens, temperature, top_p, seed, **options))
-
-
-@torch.inference_mode()
-def _run(model: Transformer, prompt_tokens: list[int], total: int, config: GenerationConfig,
-         stats: GenerationStats, on_logits: Optional[Callable[[torch.Tensor], None]],
-         progress: bool) -> Iterator[int]:
-    """stream's body: prefill, then the decode loop, each timed from outside."""
-    stats.prompt_tokens = len(prompt_tokens)
-    n_new = total - len(prompt_tokens)
-    if n_new == 0:
-        return
-    weights = next(model.parameters())
-    cache = KVCache(model.args, 1, total, device=weights.device, dtype=weights.dtype, mode=config.cache)
-    generator = None if config.seed is None else torch.Generator(weights.device).manual_seed(config.seed)
-
-    def choose(logits: torch.Tensor) -> int:
-        if on_logits is not None:
-            on_logits(logits)
-        return sample(logits, config.temperature, config.top_p, generator)  # int(): waits for the device
-
-    if weights.device.type == "cpu" and weights.dtype == torch.float32:
-        decode_kernel.library()  # the CPU decoding steps' C kernel, built once per process before any clock starts
-    t0 = time.perf_counter()
-    logits = prefill(model, prompt_tokens, cache, config.prefill_chunk, progress)
-    if weights.device.type == "cuda":
-        torch.cuda.synchronize(weights.device)
-    stats.prefill_seconds, stats.final_scale = time.perf_counter() - t0, cache.scale
-    step = compiled_decode_step(stats) if config.compile else decode_step
-    yield from timed(decode(model, cache, logits, n_new, choose, config.stop_ids(model), step), cache, stats)
-    stats.stopped_at_eos = stats.new_tokens < n_new
-
-
-def timed(tokens: Iterator[int], cache: KVCache, stats: GenerationStats) -> Iterator[int]:
-    """The tokens of the decode loop, passed on, with the time of each decode step (its forward
-    pass and the sampling after it) added to stats. The consumer's time between tokens
-    (printing) is not counted, and the first compiled step, mostly compilation, is kept apart."""
-    while True:
-        length, compiled_before = cache.length, stats.compiled_steps
-        t0 = time.perf_counter()
-        token = next(tokens, None)
-        if cache.length > length:  # a forward pass ran: every token but the first, and a final EOS
-            seconds = time.perf_counter() - t0
-            if compiled_before == 0 and stats.compiled_steps == 1:
-                stats.compile_seconds = seconds
-            else:
-                stats.decode_seconds += seconds
-                stats.decode_steps += 1
-            stats.final_scale = cache.scale  # s of this step: l' = tokens so far (Sec. 3.3)
-        if token is None:
-            return
-        stats.new_tokens += 1
-        yield token
