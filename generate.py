@@ -14,6 +14,7 @@ from yarn_minimal import ctrl_c
 ctrl_c.exit_quietly(__name__)  # before torch loads: Ctrl-C during the imports is one line, exit 130
 
 import argparse
+import os
 import sys
 from dataclasses import asdict, fields
 from typing import Optional
@@ -30,6 +31,7 @@ DEFAULT_PROMPT = "Once upon a time,"
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     device, dtype = cli.resolve_device_dtype(args.device, args.dtype)
     ckpt = cli.resolve_checkpoint(args.ckpt)
     try:
@@ -105,6 +107,31 @@ def peak_memory(device: torch.device) -> str:
     return f"{sizing.peak_memory(device) / 2**30:.2f} GiB ({what})"
 
 
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on. Decoding is bound by memory
+    bandwidth: a second hyperthread on a core adds no bandwidth, only contention, and torch's
+    own default (os.cpu_count) also ignores taskset/cgroup affinity."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+            cores.add((open(topology + "physical_package_id").read(), open(topology + "core_id").read()))
+        except OSError:  # no sysfs topology (not Linux, a container hiding it): count logical CPUs
+            cores.add(cpu)
+    return max(1, len(cores))
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Generate text with a RoPE-extended Llama 2 (YaRN, PI, NTK, ...). "
@@ -130,6 +157,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     r = p.add_argument_group("runtime")
     cli.add_device_args(r)
     r.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    r.add_argument("--threads", type=positive_int, default=physical_cores(), metavar="N",
+                   help="CPU threads for torch (default: the physical cores this process may use, here "
+                        f"{physical_cores()}); on a shared machine, 1 (or OMP_NUM_THREADS=1) is often much faster")
     r.add_argument("--cache", choices=CACHE_MODES, default="pre-rope",
                    help="pre-rope (default): keys cached before RoPE, correct under --dynamic (Sec. 3.3); "
                         "rotated: cache rotated keys like other implementations (stale under --dynamic)")

@@ -2,6 +2,7 @@
 hand from the shapes: every weight and every cached key and value read once per decode step;
 weights + K + V live through generation. bench/bench_decode_kernel.py runs and prints its table."""
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -102,3 +103,36 @@ def test_bench_decode_kernel_bad_arguments(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
         bench_decode_kernel.main(argv)
     assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+# generate.py --threads (issue 23, item 3): here with the other speed settings' tests
+
+@pytest.fixture
+def torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_generate_threads_one_runs(torch_threads, capsys):
+    import generate
+    from conftest import run_cli
+
+    code, out, err = run_cli(generate.main, ["--threads", "1", "--prompt", "hi", "--max-new-tokens", "2"], capsys)
+    assert code == 0 and torch.get_num_threads() == 1 and "generated: 2 tokens" in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_generate_threads_bad_value_is_one_line(value, torch_threads, capsys):
+    import generate
+    from conftest import run_cli
+
+    code, _, err = run_cli(generate.main, ["--threads", value], capsys)
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1 and "--threads" in errors[0] and value in errors[0]
+
+
+def test_generate_threads_default_is_the_physical_cores():
+    import generate
+
+    assert 1 <= generate.physical_cores() <= len(os.sched_getaffinity(0))
