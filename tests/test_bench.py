@@ -136,3 +136,42 @@ def test_generate_threads_default_is_the_physical_cores():
     import generate
 
     assert 1 <= generate.physical_cores() <= len(os.sched_getaffinity(0))
+
+
+# bench/bench_vs_llamacpp.py (issue 23, item 4) on the demo model: no GGUF, so llama.cpp is skipped
+
+def test_bench_vs_llamacpp_on_the_demo_model(torch_threads, capsys):
+    import bench_vs_llamacpp
+
+    bench_vs_llamacpp.main(["--ckpt", str(Path(__file__).resolve().parent.parent / "demo" / "yarn-demo"),
+                            "--prompt-tokens", "64", "--new-tokens", "4", "--rounds", "1"])
+    out = capsys.readouterr().out
+    assert "bound" in out and "| yarn-minimal | " in out and "%" in out.splitlines()[-2]
+    assert "llama.cpp: skipped" in out.splitlines()[-1]
+
+
+def test_bench_vs_llamacpp_without_llama_cpp_says_how_to_install(torch_threads, capsys, monkeypatch, tmp_path):
+    import bench_vs_llamacpp
+
+    real = bench_vs_llamacpp.importlib.util.find_spec
+    monkeypatch.setattr(bench_vs_llamacpp.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    monkeypatch.setattr(bench_vs_llamacpp, "load", lambda path, dtype: demo_model())
+    gguf = tmp_path / "model.gguf"
+    bench_vs_llamacpp.main(["--ckpt", str(gguf), "--prompt-tokens", "16", "--new-tokens", "2", "--rounds", "1"])
+    assert "pip install llama-cpp-python" in capsys.readouterr().out.splitlines()[-1]
+
+
+def demo_model():
+    from yarn_minimal.checkpoint import load
+
+    return load(Path(__file__).resolve().parent.parent / "demo" / "yarn-demo")
+
+
+@pytest.mark.parametrize("argv", [["--threads", "0"], ["--new-tokens", "x"], ["--prompt-tokens", "-1"]])
+def test_bench_vs_llamacpp_bad_arguments(argv, capsys):
+    import bench_vs_llamacpp
+
+    with pytest.raises(SystemExit) as e:
+        bench_vs_llamacpp.main(argv)
+    assert e.value.code == 2 and argv[0] in capsys.readouterr().err
