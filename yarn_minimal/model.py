@@ -47,6 +47,7 @@ class ModelArgs:
     # Mistral's sliding-window attention span. This model attends to every earlier token, so a
     # checkpoint with a window runs only sequences that fit in it (see Transformer.hidden_states)
     sliding_window: Optional[int] = None
+    tie_word_embeddings: bool = False  # output shares the embedding's tensor (SmolLM2); Llama 2 does not tie
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -303,7 +304,9 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)  # not tied to the embedding
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:  # one tensor, as the checkpoint stores it
+            self.output.weight = self.tok_embeddings.weight
         self.activation_checkpointing = False
 
     @property

@@ -34,7 +34,9 @@ def count_params(args: ModelArgs) -> dict[str, int]:
     def size(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    return dict(block=size(model.layers[0]), embedding=size(model.tok_embeddings), output=size(model.output),
+    # a tied output is the embedding's tensor: counted once, under embedding (parameters() dedups too)
+    output = 0 if args.tie_word_embeddings else size(model.output)
+    return dict(block=size(model.layers[0]), embedding=size(model.tok_embeddings), output=output,
                 norm=size(model.norm), total=size(model))
 
 
@@ -44,7 +46,8 @@ def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     which is a lookup). Causal attention: q k^T and p v cost 2 x 2 |D| H per visible key,
     T/2 keys on average, per layer: 6 x 2 x n_layers x dim x T / 2."""
     n = count_params(args)
-    return 6 * (n["total"] - n["embedding"]) + 6 * args.n_layers * args.dim * seq_len
+    lookup = 0 if args.tie_word_embeddings else n["embedding"]  # a tied embedding is also the output matmul
+    return 6 * (n["total"] - lookup) + 6 * args.n_layers * args.dim * seq_len
 
 
 # Dense bf16 tensor-core peaks (no sparsity), per GPU, from the vendor data sheets.

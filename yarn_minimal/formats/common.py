@@ -82,14 +82,15 @@ PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "mult
                  "norm_eps", "sliding_window")  # the ModelArgs fields a params.json holds
 
 
-def model_args(params: dict, rope: Optional[RopeConfig], source: Path) -> ModelArgs:
+def model_args(params: dict, rope: Optional[RopeConfig], source: Path, tied: bool = False) -> ModelArgs:
     """ModelArgs from a params.json-shaped dict (every format builds one; a null value is the
-    field's default). Without a rope, a rope_theta there (Code Llama) sets the base."""
+    field's default). Without a rope, a rope_theta there (Code Llama) sets the base. tied: the
+    file stores one tensor for the embedding and the output (no params.json key says so)."""
     kwargs = {k: v for k, v in params.items() if k in PARAMS_FIELDS and v is not None}
     try:
         if rope is None:
             rope = RopeConfig(base=float(params.get("rope_theta") or 10000.0))
-        return ModelArgs(**kwargs, rope=rope)
+        return ModelArgs(**kwargs, rope=rope, tie_word_embeddings=tied)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: {e}") from None
 
@@ -97,6 +98,14 @@ def model_args(params: dict, rope: Optional[RopeConfig], source: Path) -> ModelA
 def empty_model(args: ModelArgs) -> Transformer:
     with torch.device("meta"):  # parameters without storage: nothing is allocated twice
         return Transformer(args)
+
+
+def assign_weights(model: Transformer, state: dict[str, torch.Tensor]) -> None:
+    """The loaded tensors become the model's parameters (no copy). load_state_dict gives each key
+    its own Parameter, so a tied output is pointed at the embedding's again: one tensor, not two."""
+    model.load_state_dict(state, assign=True, strict=True)
+    if model.args.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
 
 
 def check_tokenizer(tokenizer: Tokenizer, args: ModelArgs, source: Path) -> None:

@@ -80,7 +80,7 @@ from ..model import ModelArgs, Transformer
 from ..rope import (RopeConfig, attention_factor, frequencies, ntk_aware_base, rope_frequencies, wavelength,
                     yarn_attention_factor)
 from ..tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
-from .common import check_finite, check_keys, check_shape, empty_model, model_args
+from .common import assign_weights, check_finite, check_keys, check_shape, empty_model, model_args
 from .meta import meta_ffn_params
 
 # The gguf package is imported inside the functions that read or write a GGUF file, so that
@@ -675,7 +675,7 @@ def head_dim_from_metadata(meta: Metadata) -> int:
     return head_dim
 
 
-def args_from_metadata(meta: Metadata, rope: Optional[RopeConfig], vocab_size: int) -> ModelArgs:
+def args_from_metadata(meta: Metadata, rope: Optional[RopeConfig], vocab_size: int, tied: bool = False) -> ModelArgs:
     a = meta.arch
     head_dim_from_metadata(meta)  # RoPE must cover the whole head
     dim, n_heads = meta.number(f"{a}.embedding_length"), meta.number(f"{a}.attention.head_count")
@@ -697,7 +697,7 @@ def args_from_metadata(meta: Metadata, rope: Optional[RopeConfig], vocab_size: i
         rope, _, notes = rope_from_metadata(meta)
         for note in notes:
             warnings.warn(f"{meta.path}: {note}")
-    return model_args(params, rope, meta.path)
+    return model_args(params, rope, meta.path, tied)
 
 
 # ---------------------------------------------------------------------------------------
@@ -855,13 +855,14 @@ def inspect_gguf(gguf: GGUFFile, rope: Optional[RopeConfig] = None) -> tuple[Tra
     _check_arch(meta)
     tensors = tensors_by_key(gguf, path)
     vocab_rows = check_layout(meta, tensors)
-    args = args_from_metadata(meta, rope, vocab_rows)
+    tied = "output.weight" not in tensors  # no output tensor: llama.cpp uses token_embd (SmolLM2, Llama 3.2)
+    args = args_from_metadata(meta, rope, vocab_rows, tied)
     tokenizer = tokenizer_from_metadata(meta)
     if tokenizer.vocab_size != args.vocab_size:
         raise CheckpointError(f"{path}: tokenizer.ggml.tokens has {tokenizer.vocab_size} tokens, but token_embd "
                               f"has {args.vocab_size} rows")
-    if "output.weight" not in tensors:
-        tensors["output.weight"] = tensors["tok_embeddings.weight"]  # tied embeddings (SmolLM, Llama 3.2)
+    if tied:
+        tensors["output.weight"] = tensors["tok_embeddings.weight"]
     model = empty_model(args)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_keys(set(tensors), set(expected), str(path))
@@ -881,17 +882,14 @@ def load_gguf(path: Path, rope: Optional[RopeConfig], device: torch.device | str
     gguf = open_gguf(path)
     gguf.verify("tensors")
     model, tokenizer, tensors = inspect_gguf(gguf, rope)
-    state, done = {}, {}
+    state = {}
     for key in tqdm(model.state_dict(), desc="dequantizing", unit="tensor", disable=not progress):
-        t = tensors[key]
-        # a tied output gets its own copy of the embedding: two parameters never share storage
-        if t.name in done:
-            state[key] = done[t.name].clone()
-        else:
-            state[key] = _to_torch(t, dtype, device)
-            check_finite(t.name, state[key], path)
-        done[t.name] = state[key]
-    model.load_state_dict(state, assign=True, strict=True)
+        if key == "output.weight" and model.args.tie_word_embeddings:
+            state[key] = state["tok_embeddings.weight"]  # one tensor, dequantized once
+            continue
+        state[key] = _to_torch(tensors[key], dtype, device)
+        check_finite(tensors[key].name, state[key], path)
+    assign_weights(model, state)
     return model, tokenizer
 
 
@@ -1253,7 +1251,6 @@ def save_gguf(model: Transformer, tokenizer: Optional[Tokenizer], path: Path) ->
     if n_tokens != args.vocab_size:
         raise CheckpointError(f"format='gguf': the tokenizer has {n_tokens} tokens, the "
                               f"model's embedding {args.vocab_size} rows")
-    tied = torch.equal(state["output.weight"], state["tok_embeddings.weight"])
 
     def write(tmp: Path) -> None:
         w = GGUFWriter(str(tmp), ARCH)
@@ -1285,7 +1282,7 @@ def save_gguf(model: Transformer, tokenizer: Optional[Tokenizer], path: Path) ->
             w.add_string(ROPE_KEY, json.dumps(dataclasses.asdict(args.rope)))
             w.add_tensor(ROPE_FREQS, factors.numpy())  # F32, one for all layers, as llama.cpp's converter writes it
         for key, t in state.items():
-            if key == "output.weight" and tied:
+            if key == "output.weight" and args.tie_word_embeddings:
                 continue  # llama.cpp reuses token_embd when there is no output tensor
             arr, qtype = _numpy_tensor(t)
             w.add_tensor(gguf_name(key), arr, raw_dtype=qtype)

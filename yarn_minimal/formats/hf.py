@@ -31,8 +31,8 @@ from ..model import ModelArgs, Transformer
 from ..rope import (RopeConfig, attention_factor, is_number, ntk_aware_base, ntk_aware_frequencies, pi_frequencies,
                     rope_frequencies, yarn_attention_factor)
 from ..tokenizer import Tokenizer
-from .common import (RopeExplanation, check_finite, check_key, check_keys, check_shape, check_sliding_window,
-                     check_tokenizer, empty_model, explain_rope, first_line, json_text, model_args, read_key,
+from .common import (RopeExplanation, assign_weights, check_finite, check_key, check_keys, check_shape,
+                     check_sliding_window, check_tokenizer, empty_model, explain_rope, first_line, json_text, model_args, read_key,
                      read_tokenizer, torch_load)
 from .meta import meta_ffn_params
 
@@ -364,7 +364,7 @@ def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> tuple[M
                   norm_eps=read_key(cfg, "rms_norm_eps", "a positive number", source, 1e-6),  # LlamaConfig's default
                   # Mistral 7B v0.1: 4096; null: full attention
                   sliding_window=read_key(cfg, "sliding_window", "a positive integer", source, None))
-    read_key(cfg, "tie_word_embeddings", "true or false", source, False)  # load_hf's, checked with the rest
+    tied = read_key(cfg, "tie_word_embeddings", "true or false", source, False)  # LlamaConfig's default
     own, provenance, notes = rope_from_hf(cfg, source)
     window = params["sliding_window"]
     if window is not None and own.window is not None and own.window > window:
@@ -372,7 +372,7 @@ def args_from_hf(cfg: dict, rope: Optional[RopeConfig], source: Path) -> tuple[M
                      f"full attention only, so sequences longer than {window} tokens are refused")
     if rope is not None:
         provenance, notes = {field: "rope= (given to load)" for field in provenance}, []
-    return model_args(params, rope if rope is not None else own, source), provenance, notes
+    return model_args(params, rope if rope is not None else own, source, tied), provenance, notes
 
 
 def read_hf_config(path: Path) -> tuple[ModelArgs, dict, list[str]]:
@@ -591,8 +591,9 @@ def load_hf(folder: Path, rope: Optional[RopeConfig], device: torch.device | str
         tensors = _open_hf_files(files, stack)
         for k in [k for k in tensors if k.endswith("rotary_emb.inv_freq")]:
             del tensors[k]  # older transformers saved this buffer; we compute our own
-        if cfg.get("tie_word_embeddings") and "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
-            tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
+        if args.tie_word_embeddings and "model.embed_tokens.weight" in tensors:
+            # transformers ties lm_head to the embedding and ignores a stored lm_head.weight
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
         source = str(files[0].parent / (files[0].name if len(files) == 1 else "{" + ",".join(f.name for f in files) + "}"))
         check_keys(set(tensors), {hf_key(k) for k in expected}, source)
         for key, shape in expected.items():
@@ -601,6 +602,9 @@ def load_hf(folder: Path, rope: Optional[RopeConfig], device: torch.device | str
         state = {}
         for key in tqdm(expected, desc=f"reading {len(files)} file(s)", unit="tensor", disable=not progress):
             path, read, _ = tensors.pop(hf_key(key))
+            if key == "output.weight" and args.tie_word_embeddings:
+                state[key] = state["tok_embeddings.weight"]  # the same tensor, read once
+                continue
             try:
                 t = read()
             except Exception as e:
@@ -608,7 +612,7 @@ def load_hf(folder: Path, rope: Optional[RopeConfig], device: torch.device | str
             check_finite(hf_key(key), t, path)
             heads = _heads_of(key, args)
             state[key] = (permute_from_hf(t, heads) if heads else t).to(device=device, dtype=dtype)
-    model.load_state_dict(state, assign=True, strict=True)
+    assign_weights(model, state)
     return model, tokenizer
 
 
@@ -670,7 +674,7 @@ def hf_config(model: Transformer, dtype: torch.dtype, tokenizer: Optional[Tokeni
         "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
         "rms_norm_eps": args.norm_eps, "hidden_act": "silu", "max_position_embeddings": max_pos,
         "rope_theta": rope_theta, "rope_scaling": rope_scaling,
-        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
+        "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1,
         "bos_token_id": bos, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         "initializer_range": 0.02, "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),
@@ -683,6 +687,8 @@ def save_hf(model: Transformer, state: dict[str, torch.Tensor], folder: Path, to
     config = hf_config(model, next(iter(state.values())).dtype, tokenizer)
     hf_state = {}
     for key, t in state.items():
+        if key == "output.weight" and model.args.tie_word_embeddings:
+            continue  # as save_pretrained writes a tied model: no lm_head.weight
         heads = _heads_of(key, model.args)
         hf_state[hf_key(key)] = (permute_to_hf(t, heads) if heads else t).contiguous()
     folder.mkdir(parents=True, exist_ok=True)

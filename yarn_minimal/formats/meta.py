@@ -12,7 +12,7 @@ stored dtype is used straight from the page cache (torch.load with mmap).
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -23,8 +23,8 @@ from ..files import CheckpointError, atomic_write, read_json, write_json
 from ..model import ModelArgs, Transformer
 from ..rope import RopeConfig
 from ..tokenizer import Tokenizer
-from .common import (check_finite, check_keys, check_shape, check_sliding_window, check_tokenizer, empty_model,
-                     model_args, read_key, read_tokenizer, torch_load)
+from .common import (assign_weights, check_finite, check_keys, check_shape, check_sliding_window, check_tokenizer,
+                     empty_model, model_args, read_key, read_tokenizer, torch_load)
 
 # Model-parallel split dimension of each weight in Meta's consolidated.NN.pth files
 # (ColumnParallelLinear: output rows; RowParallelLinear: input columns; the embedding is split
@@ -144,12 +144,13 @@ def load_meta(folder: Path, rope: Optional[RopeConfig], device: torch.device | s
             raise CheckpointError(f"{folder}: {n} consolidated.*.pth shards, but {params_path} has {name} = {heads}, "
                                   f"which {n} does not divide (model-parallel shards split the heads evenly)")
 
-    model = empty_model(args)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in empty_model(args).state_dict().items()}
     shards = []
     for path in paths:
         state = torch_load(path)
         state.pop("rope.freqs", None)  # a precomputed table some downloads carry; we make our own
+        if n == 1 and _same_tensor(state.get("output.weight"), state.get("tok_embeddings.weight")):
+            args = replace(args, tie_word_embeddings=True)  # save_meta of a tied model: one tensor, two keys
         check_keys(set(state), set(expected), str(path))
         for key, full in expected.items():
             dim, part = shard_dim(key), list(full)
@@ -165,11 +166,22 @@ def load_meta(folder: Path, rope: Optional[RopeConfig], device: torch.device | s
     for key in tqdm(expected, desc=f"merging {n} shard(s)", unit="tensor", disable=not progress):
         # tensor by tensor, dropping each shard's reference as we go
         parts = [state.pop(key) for state in shards]
+        if key == "output.weight" and args.tie_word_embeddings:
+            merged[key] = merged["tok_embeddings.weight"]
+            continue
         for path, part in zip(paths, parts):
             check_finite(key, part, path)
         merged[key] = _merge(parts, shard_dim(key), dtype, device)
-    model.load_state_dict(merged, assign=True, strict=True)
+    model = empty_model(args)
+    assign_weights(model, merged)
     return model, tokenizer
+
+
+def _same_tensor(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    """torch.save writes a storage once, however many keys hold it; torch.load shares it again."""
+    return a is not None and b is not None and a.shape == b.shape and a.stride() == b.stride() \
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() \
+        and a.storage_offset() == b.storage_offset()
 
 
 def params_json(args: ModelArgs) -> dict:
@@ -187,6 +199,10 @@ def params_json(args: ModelArgs) -> dict:
 def save_meta(model: Transformer, state: dict[str, torch.Tensor], folder: Path) -> None:
     """consolidated.00.pth (one shard), params.json and rope.json: Meta's loader reads the first
     two, and any RopeConfig round-trips exactly through the third."""
+    if model.args.tie_word_embeddings:
+        # Meta's params.json has no key for a tie: the .pth stores one tensor under both keys,
+        # which Meta's loader reads as two equal weights and load_meta as one
+        state = dict(state, **{"output.weight": state["tok_embeddings.weight"]})
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "consolidated.00.pth", lambda tmp: torch.save(state, tmp))
     write_json(folder / "params.json", params_json(model.args))
