@@ -89,14 +89,17 @@ def llamacpp(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     token: what create_completion runs, without its sampling chain and detokenizing."""
     import numpy as np
 
+    def argmax() -> int:  # eval keeps no logits without logits_all: read the last token's from the context
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = argmax()
     t1 = time.perf_counter()
     for _ in range(new_tokens - 1):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = argmax()
     t2 = time.perf_counter()
     return len(prompt) / (t1 - t0), (new_tokens - 1) / (t2 - t1) if new_tokens > 1 else float("nan")
 
