@@ -122,16 +122,6 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Generate text with a RoPE-extended Llama 2 (YaRN, PI, NTK, ...). "
@@ -157,7 +147,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     r = p.add_argument_group("runtime")
     cli.add_device_args(r)
     r.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    r.add_argument("--threads", type=positive_int, default=physical_cores(), metavar="N",
+    r.add_argument("--threads", type=cli.positive_int, default=physical_cores(), metavar="N",
                    help="CPU threads for torch (default: the physical cores this process may use, here "
                         f"{physical_cores()}); on a shared machine, 1 (or OMP_NUM_THREADS=1) is often much faster")
     r.add_argument("--cache", choices=CACHE_MODES, default="pre-rope",

@@ -104,16 +104,6 @@ def llamacpp(llm, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     return len(prompt) / (t1 - t0), (new_tokens - 1) / (t2 - t1) if new_tokens > 1 else float("nan")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
-    return value
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", default=None,
@@ -122,10 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default=str(ROOT / "results" / "tmp" / "bench_vs_llamacpp"),
                    help="folder for the converted F32 GGUF (default results/tmp/bench_vs_llamacpp)")
     p.add_argument("--prompt-file", default=str(cli.DEMO_PROMPT), help="prompt text (default demo/heldout-sample.txt)")
-    p.add_argument("--prompt-tokens", type=positive_int, default=1000, help="prompt length in tokens (default 1000)")
-    p.add_argument("--new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for both sides (default 2)")
-    p.add_argument("--rounds", type=positive_int, default=3, help="timed rounds after one warm-up round (default 3)")
+    p.add_argument("--prompt-tokens", type=cli.positive_int, default=1000, help="prompt length in tokens (default 1000)")
+    p.add_argument("--new-tokens", type=cli.positive_int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--threads", type=cli.positive_int, default=2, help="CPU threads for both sides (default 2)")
+    p.add_argument("--rounds", type=cli.positive_int, default=3, help="timed rounds after one warm-up round (default 3)")
     p.add_argument("--compile", action="store_true", help="also time this project with --compile")
     p.add_argument("--no-llamacpp", action="store_true", help="time this project only")
     return p.parse_args(argv)

@@ -33,6 +33,17 @@ CHECKPOINT_LAYOUTS = ("Meta's folder (params.json + consolidated.*.pth), a Huggi
                       "llama.cpp .gguf file")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count flag (--threads, --rounds, ...): a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return value
+
+
 def add_checkpoint_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", default=None,
                    help=f"the model: {CHECKPOINT_LAYOUTS}; default: the embedded demo model ({DEFAULT_CKPT.name})")

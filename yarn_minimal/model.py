@@ -11,9 +11,9 @@ rotation e^{i m theta} that `rotate_pairs` multiplies by (Eq. 5). Everything aft
 Sec. 3.4. The KV cache knows one thing about the methods: whether s can change (Sec. 3.3), in
 which case it keeps keys before RoPE (`LayerCache.update`, `CachedKeys`).
 
-Faster forms of the same arithmetic (a fused RoPE op, a cheaper table for Dynamic Scaling's
-per-step rebuild, a C kernel for the CPU decoding step) live in fast/; this file names each
-where it is used.
+Faster forms of the same arithmetic live in fast/: this file names the two it uses (the fused
+RoPE op on `rotate_pairs`, the two-factor table in `Transformer.rotation`); the C kernel for the
+CPU decoding step is chosen in attention.py, and `CachedKeys` says when it takes over.
 """
 from __future__ import annotations
 
