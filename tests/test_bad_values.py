@@ -160,6 +160,22 @@ def test_rope_command_refuses_flags_beside_config(capsys):
     assert code == 2 and out == ""
 
 
+def test_rope_command_refuses_a_length_that_changes_nothing(capsys, tmp_path):
+    # the demo model's plain RoPE does not depend on the length: --seq-len would be silently unused;
+    # an HF dynamic config does (transformers' base grows with it), so there it is taken
+    from conftest import rope_command as main
+
+    code, out, err = run(main, ["--config", str(DEFAULT_CKPT), "--seq-len", "1000"], capsys)
+    one_error_line(code, err, "--seq-len", str(DEFAULT_CKPT), "static")
+    assert code == 2 and out == ""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                                  "max_position_embeddings": 256, "rope_scaling": {"type": "dynamic", "factor": 2.0}}))
+    code, out, err = run(main, ["--config", str(config), "--seq-len", "1000", "--json"], capsys)
+    assert code in (0, None), err
+    assert json.loads(out)["inv_freq"] != json.loads(run(main, ["--config", str(config), "--json"], capsys)[1])["inv_freq"]
+
+
 def test_rope_command_config_json_and_plain_rope(capsys):
     from conftest import rope_command as main
 

@@ -108,8 +108,12 @@ def print_checkpoint_rope(path: str, seq_len: Optional[int], as_json: bool, p: a
 
     try:
         ex = explain_config(path, seq_len)
+        static = seq_len is not None and explain_config(path, None).inv_freq.equal(ex.inv_freq)
     except CheckpointError as e:
         p.error(str(e))
+    if static:  # a length that changes nothing would read as if it had been applied
+        p.error(f"--seq-len: {path} states a static RoPE setting, whose frequencies do not depend on the length "
+                "(Dynamic Scaling, HF's dynamic type and LongRoPE do); leave --seq-len out")
     if as_json:
         print(json.dumps(ex.as_json()))
         return
