@@ -115,6 +115,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="recompute each block in backward (needed for 7B at 64k; see --estimate-memory)")
     g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps and at the end (0: only at the end)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="keep the newest N step checkpoints (0: all)")
+    g.add_argument("--save-models-at", type=cli.step_list, default=(), metavar="STEPS",
+                   help="also write the model alone (no optimizer state) after these steps, e.g. 4,16,64, as "
+                        "OUT/model-step-000004/ ...: loadable like final/, for learning curves")
     g.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from OUT/latest (or the given checkpoint folder), with the same flags")
     g.add_argument("--overwrite", action="store_true",
@@ -132,6 +135,9 @@ def check_flags(args: argparse.Namespace) -> None:
                          "do (gradients underflow); use --dtype bfloat16, the paper's precision")
     if args.resume and args.overwrite:
         raise SystemExit("error: --resume and --overwrite: choose one")
+    if any(n > args.steps for n in args.save_models_at):
+        raise SystemExit(f"error: --save-models-at {','.join(map(str, args.save_models_at))}: every step must be "
+                         f"<= --steps {args.steps}")
 
 
 def model_shape(args: argparse.Namespace) -> dict:
@@ -247,6 +253,8 @@ def main(argv=None) -> None:
             if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
                 runs.save_checkpoint(out, f"step-{step + 1:06d}", model, optimizer, scheduler,
                                      dict(asdict(cfg), step=step + 1), env, keep=args.keep_checkpoints)
+            if step + 1 in args.save_models_at:
+                runs.save_model(model, tokenizer, out / f"model-step-{step + 1:06d}", dtype, env)
     except BaseException as e:
         if env.main:
             runs.discard_if_empty(out, created)

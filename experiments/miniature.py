@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+from experiments import curves
+from yarn_minimal.cli import step_list
 from yarn_minimal.files import Output, check_output, holds, write_json, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,10 +49,11 @@ DEFAULT_CKPT = ROOT / "demo" / "yarn-demo"
 DEFAULT_DATA = ROOT / "experiments" / "work" / "demo_data"
 METHOD_NAMES = {"none": "RoPE", "pi": "PI", "ntk": "NTK-aware", "ntk-by-parts": "NTK-by-parts", "yarn": "YaRN"}
 # what --out may be besides new or empty: an earlier run of this experiment (with --overwrite)
-MINIATURE = Output("an earlier miniature run", holds("results.json", "SUMMARY.md", "log.txt", "checkpoints", "step[1-5]_*"),
+MINIATURE = Output("an earlier miniature run", holds("results.json", "SUMMARY.md", "log.txt", "checkpoints", "step[1-7]_*"),
                    folder=True)
 
 
+ALL_STEPS = ("1", "2", "3", "4", "5", "6", "7")
 ANALYSIS = "## Analysis"  # the hand-written reading of the numbers, at the end of SUMMARY.md
 
 
@@ -101,6 +104,7 @@ class Miniature:
         self.heldout = self.data / "heldout"
         self.log = self.out / "log.txt"
         self.work = self.out / "checkpoints"
+        self.results = {}  # every step's results: those of an earlier run in --out, replaced as steps run
 
     def check_inputs(self) -> None:
         if not (self.ckpt / "params.json").is_file():
@@ -110,34 +114,41 @@ class Miniature:
                 raise SystemExit(f"error: {need} is missing; build the data first with "
                                  f"`python -m experiments.demo_data --out {self.data}`")
 
-    def perplexity(self, name: str, configs: list[str], windows: list[int], extra=()) -> dict:
+    def perplexity(self, name: str, configs: list[str], windows: list[int], extra=(), plot=True) -> dict:
         out = self.out / name
         cmd = ["eval_perplexity.py", "--ckpt", self.ckpt, "--files", self.heldout, "--truncate",
                "--lengths", ",".join(map(str, windows)), "--max-documents", self.args.documents,
-               "--out", out.with_suffix(".json"), "--plot", out.with_suffix(".png"), "--overwrite", *extra]
+               "--out", out.with_suffix(".json"), *(["--plot", out.with_suffix(".png")] if plot else []),
+               "--overwrite", *extra]
         for c in configs:
             cmd += ["--config", c]
         run(cmd, self.log)
         return json.loads(out.with_suffix(".json").read_text())
 
-    def passkey(self, name: str, ckpt: Path, lengths: list[int]) -> dict:
+    def passkey(self, name: str, ckpt: Path, lengths: list[int], plot=True) -> dict:
         out = self.out / name
         run(["eval_passkey.py", "--ckpt", ckpt, "--lengths", ",".join(map(str, lengths)),
-             "--iterations", self.args.passkey_iterations, "--seed", "1234",
-             "--out", out.with_suffix(".json"), "--plot", out.with_suffix(".png"), "--overwrite"], self.log)
+             "--iterations", self.args.passkey_iterations, "--seed", "1234", "--out", out.with_suffix(".json"),
+             *(["--plot", out.with_suffix(".png")] if plot else []), "--overwrite"], self.log)
         return json.loads(out.with_suffix(".json").read_text())
 
-    def finetune(self, method: str, scale: float) -> Path:
-        """Equal budget for every method: same steps, batch, lr and data (8 x L sequences). A
-        finished fine-tune in --out is reused; an unfinished one is started over with --overwrite."""
-        out = self.work / f"{method}-s{scale:g}"
+    def finetune(self, method: str, scale: float, steps=None, lr=None, seed=0, name=None, init_from=None,
+                 save_models_at=()) -> Path:
+        """Equal budget for every method: same steps, batch, lr and data (8 x L sequences) unless
+        asked otherwise. A finished fine-tune in --out is reused; an interrupted one is resumed
+        from its last checkpoint (every 32 steps), or started over if it had none."""
+        a = self.args
+        steps, lr = steps or a.finetune_steps, lr or a.finetune_lr
+        out = self.work / (name or f"{method}-s{scale:g}")
         if not (out / "final" / "params.json").is_file():
-            a = self.args
-            run(["train.py", "--ckpt", self.ckpt, "--method", method, "--yarn-scale", scale,
-                 "--data", self.data / f"train-{8 * self.L}", "--out", out, "--steps", a.finetune_steps,
+            again = ["--resume"] if (out / "latest").is_file() else ["--overwrite"] if out.exists() else []
+            start = ["--init-from", init_from] if init_from else ["--ckpt", self.ckpt]
+            saves = ["--save-models-at", ",".join(map(str, save_models_at))] if save_models_at else []
+            run(["train.py", *start, "--method", method, "--yarn-scale", scale,
+                 "--data", self.data / f"train-{8 * self.L}", "--out", out, "--steps", steps,
                  "--global-batch-size", a.finetune_batch, "--micro-batch-size", a.finetune_batch,
-                 "--lr", a.finetune_lr, "--warmup-steps", max(1, a.finetune_steps // 10), "--save-every", 0,
-                 "--seed", 0, "--device", "cpu", *(["--overwrite"] if a.overwrite else [])], self.log)
+                 "--lr", lr, "--warmup-steps", max(1, steps // 10), "--save-every", 32, "--keep-checkpoints", 1,
+                 "--seed", seed, "--device", "cpu", *saves, *again], self.log)
         return out / "final"
 
     # ---------------------------------------------------------------- the steps
@@ -182,6 +193,13 @@ class Miniature:
         configs = [f"method=yarn,scale={s},alpha={a},beta={b},label=alpha={a} beta={b}" for a, b in pairs]
         return self.perplexity("step5_alpha_beta", configs, [self.L * k for k in ((1, 4) if self.args.quick else (1, 8))])
 
+    def step6(self) -> dict:
+        return curves.step6(self)
+
+    def step7(self) -> dict:
+        lr = self.results.get("6", {}).get("lr", self.args.finetune_lr)  # step 6's choice, when it has run
+        return curves.step7(self, lr)
+
 
 # -------------------------------------------------------------------- the summary
 
@@ -216,14 +234,14 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def summary(mini: Miniature, results: dict, wall: float) -> str:
+def summary(mini: Miniature, results: dict, runs: list[dict]) -> str:
     a = mini.args
     parts = [f"# YaRN in miniature: results\n",
-             f"Command: `python -m experiments.miniature --steps {a.steps}{' --quick' if a.quick else ''}`  ",
+             *[f"Command: `{r['command']}` ({r['wall_s'] / 60:.1f} min)  " for r in runs],
              f"Machine: {machine()}  ",
-             f"Wall time: {wall / 60:.1f} min. Model: `{mini.ckpt.relative_to(ROOT) if mini.ckpt.is_relative_to(ROOT) else mini.ckpt}` "
+             f"Model: `{mini.ckpt.relative_to(ROOT) if mini.ckpt.is_relative_to(ROOT) else mini.ckpt}` "
              f"(L = {mini.L}); {a.documents} held-out documents, truncated to each window (Figure 1 protocol).  ",
-             f"Fine-tuning budget per method: {a.finetune_steps} steps x {a.finetune_batch} sequences of "
+             f"Fine-tuning budget per method in steps 2-3: {a.finetune_steps} steps x {a.finetune_batch} sequences of "
              f"{8 * mini.L} tokens, lr {a.finetune_lr}.\n"]
     if "1" in results:
         parts += ["## 1. Without fine-tuning (Table 1 / Figure 5 analogue)\n", table(results["1"]["results"]),
@@ -249,6 +267,10 @@ def summary(mini: Miniature, results: dict, wall: float) -> str:
         parts += ["![step 4](step4_temperature_sweep.png)\n"]
     if "5" in results:
         parts += ["## 5. alpha and beta for this model (YaRN s = 8, no fine-tuning)\n", table(results["5"]["results"]), ""]
+    if "6" in results:
+        parts += curves.summary6(results["6"], mini.L)
+    if "7" in results:
+        parts += curves.summary7(results["7"])
     return "\n".join(parts) + "\n"
 
 
@@ -262,22 +284,37 @@ def main(argv=None) -> None:
                         "and never inside results/ but for results/tmp/)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run's results in --out (its own files only; fine-tuned checkpoints are reused)")
-    p.add_argument("--steps", default="1,2,3,4,5", help="which steps to run, e.g. 1,4 (default all)")
+    p.add_argument("--steps", default=",".join(ALL_STEPS), help="which steps to run, e.g. 1,4 (default all); the "
+                   "results of the others, from an earlier run in --out, are kept")
     p.add_argument("--quick", action="store_true", help="tiny grid for a smoke test (~1-2 min), written outside results/")
     p.add_argument("--documents", type=int, default=None, help="held-out documents to score (default 12; quick 2)")
     p.add_argument("--finetune-steps", type=int, default=None, help="optimizer steps per fine-tune (default 30; quick 2)")
     p.add_argument("--finetune-batch", type=int, default=None, help="sequences per step (default 4; quick 1)")
     p.add_argument("--finetune-lr", type=float, default=5e-4, help="peak lr of the fine-tunes (default 5e-4)")
     p.add_argument("--passkey-iterations", type=int, default=None, help="prompts per length (default 10; quick 2)")
+    p.add_argument("--seeds", type=step_list, default=None, help="data-order seeds of steps 6-7 (default 0,1; quick 0)")
+    p.add_argument("--sweep-lrs", default=None, help="step 6's learning rates (default 2.5e-4,5e-4,1e-3; quick 5e-4,1e-3)")
+    p.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep fine-tune (default 32; quick 1)")
+    p.add_argument("--curve-steps", type=int, default=None, help="steps per learning curve (default 128; quick 4)")
+    p.add_argument("--grow-steps", type=int, default=None,
+                   help="step 7's N: s = 16 for N steps, then s = 32 for N/2 (default 64; quick 2)")
     a = p.parse_args(argv)
     quick = a.quick
     a.documents = a.documents or (2 if quick else 12)
     a.finetune_steps = a.finetune_steps or (2 if quick else 30)
     a.finetune_batch = a.finetune_batch or (1 if quick else 4)
     a.passkey_iterations = a.passkey_iterations or (2 if quick else 10)
+    a.seeds = a.seeds or ((0,) if quick else (0, 1))
+    try:
+        a.sweep_lrs = [float(x) for x in (a.sweep_lrs or ("5e-4,1e-3" if quick else "2.5e-4,5e-4,1e-3")).split(",")]
+    except ValueError:
+        p.error(f"--sweep-lrs {a.sweep_lrs}: expected numbers separated by commas")
+    a.sweep_steps = a.sweep_steps or (1 if quick else 32)
+    a.curve_steps = a.curve_steps or (4 if quick else 128)
+    a.grow_steps = a.grow_steps or (2 if quick else 64)
     steps = sorted(set(a.steps.split(",")))
-    if not set(steps) <= {"1", "2", "3", "4", "5"}:
-        p.error(f"--steps {a.steps}: choose from 1,2,3,4,5")
+    if not set(steps) <= set(ALL_STEPS):
+        p.error(f"--steps {a.steps}: choose from {','.join(ALL_STEPS)}")
     a.out = out_folder(a.out, quick, RESULTS / "miniature", SCRATCH / "miniature-quick")
     try:
         check_output(a.out, MINIATURE, a.overwrite)
@@ -288,18 +325,32 @@ def main(argv=None) -> None:
     mini.check_inputs()
     mini.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    mini.results, runs = earlier_results(mini.out / "results.json")
     start = time.time()
-    results = {}
     for s in steps:
         t = time.time()
         print(f"== step {s}", flush=True)
-        results[s] = getattr(mini, f"step{s}")()
+        mini.results[s] = getattr(mini, f"step{s}")()
         print(f"== step {s} done in {time.time() - t:.0f} s", flush=True)
     wall = time.time() - start
-    write_json(mini.out / "results.json", {"steps": results, "wall_s": wall})
-    write_summary(mini.out / "SUMMARY.md", summary(mini, results, wall))
+    command = f"python -m experiments.miniature --steps {','.join(steps)}{' --quick' if quick else ''}"
+    runs = [r for r in runs if set(r["steps"]) - set(steps)] + [{"command": command, "steps": steps, "wall_s": wall}]
+    results = dict(sorted(mini.results.items()))
+    write_json(mini.out / "results.json", {"steps": results, "runs": runs})
+    write_summary(mini.out / "SUMMARY.md", summary(mini, results, runs))
     print(f"wrote {mini.out / 'SUMMARY.md'} ({wall / 60:.1f} min)")
 
+
+def earlier_results(path: Path) -> tuple[dict, list[dict]]:
+    """The results.json of an earlier run in --out (with --overwrite): its steps' results, kept
+    unless this run repeats them, and the commands that made them."""
+    if not path.is_file():
+        return {}, []
+    old = json.loads(path.read_text())
+    steps = old.get("steps", {})
+    runs = old.get("runs") or [{"command": f"python -m experiments.miniature --steps {','.join(steps)}",
+                                "steps": list(steps), "wall_s": old.get("wall_s", 0)}]
+    return steps, runs
 
 if __name__ == "__main__":
     main()

@@ -329,6 +329,27 @@ def test_two_process_resume_matches_uninterrupted(setup):
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-6, atol=1e-7)
 
 
+def test_models_saved_along_the_way_equal_shorter_runs(setup, tmp_path):
+    """--save-models-at 1,3 (learning curves): OUT/model-step-000003 of a 4-step run holds the
+    weights a 3-step run ends with (constant schedule: the rate does not depend on --steps),
+    loads like final/, and --overwrite removes it with the rest of the run."""
+    tmp, _ = setup
+    train.main(flags(tmp, tmp_path / "long", "--steps", "4", "--schedule", "constant", "--save-models-at", "3,1"))
+    train.main(flags(tmp, tmp_path / "short", "--steps", "3", "--schedule", "constant"))
+    saved = tmp_path / "long" / "model-step-000003"
+    a, b = weights(saved), weights(tmp_path / "short" / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    assert (tmp_path / "long" / "model-step-000001" / "params.json").is_file()
+    model, _ = yarn_minimal.load(saved)
+    assert model.rope.original_length == 16
+    train.main(flags(tmp, tmp_path / "long", "--steps", "1", "--overwrite"))
+    assert not list((tmp_path / "long").glob("model-step-*"))
+    with pytest.raises(SystemExit, match="--save-models-at 2,5: every step must be <= --steps 4"):
+        train.main(flags(tmp, tmp_path / "x", "--steps", "4", "--save-models-at", "5,2"))
+
+
 def test_a_finished_run_is_not_overwritten(setup, tmp_path):
     """train.py again into a finished --out: stop and ask for --resume or --overwrite; the old
     run's files are untouched until --overwrite is given."""

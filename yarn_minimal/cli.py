@@ -33,6 +33,11 @@ CHECKPOINT_LAYOUTS = ("Meta's folder (params.json + consolidated.*.pth), a Huggi
                       "llama.cpp .gguf file")
 
 
+def step_list(text: str) -> tuple[int, ...]:
+    """argparse type of a list of optimizer steps: "4,16,64" -> (4, 16, 64), each >= 1."""
+    return tuple(sorted({positive_int(part) for part in text.split(",") if part.strip()}))
+
+
 def positive_int(text: str) -> int:
     """argparse type of a count flag (--threads, --rounds, ...): a whole number >= 1."""
     try:

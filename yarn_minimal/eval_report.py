@@ -233,7 +233,7 @@ def write_json(path: str, obj: dict) -> None:
     files.write_json(p, obj)
 
 
-def _pyplot():
+def pyplot():
     """matplotlib with the file-only Agg backend, imported only when a plot is asked for."""
     import matplotlib
 
@@ -243,7 +243,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
     """A PNG (or the format path's suffix names) written whole, marked as this project's."""
     fig.tight_layout()
     path = Path(path)
@@ -251,14 +251,14 @@ def _save(fig, path: str) -> None:
     metadata = {"Software": PLOT_SOFTWARE} if fmt == "png" else None
     path.parent.mkdir(parents=True, exist_ok=True)
     files.atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=150, metadata=metadata))
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def plot_perplexity(results: Sequence[dict], path: str) -> None:
     """Figure 1's style: perplexity against context window (log-log), one line per config in
     its own colour, Dynamic Scaling's dashed. When a config blows up (past twice the range of each
     window's best), a second panel zooms in on the best ones."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = list(dict.fromkeys(r["label"] for r in results))
     colors = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20").colors
     windows = sorted({r["window"] for r in results})
@@ -284,14 +284,14 @@ def plot_perplexity(results: Sequence[dict], path: str) -> None:
         axes[0, 1].set_ylim(lo, hi)
         axes[0, 1].set_title(f"the same, perplexity {lo:.3g}-{hi:.3g}", fontsize=9)
     axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_segments(results: Sequence[dict], path: str, original_length: int) -> None:
     """Where along a long window the loss rises: each result's segment_perplexity (positions
     [k L_seg, (k+1) L_seg)) against the segment's first position, a line per (config, window),
     with the original context L marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for r in results:
         step = r["segment_length"]
@@ -304,13 +304,13 @@ def plot_segments(results: Sequence[dict], path: str, original_length: int) -> N
     ax.set_ylabel("perplexity of the segment")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_sweep(sweep: dict, path: str) -> None:
     """Appendix A.2: Figure 2 (perplexity vs sqrt(1/t), +-1 std over documents), Figure 3
     (Eq. 26 change per position segment) and Figure 4 (documents best at each factor)."""
-    plt = _pyplot()
+    plt = pyplot()
     f = np.array(sweep["factors"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     mean, std = np.array(sweep["document_perplexity_mean"]), np.array(sweep["document_perplexity_std"])
@@ -332,12 +332,12 @@ def plot_sweep(sweep: dict, path: str) -> None:
     axes[2].set_xticks(range(len(sweep["segments"])), [f"{a}" for a, _ in sweep["segments"]], rotation=45)
     axes[2].set(xlabel="segment start (token position)", ylabel="sqrt(1/t)", title="documents with lowest perplexity")
     fig.colorbar(im, ax=axes[2])
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_passkey(results: Sequence[dict], path: str) -> None:
     """Accuracy against length; with a depth grid, a length x depth heat map beside it."""
-    plt = _pyplot()
+    plt = pyplot()
     has_depth = "by_depth" in results[0]
     fig, axes = plt.subplots(1, 2 if has_depth else 1, figsize=(12 if has_depth else 7, 4.5), squeeze=False)
     ax = axes[0, 0]
@@ -353,4 +353,4 @@ def plot_passkey(results: Sequence[dict], path: str) -> None:
         axes[0, 1].set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         axes[0, 1].set(xlabel="context length (tokens)", ylabel="key depth (fraction of filler)")
         fig.colorbar(im, ax=axes[0, 1], label="accuracy (%)")
-    _save(fig, path)
+    save_figure(fig, path)

@@ -6,6 +6,7 @@ final model. training.py holds the recipe itself; this module is what makes a ru
                                checksums-rank*.json (written to .tmp, renamed when every rank is done)
     OUT/latest                 the newest checkpoint's name
     OUT/final/ (+ final-hf/)   the finished model, loadable by yarn_minimal.load
+    OUT/model-step-000004/     the model alone after a step of --save-models-at (learning curves)
 
 A finished or interrupted run is never overwritten by accident, a resumed run continues
 bit for bit (the data order, the schedule and every RNG), and nothing is unpickled that could
@@ -70,7 +71,7 @@ class MetricsLog:
 # Run folders: OUT holds metrics.jsonl, step-* checkpoints, latest (the newest one's name) and
 # final/ (+ final-hf/)
 
-RUN_FILES = ("latest", "final", "final-hf", "metrics.jsonl", "step-*")  # what makes an --out folder a run
+RUN_FILES = ("latest", "final", "final-hf", "metrics.jsonl", "step-*", "model-step-*")  # what makes an --out folder a run
 RUN = Output("a run (checkpoints, metrics.jsonl, final/)", holds(*RUN_FILES), folder=True,
              again="continue it with --resume, or start over with --overwrite")
 
@@ -108,7 +109,7 @@ def _not_from_a_run(path: Path) -> Optional[str]:
 def claim_out(out: Path, env: DistEnv, resume: Optional[str], overwrite: bool) -> bool:
     """Make --out (already passed check_out) ready for this run; True if it had to be created. A
     finished or interrupted run is never overwritten by accident: continue it with --resume, or
-    start over with --overwrite, which deletes the old run's own files (step-*, final/,
+    start over with --overwrite, which deletes the old run's own files (step-*, model-step-*, final/,
     final-hf/, latest, metrics.jsonl) and nothing else in the folder."""
     created = not out.exists()
     held = _held(out) if out.is_dir() else []
