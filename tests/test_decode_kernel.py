@@ -236,3 +236,64 @@ def test_a_bad_switch_value_is_one_line():
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert ("YARN_MINIMAL_CPU_KERNEL='yes': expected 1 (the CPU decode kernel, the default) or 0 (the PyTorch path)"
             in r.stderr.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The linear layers' GEMV (decode_linear.c, fast.Linear)
+
+@needs_compiler
+@pytest.mark.parametrize("rows,cols", [(1, 1), (7, 5), (192, 576), (1000, 33), (3, 1536)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_kernel_equals_the_product_by_definition(rows, cols, threads):
+    torch.manual_seed(rows * cols)
+    weight, x = torch.randn(rows, cols), torch.randn(1, 1, cols)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert decode_kernel.linear_applies(x, weight)
+        got = decode_kernel.decode_linear(x, weight)
+    finally:
+        torch.set_num_threads(before)
+    # sum_i W[r, i] x[i] in float64, row by row
+    expected = torch.tensor([[[sum(float(w) * float(v) for w, v in zip(row, x[0, 0])) for row in weight]]],
+                            dtype=torch.float64) if rows * cols < 10_000 else (weight.double() @ x[0, 0].double())[None, None]
+    assert got.shape == (1, 1, rows) and got.dtype == torch.float32
+    assert (got.double() - expected).abs().max().item() <= 1e-5 * (1 + expected.abs().max().item())
+
+
+def test_where_the_linear_kernel_does_not_apply(monkeypatch):
+    weight, x = torch.randn(6, 4), torch.randn(1, 1, 4)
+    assert decode_kernel.linear_applies(x, weight) == (shutil.which("cc") is not None)
+    refused = {
+        "two rows (a prefill chunk or a batch)": (torch.randn(2, 1, 4), weight),
+        "bf16": (x.bfloat16(), weight.bfloat16()),
+        "a weight not contiguous": (x, torch.randn(4, 6).t()),
+        "meta": (x.to("meta"), weight.to("meta")),
+        # autograd cannot see inside the kernel
+        "x needs a gradient": (x.clone().requires_grad_(), weight),
+        "the weight needs a gradient": (x, torch.nn.Parameter(weight.clone())),
+    }
+    for why, (xx, ww) in refused.items():
+        assert not decode_kernel.linear_applies(xx, ww), why
+    with torch.no_grad():  # generation: parameters that need gradients, outside autograd
+        assert decode_kernel.linear_applies(x, torch.nn.Parameter(weight.clone())) == (shutil.which("cc") is not None)
+    monkeypatch.setenv("YARN_MINIMAL_CPU_KERNEL", "0")
+    assert not decode_kernel.linear_applies(x, weight)
+
+
+@needs_compiler
+def test_every_linear_layer_of_a_decoding_step_runs_in_the_kernel(monkeypatch):
+    # 2 layers x (wq, wk, wv, wo, w1, w2, w3) + the output projection at every decoding step; in
+    # the prefill only the output projection of the prompt's last position (one row); and the
+    # tokens and logits of the PyTorch path (no kernel anywhere)
+    calls = []
+    kernel = decode_kernel.decode_linear
+    monkeypatch.setattr(decode_kernel, "decode_linear", lambda *a: calls.append(1) or kernel(*a))
+    model = tiny_model(rope_for("yarn", dynamic=False), n_layers=2)
+    fast_tokens, fast_logits = record(model, PROMPT, 2 * L)
+    assert len(calls) == (2 * 7 + 1) * (2 * L - 1) + 1
+    monkeypatch.setenv("YARN_MINIMAL_CPU_KERNEL", "0")
+    slow_tokens, slow_logits = record(model, PROMPT, 2 * L)
+    assert fast_tokens == slow_tokens
+    for fast, slow in zip(fast_logits, slow_logits):
+        assert (fast - slow).abs().max().item() <= 1e-4

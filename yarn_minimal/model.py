@@ -11,9 +11,10 @@ rotation e^{i m theta} that `rotate_pairs` multiplies by (Eq. 5). Everything aft
 Sec. 3.4. The KV cache knows one thing about the methods: whether s can change (Sec. 3.3), in
 which case it keeps keys before RoPE (`LayerCache.update`, `CachedKeys`).
 
-Faster forms of the same arithmetic live in fast/: this file names the two it uses (the fused
-RoPE op on `rotate_pairs`, the two-factor table in `Transformer.rotation`); the C kernel for the
-CPU decoding step is chosen in attention.py, and `CachedKeys` says when it takes over.
+Faster forms of the same arithmetic live in fast/: this file names the three it uses (the fused
+RoPE op on `rotate_pairs`, the two-factor table in `Transformer.rotation`, and `fast.Linear`:
+nn.Linear without bias, whose one-token float32 steps on the CPU run in C); the C kernel for the
+CPU decoding step's attention is chosen in attention.py, and `CachedKeys` says when it takes over.
 """
 from __future__ import annotations
 
@@ -253,10 +254,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = fast.Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = fast.Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = fast.Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = fast.Linear(args.n_heads * args.head_dim, args.dim)
 
     def forward(self, x: torch.Tensor, rotation: Rotation, cache: Optional[LayerCache] = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -276,9 +277,9 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         hidden = args.ffn_hidden_dim
-        self.w1 = nn.Linear(args.dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+        self.w1 = fast.Linear(args.dim, hidden)
+        self.w2 = fast.Linear(hidden, args.dim)
+        self.w3 = fast.Linear(args.dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
@@ -304,7 +305,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = fast.Linear(args.dim, args.vocab_size)
         if args.tie_word_embeddings:  # one tensor, as the checkpoint stores it
             self.output.weight = self.tok_embeddings.weight
         self.activation_checkpointing = False

@@ -1,5 +1,6 @@
-"""The CPU decoding step as one C kernel (decode_attention.c): the fast twin of the reference
-path, model.CachedKeys + attention.attention, for float32 decoding steps (one new token) on the CPU.
+"""The CPU decoding step in C: attention as one kernel (decode_attention.c), the fast twin of
+model.CachedKeys + attention.attention, and the linear layers' GEMV (decode_linear.c), the fast
+twin of nn.Linear, for float32 decoding steps (one new token) on the CPU.
 
 The rule, here and nowhere else: a float32 CPU decoding step over a KV cache, outside autograd,
 tracing and torch.compile, runs in the kernel, for every method. With a static method the cached
@@ -8,6 +9,11 @@ keys are rotated already and the kernel is plain attention for one query. Under 
 step; in PyTorch that is three passes over the keys where a static cache makes one, and the
 kernel rotates each key as attention reads it instead. Either way the keys are read once, so
 static decoding is never slower than Dynamic decoding (docs/generation.md has the figures).
+
+The same rule holds for the linear layers (`Linear`, which model.py builds its layers from): a
+float32 CPU step of one token, outside autograd and compile, runs in decode_linear.c, which
+splits every weight matrix's rows over the threads. A decoding step is the time it takes to read
+the weights once; torch runs such a small matrix-vector product on one thread.
 
 It is built with the system's C compiler ($CC, else cc) the first time a process asks for it
 (`library()`; generation builds it before it starts timing), into a temporary folder: nothing
@@ -32,11 +38,12 @@ from typing import Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("decode_attention.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.c", "decode_linear.c")]
 FAST_FLAGS = ["-O3", "-march=native", "-fopenmp",  # reductions may be reordered (vectorised), as SDPA does
               "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 PORTABLE_FLAGS = ["-O3"]  # a compiler without OpenMP or -march=native (Apple's clang)
 MIN_POSITIONS_PER_THREAD = 1024  # fewer: the threads' start-up costs more than they save
+MIN_WEIGHTS_PER_THREAD = 32768  # the same for a GEMV's weights (128 KB of float32)
 
 
 def enabled() -> bool:
@@ -55,9 +62,9 @@ def library() -> Optional[ctypes.CDLL]:
     reason = f"no C compiler ({' '.join(command)})"
     if shutil.which(command[0]) is not None:
         with tempfile.TemporaryDirectory(prefix="yarn_minimal_") as folder:
-            built = Path(folder) / "decode_attention.so"
+            built = Path(folder) / "decode_kernels.so"
             for flags in (FAST_FLAGS, PORTABLE_FLAGS):
-                run = subprocess.run([*command, *flags, "-shared", "-fPIC", str(SOURCE), "-o", str(built), "-lm"],
+                run = subprocess.run([*command, *flags, "-shared", "-fPIC", *map(str, SOURCES), "-o", str(built), "-lm"],
                                      capture_output=True, text=True)
                 if run.returncode != 0:
                     lines = run.stderr.strip().splitlines() or [f"exit status {run.returncode}"]
@@ -71,6 +78,8 @@ def library() -> Optional[ctypes.CDLL]:
                 lib.decode_attention.restype = None
                 lib.decode_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6 + \
                     [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+                lib.decode_linear.restype = None
+                lib.decode_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
                 return lib
     warnings.warn(f"the CPU decode kernel could not be built ({reason}); decoding uses the PyTorch path: "
                   f"the same results, more slowly (docs/generation.md)", stacklevel=2)
@@ -116,3 +125,40 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                                out.data_ptr(), B, T, H, Hkv, D, keys.stride(0), scores.data_ptr(), partial.data_ptr(),
                                n_chunks)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The linear layers
+
+def linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether F.linear(x, weight) (no bias) runs in the kernel: one float32 row on the CPU (a
+    decoding step of one sequence), a contiguous weight, outside autograd and compile."""
+    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
+            and x.numel() == weight.shape[1] and weight.dim() == 2 and weight.is_contiguous()
+            and type(x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and enabled() and library() is not None)
+
+
+def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) for x of one row: (..., in) -> (..., out). Call it where
+    `linear_applies` says so."""
+    x = x.contiguous()
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32, device="cpu")
+    n_threads = max(1, min(torch.get_num_threads(), weight.numel() // MIN_WEIGHTS_PER_THREAD))
+    library().decode_linear(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1], n_threads)
+    return out
+
+
+class Linear(torch.nn.Linear):
+    """nn.Linear without bias whose decoding steps on the CPU run in decode_linear.c, where
+    `linear_applies` says so; everything else (training, prefill, CUDA) is nn.Linear itself."""
+
+    def __init__(self, in_features: int, out_features: int, **kwargs):
+        super().__init__(in_features, out_features, bias=False, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if linear_applies(x, self.weight):
+            return decode_linear(x, self.weight)
+        return super().forward(x)
