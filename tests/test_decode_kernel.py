@@ -54,7 +54,7 @@ def random_case(B, T, H, Hkv, D, max_len=None, seed=0):
 @pytest.mark.parametrize("B,H,Hkv", [(1, 4, 4), (2, 8, 2)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_equals_attention_by_definition(D, B, H, Hkv, threads):
-    T = 2 * decode_kernel.MIN_POSITIONS_PER_THREAD + 77  # two chunks with two threads, one with one
+    T = 2 * decode_kernel.MIN_FLOATS_PER_THREAD // (Hkv * D) + 77  # two chunks with two threads, one with one
     q, keys, values, table = random_case(B, T, H, Hkv, D)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -75,7 +75,7 @@ def test_kernel_equals_attention_by_definition(D, B, H, Hkv, threads):
 def test_kernel_over_rotated_keys_equals_attention_by_definition(D, B, H, Hkv, threads):
     # a static method's cache holds keys rotated already: no table, no rotation (Eq. 2 alone);
     # the oracle rotates by 1 (cos 1, sin 0), which leaves every key as it is
-    T = 2 * decode_kernel.MIN_POSITIONS_PER_THREAD + 77
+    T = 2 * decode_kernel.MIN_FLOATS_PER_THREAD // (Hkv * D) + 77
     q, keys, values, _ = random_case(B, T, H, Hkv, D, seed=1)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

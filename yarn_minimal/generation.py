@@ -191,6 +191,7 @@ def compiled_decode_step(stats: GenerationStats) -> DecodeStep:
     Dynamic Scaling's up to L s0), counted in stats.compiled_steps. s enters the graph as a
     constant, so past L s0, where s changes with every token, a compiled step would compile
     again at every token: those steps run eagerly."""
+    decode_kernel.prepare_for_compile()  # whether the compiled step's GEMVs may call the C kernel
     compiled = torch.compile(decode_step, dynamic=True)  # the cache grows every step
 
     def step(model: Transformer, token: torch.Tensor, cache: KVCache) -> torch.Tensor:

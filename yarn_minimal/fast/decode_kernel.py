@@ -42,9 +42,8 @@ SOURCES = [Path(__file__).with_name(name) for name in ("decode_attention.c", "de
 FAST_FLAGS = ["-O3", "-march=native", "-fopenmp",  # reductions may be reordered (vectorised), as SDPA does
               "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
 PORTABLE_FLAGS = ["-O3"]  # a compiler without OpenMP or -march=native (Apple's clang)
-MIN_POSITIONS_PER_THREAD = 1024  # fewer: the threads' start-up costs more than they save
-MIN_WEIGHTS_PER_THREAD = 32768  # the same for a GEMV's weights (128 KB of float32)
-
+MIN_FLOATS_PER_THREAD = 32768  # keys or weights each thread reads, at least: with fewer (128 KB), starting
+                               # the threads costs more than they save
 
 def enabled() -> bool:
     """YARN_MINIMAL_CPU_KERNEL: 1 (the default) uses the kernel where it applies, 0 never does."""
@@ -118,7 +117,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     T, Hkv = keys.shape[1], keys.shape[2]
     q = q.contiguous()
     table = None if table is None else torch.view_as_real(table[:T].contiguous())
-    n_chunks = max(1, min(torch.get_num_threads(), T // MIN_POSITIONS_PER_THREAD))
+    n_chunks = max(1, min(torch.get_num_threads(), T * Hkv * D // MIN_FLOATS_PER_THREAD))
     work = dict(dtype=torch.float32, device="cpu")  # not torch's defaults, which a caller may have changed
     out, scores, partial = torch.empty(B, 1, H, D, **work), torch.empty(H, T, **work), torch.empty(n_chunks, H, D + 2, **work)
     library().decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), None if table is None else table.data_ptr(),
@@ -146,9 +145,32 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     `linear_applies` says so."""
     x = x.contiguous()
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32, device="cpu")
-    n_threads = max(1, min(torch.get_num_threads(), weight.numel() // MIN_WEIGHTS_PER_THREAD))
+    n_threads = max(1, min(torch.get_num_threads(), weight.numel() // MIN_FLOATS_PER_THREAD))
     library().decode_linear(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1], n_threads)
     return out
+
+
+# Inside a torch.compile'd decoding step (--compile) the GEMV is this op, which Inductor calls
+# as it is: the graph around it is compiled, the kernel is not.
+linear_op = torch.library.custom_op("yarn_minimal::decode_linear", decode_linear, mutates_args=())
+linear_op.register_fake(lambda x, weight: x.new_empty((*x.shape[:-1], weight.shape[0])))
+
+
+def compiled_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """`linear_applies` for a graph being compiled, where tensors are stand-ins: the same rule on
+    what a trace can see, with the switch and the build decided before compiling started."""
+    return (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
+            and x.shape[:-1].numel() == 1 and weight.dim() == 2 and not torch.is_grad_enabled()
+            and KERNEL_READY)
+
+
+KERNEL_READY = False  # set by `prepare_for_compile`: the switch is on and the kernel built
+
+
+def prepare_for_compile() -> None:
+    """Decide, before torch.compile traces a decoding step, whether its GEMVs may use the kernel."""
+    global KERNEL_READY
+    KERNEL_READY = enabled() and library() is not None
 
 
 class Linear(torch.nn.Linear):
@@ -159,6 +181,8 @@ class Linear(torch.nn.Linear):
         super().__init__(in_features, out_features, bias=False, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return linear_op(x, self.weight) if compiled_linear_applies(x, self.weight) else super().forward(x)
         if linear_applies(x, self.weight):
             return decode_linear(x, self.weight)
         return super().forward(x)
