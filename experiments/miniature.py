@@ -23,6 +23,12 @@ figures): by default it goes to results/tmp/miniature-quick (git-ignored).
    sqrt(1/t), with Eq. 22's 0.1 ln(s) + 1 marked.
 5. alpha/beta for this model: the paper tunes them per model family (Sec. 3.2); YaRN s = 8
    without fine-tuning at 8 x L for a few (alpha, beta).
+6. How many fine-tuning steps each method needs (the abstract's "2.5x less training steps"):
+   learning curves at s = 8 for PI, NTK-aware, NTK-by-parts and YaRN (a learning-rate sweep,
+   then 128 steps per method and seed, perplexity at L and 8 x L at steps 0, 4, 8, ..., 128),
+   and the steps each needs to reach PI's final perplexity (experiments/curves.py).
+7. s = 32 grown from s = 16 (Sec. 4.1): YaRN s = 16 for 64 steps, then s = 32 for 32 more,
+   against s = 32 from the base model for 96; perplexity up to 32 x L and passkey.
 
 Held-out documents and fine-tuning data come from `python -m experiments.demo_data`.
 """
