@@ -141,18 +141,30 @@ def test_count_params_counts_a_tied_tensor_once():
 
 
 def test_train_py_keeps_a_tied_model_tied(tmp_path, tokenizer_path):
-    """One process, two steps of train.py on a tied checkpoint: the output is still the
-    embedding, and that tensor was trained (the loss reads model.output.weight)."""
+    """Two steps of train.py on a tied checkpoint, in one process and in two (torchrun, gloo,
+    FSDP2: the shared tensor lives in the root unit once): the output is still the embedding,
+    that tensor was trained (the loss reads model.output.weight), and both runs end with the
+    same weights."""
     model, tok = yarn_minimal.load(hf_folder(tmp_path, tokenizer_path, tied=True))
     yarn_minimal.save(model, tok, tmp_path / "ckpt")
     segs = np.random.default_rng(0).integers(3, tok.vocab_size, size=(4, 33))
     write_segments(tmp_path / "data", segs, dict(vocab_size=tok.vocab_size, bos_id=1, eos_id=2))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, str(ROOT / "train.py"), "--ckpt", str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"),
-           "--out", str(tmp_path / "run"), "--global-batch-size", "4", "--original-length", "16", "--lr", "1e-2",
-           "--warmup-steps", "1", "--steps", "2"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stderr[-3000:]
-    trained, _ = yarn_minimal.load(tmp_path / "run" / "final")
-    assert is_tied(trained)
-    assert not torch.equal(trained.tok_embeddings.weight, model.tok_embeddings.weight)
+    finals = {}
+    for launcher in ([], ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]):
+        out = tmp_path / f"run{len(launcher)}"
+        cmd = [sys.executable, *launcher, str(ROOT / "train.py"), "--ckpt", str(tmp_path / "ckpt"), "--data",
+               str(tmp_path / "data"), "--out", str(out), "--global-batch-size", "4", "--original-length", "16",
+               "--lr", "1e-2", "--warmup-steps", "1", "--steps", "2"]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert res.returncode == 0, res.stderr[-3000:]
+        finals[len(launcher)], _ = yarn_minimal.load(out / "final")
+    one, two = finals.values()
+    for trained in (one, two):
+        assert is_tied(trained)
+        assert not torch.equal(trained.tok_embeddings.weight, model.tok_embeddings.weight)
+    # AdamW turns a gradient's float32 summation order into up to ~1e-5 of a weight (an element
+    # whose gradient is near 0 moves by +-lr); a tie lost on one side would move the shared
+    # tensor by about lr = 1e-2
+    for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
