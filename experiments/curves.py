@@ -223,35 +223,34 @@ def step7(mini, lr: float) -> dict:
 
 # ------------------------------------------------------------------ SUMMARY.md sections
 
+def markdown(header: list, rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|",
+            *["| " + " | ".join(map(str, row)) + " |" for row in rows]]
+
+
 def summary6(r: dict, L: int) -> list[str]:
-    sweep_rows = ["| method | " + " | ".join(r["worst_ratio"]) + " |", "|---" * (len(r["worst_ratio"]) + 1) + "|"]
-    sweep_rows += [f"| {NAMES[m]} | " + " | ".join(f"{v:.2f}" for v in by_lr.values()) + " |" for m, by_lr in r["sweep"].items()]
-    sweep_rows += ["| worst method / its best rate | " + " | ".join(f"{v:.3f}" for v in r["worst_ratio"].values()) + " |"]
-    seeds = r["seeds"]
-    curve_rows = ["| method, perplexity at %d | " % (8 * L) + " | ".join(f"step {s}" for s in [0, *r["saved_steps"],
-                                                                                              curve(next(iter(r["curves"]["pi"].values())), 8 * L)[0][-1]]) + " |"]
-    curve_rows.append("|---" * (len(curve_rows[0].split("|")) - 2) + "|")
-    for m, by_seed in r["curves"].items():
-        cs = [curve(x, 8 * L)[1] for x in by_seed.values()]
-        curve_rows.append(f"| {NAMES[m]} | " + " | ".join(
-            f"{sum(v) / len(v):.2f}" + (f" ±{(max(v) - min(v)) / 2:.2f}" if len(v) > 1 else "") for v in zip(*cs)) + " |")
-    pk = ["| method | " + " | ".join(str(n) for n in (2 * L, 4 * L, 8 * L)) + " |", "|---" * 4 + "|"]
-    for m, by_seed in r["passkey"].items():
-        acc = {}
-        for res in by_seed.values():
-            for row in res["results"]:
-                acc.setdefault(row["length"], []).append(row["accuracy"])
-        pk.append(f"| {NAMES[m]} | " + " | ".join(f"{100 * sum(v) / len(v):.0f}%" for v in acc.values()) + " |")
+    rates = list(r["worst_ratio"])
+    sweep = markdown(["method", *rates], [[NAMES[m], *(f"{v:.2f}" for v in by_lr.values())] for m, by_lr in r["sweep"].items()]
+                     + [["worst method / its best rate", *(f"{v:.3f}" for v in r["worst_ratio"].values())]])
+    steps = curve(next(iter(r["curves"]["pi"].values())), 8 * L)[0]
+    mean_spread = lambda v: f"{sum(v) / len(v):.2f}" + (f" ±{(max(v) - min(v)) / 2:.2f}" if len(v) > 1 else "")
+    curves = markdown([f"method, perplexity at {8 * L}", *(f"step {n}" for n in steps)],
+                      [[NAMES[m], *map(mean_spread, zip(*(curve(x, 8 * L)[1] for x in by_seed.values())))]
+                       for m, by_seed in r["curves"].items()])
+    lengths = [row["length"] for row in next(iter(r["passkey"]["pi"].values()))["results"]]
+    accuracy = lambda by_seed, i: sum(res["results"][i]["accuracy"] for res in by_seed.values()) / len(by_seed)
+    passkey = markdown(["method", *lengths], [[NAMES[m], *(f"{100 * accuracy(by_seed, i):.0f}%" for i in range(len(lengths)))]
+                                              for m, by_seed in r["passkey"].items()])
     return [f"## 6. How many fine-tuning steps each method needs (s = 8; the abstract's 2.5x)\n",
-            f"Learning-rate sweep ({'/'.join(r['sweep']['pi'])}; every method, seed 0, perplexity at {8 * L} "
-            f"after the sweep's steps); the curves use **{r['lr']:g}**, the rate whose worst method is closest to "
-            f"its own best:\n", *sweep_rows, "",
-            f"Learning curves: seeds {', '.join(map(str, seeds))} (the data order); mean ± half the seeds' range; "
-            f"{r['tokens_per_step']:,} tokens per step.\n", *curve_rows, "",
+            f"Learning-rate sweep ({'/'.join(rates)}; every method, seed 0, perplexity at {8 * L} after the sweep's "
+            f"steps); the curves use **{r['lr']:g}**, the rate whose worst method is closest to its own best:\n",
+            *sweep, "",
+            f"Learning curves: seeds {', '.join(map(str, r['seeds']))} (the data order); mean ± half the seeds' range; "
+            f"{r['tokens_per_step']:,} tokens per step.\n", *curves, "",
             "![learning curves](step6_learning_curves.png)\n", "![against tokens](step6_tokens.png)\n",
             "Steps (and tokens) to reach each target at 8 L, mean (min-max over seeds), read between saved steps "
             "(log perplexity linear in log step):\n", r["claim_table"], "", *ratios(r["claim"]["steps_needed"]), "",
-            "Passkey accuracy of the final models (mean over seeds):\n", *pk, ""]
+            "Passkey accuracy of the final models (mean over seeds):\n", *passkey, ""]
 
 
 def summary7(r: dict) -> list[str]:
