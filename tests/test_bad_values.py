@@ -60,14 +60,14 @@ ENTRIES = [["generate.py"], ["eval_passkey.py"], ["eval_perplexity.py"], ["train
 def test_ctrl_c_while_importing_is_one_line(entry):
     # Ctrl-C once the script has begun to import torch (which takes a second or more): that
     # printed a 75-line KeyboardInterrupt traceback. Waiting for torch's files to appear in the
-    # process's memory map, rather than a fixed time, keeps the test right on a loaded machine.
+    # process's memory map (libtorch), rather than a fixed time, keeps the test right on a loaded machine.
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, *entry], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     maps, deadline = Path(f"/proc/{p.pid}/maps"), time.monotonic() + 60
     if not maps.exists():  # no /proc (macOS): a fixed time into the import
         time.sleep(0.3)
-    while maps.exists() and "site-packages/torch/" not in maps.read_text() and time.monotonic() < deadline:
+    while maps.exists() and "libtorch" not in maps.read_text() and time.monotonic() < deadline:
         assert p.poll() is None, p.communicate()
         time.sleep(0.005)
     p.send_signal(signal.SIGINT)
