@@ -37,7 +37,7 @@ def steps_to_target(steps: list[int], ppl: list[float], target: float) -> float 
     log(step), or in step from step 0. None if the curve never gets there."""
     for i, (s, p) in enumerate(zip(steps, ppl)):
         if p <= target:
-            if i == 0:
+            if i == 0 or p == target:
                 return float(s)
             s0, p0 = steps[i - 1], ppl[i - 1]
             f = (math.log(p0) - math.log(target)) / (math.log(p0) - math.log(p))
@@ -72,23 +72,27 @@ def curve(result: dict, window: int) -> tuple[list[int], list[float]]:
     return [s for s, _ in rows], [p for _, p in rows]
 
 
-def claim_table(runs: dict[str, dict[int, dict]], window: int, tokens_per_step: int) -> tuple[str, dict]:
-    """Steps (and tokens) each method needs to reach the two targets at `window`, over seeds."""
-    final = {m: [curve(r, window)[1][-1] for r in by_seed.values()] for m, by_seed in runs.items()}
-    mean_final = {m: sum(v) / len(v) for m, v in final.items()}
-    targets = {"PI's final perplexity": mean_final["pi"],
-               f"{PLATEAU:.2f} x the best final perplexity": PLATEAU * min(mean_final.values())}
-    needed = {name: {m: [steps_to_target(*curve(r, window), t) for r in by_seed.values()]
-                     for m, by_seed in runs.items()} for name, t in targets.items()}
-    lines = ["| target at %d tokens | " % window + " | ".join(NAMES[m] for m in runs) + " |",
+def claim_table(runs: dict[str, dict], window: int, tokens_per_step: int) -> tuple[str, dict]:
+    """Steps (and tokens) each method needs to reach two targets at `window`, seed by seed (the
+    same data order for every method): PI's final perplexity, which PI reaches at its last step
+    by definition, and PLATEAU times the best method's final perplexity."""
+    seeds = list(runs["pi"])
+    final = {m: {seed: curve(r, window)[1][-1] for seed, r in by_seed.items()} for m, by_seed in runs.items()}
+    targets = {"PI's final perplexity": {seed: final["pi"][seed] for seed in seeds},
+               f"{PLATEAU:.2f} x the best final perplexity": {seed: PLATEAU * min(f[seed] for f in final.values())
+                                                               for seed in seeds}}
+    needed = {name: {m: [steps_to_target(*curve(runs[m][seed], window), t[seed]) for seed in seeds] for m in runs}
+              for name, t in targets.items()}
+    mean = lambda values: sum(values) / len(values)
+    lines = ["| target at %d tokens (seeds' mean) | " % window + " | ".join(NAMES[m] for m in runs) + " |",
              "|---" * (len(runs) + 1) + "|"]
     for name, t in targets.items():
-        lines.append(f"| {name} ({t:.2f}): steps | " + " | ".join(spread(needed[name][m]) for m in runs) + " |")
+        lines.append(f"| {name} ({mean(list(t.values())):.2f}): steps | "
+                     + " | ".join(spread(needed[name][m]) for m in runs) + " |")
         lines.append(f"| same, tokens | " + " | ".join(
-            "-" if None in needed[name][m] else f"{sum(needed[name][m]) / len(needed[name][m]) * tokens_per_step / 1e6:.2f} M"
-            for m in runs) + " |")
+            "-" if None in needed[name][m] else f"{mean(needed[name][m]) * tokens_per_step / 1e6:.2f} M" for m in runs) + " |")
     lines.append("| final perplexity | " + " | ".join(
-        f"{mean_final[m]:.2f} ({min(final[m]):.2f}-{max(final[m]):.2f})" for m in runs) + " |")
+        f"{mean(list(f.values())):.2f} ({min(f.values()):.2f}-{max(f.values()):.2f})" for f in final.values()) + " |")
     return "\n".join(lines), {"targets": targets, "steps_needed": needed, "final": final}
 
 
@@ -192,14 +196,9 @@ def step6(mini) -> dict:
             runs[m][seed] = evaluate(mini, f"step6_curve_{m}_seed{seed}", configs, [L, 8 * L], [final_model])
             passkey[m][seed] = mini.passkey(f"step6_passkey_{m}_seed{seed}", final_model, [2 * L, 4 * L, 8 * L],
                                             plot=False)
-    tokens_per_step = a.finetune_batch * 8 * L
-    table, claim = claim_table(runs, 8 * L, tokens_per_step)
-    plot_curves(runs, [L, 8 * L], claim["targets"], mini.out / "step6_learning_curves.png")
-    plot_curves(runs, [8 * L], claim["targets"], mini.out / "step6_tokens.png", tokens_per_step=tokens_per_step)
     return {"lr": lr, "sweep": {m: {f"{k:g}": v for k, v in by_lr.items()} for m, by_lr in final.items()},
             "worst_ratio": {f"{k:g}": v for k, v in worst.items()}, "saved_steps": saved, "seeds": list(a.seeds),
-            "tokens_per_step": tokens_per_step, "curves": runs, "claim": claim, "claim_table": table,
-            "passkey": passkey}
+            "tokens_per_step": a.finetune_batch * 8 * L, "curves": runs, "passkey": passkey}
 
 
 def step7(mini, lr: float) -> dict:
@@ -228,7 +227,15 @@ def markdown(header: list, rows: list[list]) -> list[str]:
             *["| " + " | ".join(map(str, row)) + " |" for row in rows]]
 
 
-def summary6(r: dict, L: int) -> list[str]:
+def report6(r: dict, L: int, out: Path) -> list[str]:
+    """Step 6's SUMMARY.md section and plots, from its results (as step6 returns them or as
+    results.json holds them): the numbers of the claim are computed here, from the curves."""
+    table, claim = claim_table(r["curves"], 8 * L, r["tokens_per_step"])
+    r["claim"] = claim  # kept in results.json for readers of the JSON
+    r.pop("claim_table", None)
+    mean_targets = {f"{name} (seeds' mean)": sum(t.values()) / len(t) for name, t in claim["targets"].items()}
+    plot_curves(r["curves"], [L, 8 * L], mean_targets, out / "step6_learning_curves.png")
+    plot_curves(r["curves"], [8 * L], mean_targets, out / "step6_tokens.png", tokens_per_step=r["tokens_per_step"])
     rates = list(r["worst_ratio"])
     sweep = markdown(["method", *rates], [[NAMES[m], *(f"{v:.2f}" for v in by_lr.values())] for m, by_lr in r["sweep"].items()]
                      + [["worst method / its best rate", *(f"{v:.3f}" for v in r["worst_ratio"].values())]])
@@ -249,7 +256,7 @@ def summary6(r: dict, L: int) -> list[str]:
             f"{r['tokens_per_step']:,} tokens per step.\n", *curves, "",
             "![learning curves](step6_learning_curves.png)\n", "![against tokens](step6_tokens.png)\n",
             "Steps (and tokens) to reach each target at 8 L, mean (min-max over seeds), read between saved steps "
-            "(log perplexity linear in log step):\n", r["claim_table"], "", *ratios(r["claim"]["steps_needed"]), "",
+            "(log perplexity linear in log step):\n", table, "", *ratios(claim["steps_needed"]), "",
             "Passkey accuracy of the final models (mean over seeds):\n", *passkey, ""]
 
 

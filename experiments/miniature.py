@@ -240,11 +240,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def settings(a) -> dict:
+    """The flags a run's tables depend on, kept with its record in results.json."""
+    return {"documents": a.documents, "finetune_steps": a.finetune_steps, "finetune_batch": a.finetune_batch,
+            "finetune_lr": a.finetune_lr, "machine": machine()}
+
+
 def summary(mini: Miniature, results: dict, runs: list[dict]) -> str:
-    a = mini.args
+    # the settings of the latest run that recorded them (--report-only reports that run, not its own flags)
+    a = argparse.Namespace(**next((r["settings"] for r in reversed(runs) if "settings" in r), settings(mini.args)))
     parts = [f"# YaRN in miniature: results\n",
              *[f"Command: `{r['command']}` ({r['wall_s'] / 60:.1f} min)  " for r in runs],
-             f"Machine: {machine()}  ",
+             f"Machine: {getattr(a, 'machine', None) or machine()}  ",
              f"Model: `{mini.ckpt.relative_to(ROOT) if mini.ckpt.is_relative_to(ROOT) else mini.ckpt}` "
              f"(L = {mini.L}); {a.documents} held-out documents, truncated to each window (Figure 1 protocol).  ",
              f"Fine-tuning budget per method in steps 2-3: {a.finetune_steps} steps x {a.finetune_batch} sequences of "
@@ -274,7 +281,7 @@ def summary(mini: Miniature, results: dict, runs: list[dict]) -> str:
     if "5" in results:
         parts += ["## 5. alpha and beta for this model (YaRN s = 8, no fine-tuning)\n", table(results["5"]["results"]), ""]
     if "6" in results:
-        parts += curves.summary6(results["6"], mini.L)
+        parts += curves.report6(results["6"], mini.L, mini.out)
     if "7" in results:
         parts += curves.summary7(results["7"])
     return "\n".join(parts) + "\n"
@@ -290,6 +297,9 @@ def main(argv=None) -> None:
                         "and never inside results/ but for results/tmp/)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run's results in --out (its own files only; fine-tuned checkpoints are reused)")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite SUMMARY.md and the plots made from results.json (step 6's) from --out's results.json, "
+                        "running nothing (with --overwrite)")
     p.add_argument("--steps", default=",".join(ALL_STEPS), help="which steps to run, e.g. 1,4 (default all); the "
                    "results of the others, from an earlier run in --out, are kept")
     p.add_argument("--quick", action="store_true", help="tiny grid for a smoke test (~1-2 min), written outside results/")
@@ -328,10 +338,17 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: --out {e}") from None
 
     mini = Miniature(a)
+    mini.results, runs = earlier_results(mini.out / "results.json")
+    if a.report_only:
+        if not mini.results:
+            raise SystemExit(f"error: --report-only: {mini.out / 'results.json'} holds no results to report")
+        generated = summary(mini, mini.results, runs)  # recomputes what is derived from the results
+        write_json(mini.out / "results.json", {"steps": mini.results, "runs": runs})
+        write_summary(mini.out / "SUMMARY.md", generated)
+        return print(f"wrote {mini.out / 'SUMMARY.md'} from {mini.out / 'results.json'}")
     mini.check_inputs()
     mini.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    mini.results, runs = earlier_results(mini.out / "results.json")
     start = time.time()
     for s in steps:
         t = time.time()
@@ -340,7 +357,8 @@ def main(argv=None) -> None:
         print(f"== step {s} done in {time.time() - t:.0f} s", flush=True)
     wall = time.time() - start
     command = f"python -m experiments.miniature --steps {','.join(steps)}{' --quick' if quick else ''}"
-    runs = [r for r in runs if set(r["steps"]) - set(steps)] + [{"command": command, "steps": steps, "wall_s": wall}]
+    runs = [r for r in runs if set(r["steps"]) - set(steps)] + [{"command": command, "steps": steps, "wall_s": wall,
+                                                                  "settings": settings(a)}]
     results = dict(sorted(mini.results.items()))
     write_json(mini.out / "results.json", {"steps": results, "runs": runs})
     write_summary(mini.out / "SUMMARY.md", summary(mini, results, runs))

@@ -50,14 +50,17 @@ def test_claim_table_targets_and_spread():
         return {"results": [{"window": 2048, "step": s, "perplexity": p} for s, p in zip([0, 4, 8], ppl)]}
     runs = {"pi": {0: run([90, 60, 40]), 1: run([90, 64, 44])}, "yarn": {0: run([50, 40, 30]), 1: run([50, 42, 31])}}
     table, claim = curves.claim_table(runs, 2048, tokens_per_step=8192)
-    pi_final = (40 + 44) / 2
-    assert claim["targets"]["PI's final perplexity"] == pytest.approx(pi_final)
-    assert claim["targets"]["1.03 x the best final perplexity"] == pytest.approx(1.03 * 30.5)
+    # seed by seed: PI's own final value, and 1.03 x the best final of that seed
+    assert claim["targets"]["PI's final perplexity"] == {0: 40, 1: 44}
+    assert claim["targets"]["1.03 x the best final perplexity"] == pytest.approx({0: 1.03 * 30, 1: 1.03 * 31})
     needed = claim["steps_needed"]["PI's final perplexity"]
-    assert needed["pi"][1] is None  # seed 1 ends at 44 > 42, the mean of the two finals
-    # yarn seed 0 crosses 42 between step 0 (50) and step 4 (40): linear in step from step 0
-    assert needed["yarn"][0] == pytest.approx(4 * (math.log(50) - math.log(42)) / (math.log(50) - math.log(40)))
-    assert "not reached by 1 of 2 seeds" in table
+    assert needed["pi"] == [8, 8]  # PI reaches its own final value at its last step
+    # yarn seed 1 crosses 44 between step 0 (50) and step 4 (42): linear in step from step 0
+    assert needed["yarn"][1] == pytest.approx(4 * (math.log(50) - math.log(44)) / (math.log(50) - math.log(42)))
+    # yarn seed 0 crosses 40 exactly at step 4
+    assert needed["yarn"][0] == pytest.approx(4)
+    assert claim["steps_needed"]["1.03 x the best final perplexity"]["pi"] == [None, None]
+    assert "not reached by 2 of 2 seeds" in table and "| final perplexity | 42.00 (40.00-44.00) |" in table
 
 
 def test_quick_learning_curves_end_to_end(tmp_path, demo):  # noqa: F811
@@ -79,3 +82,9 @@ def test_quick_learning_curves_end_to_end(tmp_path, demo):  # noqa: F811
     assert "## 6. How many fine-tuning steps" in summary and "## 7. s = 32 grown from s = 16" in summary
     for name in ("step6_learning_curves.png", "step6_tokens.png"):
         assert (out / name).stat().st_size > 0
+    # --report-only writes the same SUMMARY.md again from results.json, running nothing
+    (out / "SUMMARY.md").unlink()
+    proc = subprocess.run([sys.executable, "-m", "experiments.miniature", "--report-only", "--overwrite", "--out", out],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and "$ " not in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (out / "SUMMARY.md").read_text() == summary
