@@ -129,9 +129,10 @@ def plot_curves(runs: dict[str, dict[int, dict]], windows: list[int], targets: d
             if len(curves) > 1:
                 ax.fill_between(x, [min(p) for p in ppl], [max(p) for p in ppl], color=line.get_color(), alpha=0.2)
         if window == max(windows):
-            for name, t in targets.items():
+            for i, (name, t) in enumerate(targets.items()):  # the higher label above its line, the lower below
                 ax.axhline(t, color="grey", ls="--", lw=0.8)
-                ax.text(0.01, t, name, transform=ax.get_yaxis_transform(), fontsize=7, va="bottom", color="grey")
+                ax.text(0.01, t, name, transform=ax.get_yaxis_transform(), fontsize=7, color="grey",
+                        va="bottom" if i == 0 else "top")
         ax.set_xscale("log")
         ax.set_xticks(x, [f"{s}" if not tokens_per_step else f"{s * tokens_per_step / 1e6:.2g}M" for s in steps])
         ax.minorticks_off()
