@@ -174,7 +174,7 @@ def step6(mini) -> dict:
     # the learning-rate sweep: every method, one seed, --sweep-steps steps, perplexity at 8 L
     sweep = {(m, lr): mini.finetune(m, s, steps=a.sweep_steps, lr=lr, name=f"sweep-{m}-lr{lr:g}") for lr in a.sweep_lrs
              for m in METHODS}
-    result = evaluate(mini, "step6_lr_sweep", [f"ckpt={c},label={m} {lr:g}" for (m, lr), c in sweep.items()], [8 * L],
+    result = evaluate(mini, "step6_lr_sweep", [f"ckpt={mini.rel(c)},label={m} {lr:g}" for (m, lr), c in sweep.items()], [8 * L],
                       list(sweep.values()))
     final = {m: {} for m in METHODS}
     for r in result["results"]:
@@ -192,8 +192,8 @@ def step6(mini) -> dict:
                                         name=f"curve-{m}-seed{seed}")
             run = final_model.parent
             configs = [f"method={m},scale={s},label=step 0"]
-            configs += [f"ckpt={run / f'model-step-{n:06d}'},label=step {n}" for n in saved]
-            configs += [f"ckpt={final_model},label=step {a.curve_steps}"]
+            configs += [f"ckpt={mini.rel(run / f'model-step-{n:06d}')},label=step {n}" for n in saved]
+            configs += [f"ckpt={mini.rel(final_model)},label=step {a.curve_steps}"]
             runs[m][seed] = evaluate(mini, f"step6_curve_{m}_seed{seed}", configs, [L, 8 * L], [final_model])
             passkey[m][seed] = mini.passkey(f"step6_passkey_{m}_seed{seed}", final_model, [2 * L, 4 * L, 8 * L],
                                             plot=False)
@@ -214,7 +214,7 @@ def step7(mini, lr: float) -> dict:
         direct = mini.finetune("yarn", 32, steps=n + n // 2, lr=lr, seed=seed, name=f"grow-s32-seed{seed}")
         models = {f"s=16 ({n} steps)": s16, f"s=16 then s=32 ({n} + {n // 2} steps)": grown,
                   f"s=32 from the base model ({n + n // 2} steps)": direct}
-        perplexity[seed] = evaluate(mini, f"step7_seed{seed}", [f"ckpt={c},label={k}" for k, c in models.items()],
+        perplexity[seed] = evaluate(mini, f"step7_seed{seed}", [f"ckpt={mini.rel(c)},label={k}" for k, c in models.items()],
                                     windows, list(models.values()))
         passkey[seed] = {k: mini.passkey(f"step7_passkey_{i}_seed{seed}", c, lengths, plot=False)
                          for i, (k, c) in enumerate(models.items()) if c is not s16}

@@ -1,6 +1,7 @@
 """The YaRN paper's experiments in miniature, on the embedded demo model and a laptop CPU.
 
-    python -m experiments.miniature                 # all steps: 15.0 min measured on 2 CPU cores
+    python -m experiments.miniature                 # all steps: about 2 h on 2 CPU cores (measured:
+                                                    # steps 1-5 15.0 min, steps 6-7 110.8 min)
     python -m experiments.miniature --steps 1,4     # only some steps
     python -m experiments.miniature --quick         # a tiny grid, about a minute, into results/tmp/
 
@@ -84,8 +85,16 @@ def out_folder(out: str | None, quick: bool, default: Path, quick_default: Path)
     return path
 
 
-def run(cmd: list[str], log: Path) -> None:
-    """Run one of the project's scripts; its output goes to a log file beside the results."""
+def rel(path: Path) -> str:
+    """path relative to the checkout when it is inside it (the scripts run there), else as given."""
+    return os.path.relpath(path, ROOT) if Path(path).resolve().is_relative_to(ROOT) else str(path)
+
+
+def run(cmd: list, log: Path) -> None:
+    """Run one of the project's scripts; its output goes to a log file beside the results. Paths
+    inside the checkout are passed relative to it (the scripts run there), so that the JSON they
+    write names no folder of this machine."""
+    cmd = [rel(c) if isinstance(c, Path) else c for c in cmd]
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with open(log, "a") as f:
@@ -102,6 +111,7 @@ def original_length(ckpt: Path) -> int:
 
 
 class Miniature:
+    rel = staticmethod(rel)  # for experiments/curves.py, which this module imports
     def __init__(self, args):
         self.args = args
         self.ckpt, self.data, self.out = Path(args.ckpt), Path(args.data), Path(args.out)
@@ -171,7 +181,7 @@ class Miniature:
     def step2(self) -> dict:
         s = 8
         ckpts = {m: self.finetune(m, s) for m in ("pi", "ntk", "yarn")}
-        configs = [f"ckpt={c},label={METHOD_NAMES[m]} s={s} (fine-tuned)" for m, c in ckpts.items()]
+        configs = [f"ckpt={rel(c)},label={METHOD_NAMES[m]} s={s} (fine-tuned)" for m, c in ckpts.items()]
         ppl = self.perplexity("step2_finetuned_perplexity", configs, self.windows)
         lengths = [self.L * k for k in ((2, 4) if self.args.quick else (2, 4, 8, 16))]
         passkey = {m: self.passkey(f"step2_passkey_{m}", c, lengths) for m, c in ckpts.items()}
@@ -181,7 +191,7 @@ class Miniature:
     def step3(self) -> dict:
         c16 = self.finetune("yarn", 16)
         c8 = self.finetune("yarn", 8)
-        configs = [f"ckpt={c8},label=YaRN s=8 (fine-tuned on 8L)", f"ckpt={c16},label=YaRN s=16 (fine-tuned on 8L)"]
+        configs = [f"ckpt={rel(c8)},label=YaRN s=8 (fine-tuned on 8L)", f"ckpt={rel(c16)},label=YaRN s=16 (fine-tuned on 8L)"]
         ppl = self.perplexity("step3_train_short_test_long", configs, self.windows)
         lengths = [self.L * k for k in ((2, 4) if self.args.quick else (4, 8, 12, 16))]
         return {"perplexity": ppl, "passkey": self.passkey("step3_passkey_yarn_s16", c16, lengths)}

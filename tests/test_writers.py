@@ -300,7 +300,7 @@ def test_miniature(tmp_path, places, capsys, monkeypatch):
         refused(miniature.main, ["--quick", "--out", str(ROOT / folder)], capsys, folder, "--quick", "results/tmp")
     assert stamps(ROOT / "results" / "miniature") == before and not (ROOT / "results" / "new").exists()
     parser_help = miniature.__doc__
-    assert "15.0 min" in parser_help and "30-60" not in parser_help  # README: 15.0 min measured
+    assert "15.0 min" in parser_help and "110.8 min" in parser_help  # results/miniature/SUMMARY.md's wall times
 
 
 def test_real_model(tmp_path, places, capsys, monkeypatch):
