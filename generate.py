@@ -148,7 +148,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     cli.add_device_args(r)
     r.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (removes per-op overhead; on the CPU in float32 the eager "
-                        "step, whose matrix products and attention run in C, is as fast: docs/generation.md)")
+                        "step, whose matrix products and attention run in C, decoded SmolLM2 faster: docs/generation.md)")
     r.add_argument("--threads", type=cli.positive_int, default=physical_cores(), metavar="N",
                    help="CPU threads for torch (default: the physical cores this process may use, here "
                         f"{physical_cores()}); on a shared machine, 1 (or OMP_NUM_THREADS=1) is often much faster")
