@@ -11,9 +11,10 @@ kernel rotates each key as attention reads it instead. Either way the keys are r
 static decoding is never slower than Dynamic decoding (docs/generation.md has the figures).
 
 The same rule holds for the linear layers (`Linear`, which model.py builds its layers from): a
-float32 CPU step of one token, outside autograd and compile, runs in decode_linear.c, which
-splits every weight matrix's rows over the threads. A decoding step is the time it takes to read
-the weights once; torch runs such a small matrix-vector product on one thread.
+float32 CPU step of one token, outside autograd, runs in decode_linear.c, which splits every
+weight matrix's rows over the threads (inside a torch.compile'd step, as the custom op
+`linear_op`). A decoding step is the time it takes to read the weights once; torch runs such a
+small matrix-vector product on one thread.
 
 It is built with the system's C compiler ($CC, else cc) the first time a process asks for it
 (`library()`; generation builds it before it starts timing), into a temporary folder: nothing
