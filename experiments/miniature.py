@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from experiments import curves
-from yarn_minimal.cli import step_list
+from yarn_minimal.cli import positive_int
 from yarn_minimal.files import Output, check_output, holds, write_json, write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,6 +250,28 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def seed_list(text: str) -> tuple[int, ...]:
+    """argparse type of --seeds: "0,1" -> (0, 1), whole numbers >= 0."""
+    try:
+        seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole numbers separated by commas, got {text!r}") from None
+    if any(x < 0 for x in seeds):
+        raise argparse.ArgumentTypeError(f"seeds are >= 0, got {text!r}")
+    return seeds
+
+
+def rate_list(text: str) -> list[float]:
+    """argparse type of --sweep-lrs: "5e-4,1e-3" -> [0.0005, 0.001], each finite and > 0."""
+    try:
+        rates = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not all(math.isfinite(x) and x > 0 for x in rates):
+        raise argparse.ArgumentTypeError(f"learning rates are finite and > 0, got {text!r}")
+    return rates
+
+
 def settings(a) -> dict:
     """The flags a run's tables depend on, kept with its record in results.json."""
     return {"documents": a.documents, "finetune_steps": a.finetune_steps, "finetune_batch": a.finetune_batch,
@@ -318,11 +340,12 @@ def main(argv=None) -> None:
     p.add_argument("--finetune-batch", type=int, default=None, help="sequences per step (default 4; quick 1)")
     p.add_argument("--finetune-lr", type=float, default=5e-4, help="peak lr of the fine-tunes (default 5e-4)")
     p.add_argument("--passkey-iterations", type=int, default=None, help="prompts per length (default 10; quick 2)")
-    p.add_argument("--seeds", type=step_list, default=None, help="data-order seeds of steps 6-7 (default 0,1; quick 0)")
-    p.add_argument("--sweep-lrs", default=None, help="step 6's learning rates (default 2.5e-4,5e-4,1e-3; quick 5e-4,1e-3)")
-    p.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep fine-tune (default 32; quick 1)")
-    p.add_argument("--curve-steps", type=int, default=None, help="steps per learning curve (default 128; quick 4)")
-    p.add_argument("--grow-steps", type=int, default=None,
+    p.add_argument("--seeds", type=seed_list, default=None, help="data-order seeds of steps 6-7 (default 0,1; quick 0)")
+    p.add_argument("--sweep-lrs", type=rate_list, default=None,
+                   help="step 6's learning rates (default 2.5e-4,5e-4,1e-3; quick 5e-4,1e-3)")
+    p.add_argument("--sweep-steps", type=positive_int, default=None, help="steps per sweep fine-tune (default 32; quick 1)")
+    p.add_argument("--curve-steps", type=positive_int, default=None, help="steps per learning curve (default 128; quick 4)")
+    p.add_argument("--grow-steps", type=positive_int, default=None,
                    help="step 7's N: s = 16 for N steps, then s = 32 for N/2 (default 64; quick 2)")
     a = p.parse_args(argv)
     quick = a.quick
@@ -331,13 +354,12 @@ def main(argv=None) -> None:
     a.finetune_batch = a.finetune_batch or (1 if quick else 4)
     a.passkey_iterations = a.passkey_iterations or (2 if quick else 10)
     a.seeds = a.seeds or ((0,) if quick else (0, 1))
-    try:
-        a.sweep_lrs = [float(x) for x in (a.sweep_lrs or ("5e-4,1e-3" if quick else "2.5e-4,5e-4,1e-3")).split(",")]
-    except ValueError:
-        p.error(f"--sweep-lrs {a.sweep_lrs}: expected numbers separated by commas")
+    a.sweep_lrs = a.sweep_lrs or ([5e-4, 1e-3] if quick else [2.5e-4, 5e-4, 1e-3])
     a.sweep_steps = a.sweep_steps or (1 if quick else 32)
     a.curve_steps = a.curve_steps or (4 if quick else 128)
     a.grow_steps = a.grow_steps or (2 if quick else 64)
+    if a.grow_steps < 2:
+        p.error(f"--grow-steps {a.grow_steps}: at least 2 (the s = 32 continuation runs N/2 steps)")
     steps = sorted(set(a.steps.split(",")))
     if not set(steps) <= set(ALL_STEPS):
         p.error(f"--steps {a.steps}: choose from {','.join(ALL_STEPS)}")

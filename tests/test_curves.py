@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from experiments import curves  # noqa: E402
+from experiments import curves, miniature  # noqa: E402
+from conftest import run_cli  # noqa: E402
 from test_demo import demo, tiny_experiment_data  # noqa: E402,F401
 
 
@@ -88,3 +89,27 @@ def test_quick_learning_curves_end_to_end(tmp_path, demo):  # noqa: F811
                           cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and "$ " not in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (out / "SUMMARY.md").read_text() == summary
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--seeds", "0,-1"], "seeds are >= 0"),
+    (["--seeds", "a"], "expected whole numbers separated by commas"),
+    (["--sweep-lrs", "1e-3,x"], "expected numbers separated by commas"),
+    (["--sweep-lrs", "0,1e-3"], "learning rates are finite and > 0"),
+    (["--sweep-lrs", "nan"], "learning rates are finite and > 0"),
+    (["--curve-steps", "0"], "--curve-steps: must be a whole number >= 1, got 0"),
+    (["--sweep-steps", "-2"], "--sweep-steps: must be a whole number >= 1"),
+    (["--grow-steps", "1"], "--grow-steps 1: at least 2"),
+])
+def test_bad_step_6_and_7_flags_are_one_line(flags, expected, tmp_path, capsys):
+    code, out, err = run_cli(miniature.main, ["--quick", "--steps", "6", "--out", str(tmp_path / "r"), *flags], capsys)
+    lines = err.strip().splitlines()
+    assert code != 0 and expected in lines[-1] and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_only_needs_results(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli(miniature.main, ["--report-only", "--out", str(tmp_path / "empty")], capsys)
+    assert code == 1 and "--report-only: " in err and "holds no results to report" in err.strip().splitlines()[-1]
+    assert list((tmp_path / "empty").iterdir()) == []

@@ -184,11 +184,11 @@ def test_a_kernel_built_but_not_loadable_falls_back(monkeypatch):
         decode_kernel.library.cache_clear()
 
 
-def count_kernel_calls(monkeypatch) -> list:
-    """A list that grows by one at every call of the kernel (which still runs)."""
+def count_kernel_calls(monkeypatch, kernel_name: str = "decode_attention") -> list:
+    """A list that grows by one at every call of a kernel (which still runs)."""
     calls = []
-    kernel = decode_kernel.decode_attention
-    monkeypatch.setattr(decode_kernel, "decode_attention", lambda *a: calls.append(1) or kernel(*a))
+    kernel = getattr(decode_kernel, kernel_name)
+    monkeypatch.setattr(decode_kernel, kernel_name, lambda *a: calls.append(1) or kernel(*a))
     return calls
 
 
@@ -286,9 +286,7 @@ def test_every_linear_layer_of_a_decoding_step_runs_in_the_kernel(monkeypatch):
     # 2 layers x (wq, wk, wv, wo, w1, w2, w3) + the output projection at every decoding step; in
     # the prefill only the output projection of the prompt's last position (one row); and the
     # tokens and logits of the PyTorch path (no kernel anywhere)
-    calls = []
-    kernel = decode_kernel.decode_linear
-    monkeypatch.setattr(decode_kernel, "decode_linear", lambda *a: calls.append(1) or kernel(*a))
+    calls = count_kernel_calls(monkeypatch, "decode_linear")
     model = tiny_model(rope_for("yarn", dynamic=False), n_layers=2)
     fast_tokens, fast_logits = record(model, PROMPT, 2 * L)
     assert len(calls) == (2 * 7 + 1) * (2 * L - 1) + 1

@@ -133,9 +133,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 def linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether F.linear(x, weight) (no bias) runs in the kernel: one float32 row on the CPU (a
     decoding step of one sequence), a contiguous weight, outside autograd and compile."""
-    return (not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+    # one row first: it is what a training step or a prefill chunk fails, at the cost of one comparison
+    return (x.numel() == weight.shape[-1] and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
             and x.dtype == weight.dtype == torch.float32 and x.is_cpu and weight.is_cpu
-            and x.numel() == weight.shape[1] and weight.dim() == 2 and weight.is_contiguous()
+            and weight.dim() == 2 and weight.is_contiguous()
             and type(x) is torch.Tensor and type(weight) in (torch.Tensor, torch.nn.Parameter)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and enabled() and library() is not None)
